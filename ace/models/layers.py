@@ -1,0 +1,165 @@
+"""The building blocks of the ACE DiT (ACE_REFERENCE section 3).
+
+Shapes: B samples, T image tokens, Tt text tokens, d hidden size, H heads, D = d / H.
+Every layer works on a packed stream: image tokens (T, d), text tokens (Tt, d).
+Per-sample quantities (B, ...) reach tokens through ``PackedBatch.token_sample``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ace.models.attention import SegmentLayout, segment_attention
+from ace.models.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in float32, cast back, then scaled (as released)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features (cos first, then sin) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    @staticmethod
+    def features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        """(B,) timesteps -> (B, dim) float32 features [cos(t f_i), sin(t f_i)], f_i = exp(-ln(P) i / (dim/2))."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        feats = self.features(t, self.freq_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(feats)  # (B, d)
+
+
+class TextProjection(nn.Module):
+    """Projects T5 states (and the indicator table) to the hidden size: Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, text_dim: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(text_dim, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    """Self-attention among all image tokens of a sample, with 3D RoPE and q/k RMSNorm.
+
+    q, k, v are one fused projection (stored as ``qkv``, q/k/v stacked on dim 0).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim) if qk_norm else nn.Identity()
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, layout: SegmentLayout, backend: str
+    ) -> Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (T, d) each
+        q, k = self.norm_q(q), self.norm_k(k)  # norms over the full d, before the head split
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))  # (T, H, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = segment_attention(q, k, v, layout, backend)  # (T, H, D)
+        return self.proj(out.flatten(1))  # (T, d)
+
+
+class CrossAttention(nn.Module):
+    """Each frame's tokens read only the tokens of the text paired with that frame; no RoPE.
+
+    k and v are one fused projection (stored as ``kv``, k/v stacked on dim 0).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, y: Tensor, layout: SegmentLayout, backend: str) -> Tensor:
+        q = self.norm_q(self.q(x))  # (T, d)
+        k, v = self.kv(y).chunk(2, dim=-1)  # (Tt, d) each
+        k = self.norm_k(k)
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))  # (T|Tt, H, D)
+        out = segment_attention(q, k, v, layout, backend)  # (T, H, D)
+        return self.proj(out.flatten(1))  # (T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    """LayerNorm without affine, eps 1e-6."""
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+class ACEBlock(nn.Module):
+    """PixArt adaLN-single block: modulated self-attention, plain cross-attention, modulated MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        self.attn = SelfAttention(dim, num_heads, qk_norm)
+        self.cross_attn = CrossAttention(dim, num_heads, qk_norm)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, y: Tensor, t0: Tensor, packed, backend: str) -> Tensor:
+        # t0: (B, 6, d) per sample -> per token (T, d) each
+        mod = (self.scale_shift_table[None] + t0)[packed.token_sample]  # (T, 6, d)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
+        h = layer_norm(x) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * self.attn(h, packed.rope_cos, packed.rope_sin, packed.self_attn, backend)
+        x = x + self.cross_attn(x, y, packed.cross_attn, backend)
+        h = layer_norm(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    """Modulated by t_emb (not t0, as released), then a linear map to p*p*out values per token."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x: Tensor, t_emb: Tensor) -> Tensor:
+        # x: (T0, d) target tokens; t_emb: (T0, d) their sample's timestep embedding
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).unbind(1)  # (T0, d) each
+        return self.linear(layer_norm(x) * (1 + scale) + shift)  # (T0, p*p*out)

@@ -1,0 +1,261 @@
+"""ACETransformer: the packed long-context DiT of ACE (ACE_REFERENCE section 3).
+
+Shapes: B samples, T image tokens of all frames, Tt text tokens, T0 target tokens,
+C latent channels, p patch size, d hidden size, E text dim, K indicator rows.
+
+The model takes tensors only. ``forward`` reads one packed batch: patch tokens of all
+frames of all samples (T, (C+1)*p*p), text tokens (Tt, E), one timestep per sample,
+and a ``PackedBatch`` holding the shape-dependent structure (positions, RoPE, segment
+layouts). ``predict`` is the list-level entry point of DESIGN.md that packs for you.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+from ace.models.attention import BACKENDS
+from ace.models.layers import ACEBlock, FinalLayer, TextProjection, TimestepEmbedder
+from ace.packing import PackedBatch
+
+PRESETS: dict[str, dict] = {
+    # the released ACE-0.6B models (ACE_REFERENCE section 1): 611M parameters
+    "ace-0.6b-512": dict(
+        in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
+        text_dim=4096, rope_max_len=1024, qk_norm=True, pred_sigma=True, num_indicators=10,
+    ),
+    "ace-0.6b-1024": dict(
+        in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
+        text_dim=4096, rope_max_len=4096, qk_norm=True, pred_sigma=True, num_indicators=10,
+    ),
+    # for tests, examples and the CPU demo; head dim 12 gives RoPE 2/2/2 pairs
+    "tiny": dict(
+        in_channels=4, patch_size=2, hidden_size=48, depth=2, num_heads=4, mlp_ratio=4.0,
+        text_dim=32, rope_max_len=256, qk_norm=True, pred_sigma=True, num_indicators=10,
+    ),
+}  # fmt: skip
+
+
+class ACETransformer(ModelMixin, ConfigMixin):
+    """The ACE diffusion transformer.
+
+    Args:
+        in_channels: latent channels C (the patch embedding reads C + 1: the mask).
+        patch_size: p, the side of a patch in latent pixels.
+        hidden_size: d.
+        depth: number of blocks.
+        num_heads: H; the head dim d / H must be even (RoPE pairs).
+        mlp_ratio: MLP hidden width over d.
+        text_dim: E, the width of the text encoder's states.
+        rope_max_len: RoPE table length; also the most tokens one frame may have.
+        qk_norm: RMSNorm on q and k in both attentions.
+        pred_sigma: the output also holds a learned-sigma half (2C channels), dropped by
+            ``forward``; kept for weight compatibility.
+        num_indicators: rows of the image-indicator table; at most this many frames.
+
+    Use ``ACETransformer.from_preset("ace-0.6b-512")`` for the released architecture.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = ["ACEBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        text_dim: int = 4096,
+        rope_max_len: int = 1024,
+        qk_norm: bool = True,
+        pred_sigma: bool = True,
+        num_indicators: int = 10,
+    ):
+        super().__init__()
+        if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+            raise ValueError(
+                f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of an even dim"
+            )
+        d, p = hidden_size, patch_size
+        self.out_channels = 2 * in_channels if pred_sigma else in_channels
+        self.head_dim = d // num_heads
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(in_channels + 1, d, p, stride=p)
+        self.t_embedder = TimestepEmbedder(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.y_embedder = TextProjection(text_dim, d)
+        self.blocks = nn.ModuleList(
+            ACEBlock(d, num_heads, mlp_ratio, qk_norm) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(d, p, self.out_channels)
+        self.gradient_checkpointing = False
+        self.attention_backend = "auto"
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ACETransformer:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def initialize_weights(self) -> None:
+        """PixArt / DiT initialisation, all in one place.
+
+        Linear layers xavier-uniform with zero bias; the patch embedding like a linear
+        layer; timestep and text MLPs N(0, 0.02). The cross-attention output projections
+        and the final layer start at zero, so a new block adds nothing to the residual
+        stream and a new model predicts zero.
+        """
+
+        def basic(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(basic)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
+            nn.init.normal_(layer.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.fc2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Choose the attention implementation: ``auto``, ``sdpa``, ``varlen``, ``flex`` or ``dense``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        self.attention_backend = backend
+
+    # ----------------------------------------------------------------------------------
+
+    def pack(
+        self, frame_sizes: list[list[tuple[int, int]]], text_lengths: list[list[int]], device=None
+    ) -> PackedBatch:
+        """The ``PackedBatch`` for latent frame sizes and text lengths, with this model's settings."""
+        c = self.config
+        return PackedBatch.build(
+            frame_sizes,
+            text_lengths,
+            patch_size=c.patch_size,
+            head_dim=self.head_dim,
+            rope_max_len=c.rope_max_len,
+            num_indicators=c.num_indicators,
+            device=device if device is not None else self.device,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        text: Tensor,
+        timesteps: Tensor,
+        packed: PackedBatch,
+        indicators: Tensor | None = None,
+    ) -> Tensor:
+        """Packed forward.
+
+        Args:
+            x: (T, (C+1)*p*p) patch tokens of every frame (``packed.pack_frames``).
+            text: (Tt, E) text tokens, one text per frame (``packed.pack_texts``).
+            timesteps: (B,) one diffusion timestep per sample.
+            packed: the batch structure.
+            indicators: the raw (K, E) indicator table, or None for no indicators.
+
+        Returns:
+            (T0, p*p*C) the prediction for the target frames' tokens, each token ordered
+            (row in patch, column in patch, channel); ``packed.unpack_target`` makes latents.
+        """
+        if x.shape[0] != packed.num_tokens or text.shape[0] != packed.num_text_tokens:
+            raise ValueError(
+                f"got {x.shape[0]} image and {text.shape[0]} text tokens, the packed batch has "
+                f"{packed.num_tokens} and {packed.num_text_tokens}"
+            )
+        if timesteps.shape != (packed.num_samples,):
+            raise ValueError(
+                f"timesteps shape {tuple(timesteps.shape)}, expected ({packed.num_samples},)"
+            )
+        dtype, proj = self.dtype, self.x_embedder.proj
+        x = nn.functional.linear(
+            x.to(dtype), proj.weight.flatten(1), proj.bias
+        )  # (T, d): the p x p conv
+        y = self.y_embedder(text.to(dtype))  # (Tt, d)
+        if indicators is not None:
+            if indicators.shape[0] != self.config.num_indicators:
+                raise ValueError(
+                    f"indicator table has {indicators.shape[0]} rows, the model expects {self.config.num_indicators}"
+                )
+            ind = self.y_embedder(indicators.to(dtype))  # (K, d)
+            x = x + ind[packed.token_indicator]  # each frame gets its row ...
+            y = y + ind[packed.text_indicator]  # ... and so does its paired text
+        t_emb = self.t_embedder(timesteps)  # (B, d)
+        t0 = self.t_block(t_emb).unflatten(-1, (6, -1))  # (B, 6, d)
+        backend = self.attention_backend
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(block, x, y, t0, packed, backend)
+            else:
+                x = block(x, y, t0, packed, backend)
+        out = self.final_layer(x[packed.target_index], t_emb[packed.target_sample])  # (T0, p*p*out)
+        p2 = self.config.patch_size**2
+        return out.unflatten(-1, (p2, -1))[..., : self.config.in_channels].flatten(1)  # (T0, p*p*C)
+
+    def predict(
+        self,
+        frames: list[list[Tensor]],
+        masks: list[list[Tensor | None]] | None,
+        texts: list[list[Tensor]],
+        timesteps: Tensor,
+        indicators: Tensor | None = None,
+    ) -> list[Tensor]:
+        """List-level entry point (DESIGN.md).
+
+        Args:
+            frames: per sample [noisy target latent (C, h, w), condition latents (C, h, w)...].
+            masks: per sample one (1, h, w) latent-resolution mask or None per frame
+                (None for the whole argument = no masks).
+            texts: per sample one (L, E) tensor of valid text-token embeddings per frame;
+                frame 0's is the current instruction.
+            timesteps: (B,) one timestep per sample.
+            indicators: the raw (num_indicators, E) indicator table, or None.
+
+        Returns:
+            per sample the (C, h, w) prediction for the target frame.
+        """
+        if len(texts) != len(frames):
+            raise ValueError(f"got texts for {len(texts)} samples but frames for {len(frames)}")
+        for b, (fs, ts) in enumerate(zip(frames, texts)):
+            if len(fs) != len(ts):
+                raise ValueError(
+                    f"sample {b}: {len(ts)} texts for {len(fs)} frames; ACE pairs one text with each frame"
+                )
+            for f, x in enumerate(fs):
+                if x.ndim != 3 or x.shape[0] != self.config.in_channels:
+                    raise ValueError(
+                        f"sample {b} frame {f}: latent shape {tuple(x.shape)}, expected "
+                        f"({self.config.in_channels}, h, w)"
+                    )
+        packed = self.pack(
+            [[tuple(x.shape[-2:]) for x in fs] for fs in frames],
+            [[t.shape[0] for t in ts] for ts in texts],
+            device=timesteps.device,
+        )
+        out = self(
+            packed.pack_frames(frames, masks),
+            packed.pack_texts(texts),
+            timesteps,
+            packed,
+            indicators,
+        )
+        return packed.unpack_target(out)

@@ -1,0 +1,219 @@
+"""ACETransformer against the independent per-sample reference (ace.reference)."""
+
+import pytest
+import torch
+
+from ace.convert import official_dit_to_ace
+from ace.models import ACETransformer
+from ace.models.attention import varlen_available
+from ace.reference import ReferenceDiT
+
+# head dim 16 -> RoPE pairs 4 / 2 / 2 (frame / row / column): an uneven split on purpose
+CFG = dict(
+    in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0,
+    text_dim=24, rope_max_len=64, qk_norm=True, pred_sigma=True, num_indicators=10,
+)  # fmt: skip
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_pair(**overrides):
+    """A random reference model and our model loaded from its (converted) state dict."""
+    cfg = {**CFG, **overrides}
+    torch.manual_seed(1)
+    ref = ReferenceDiT(**cfg).eval()
+    ours = ACETransformer(**cfg).eval()
+    ours.load_state_dict(official_dit_to_ace(ref.state_dict()), strict=True)
+    return ref, ours
+
+
+def make_sample(sizes, text_lens, masked=(), text_dim=24):
+    frames = [torch.randn(4, h, w) for h, w in sizes]
+    masks = [
+        (torch.rand(1, h, w) > 0.5).float() if i in masked else None
+        for i, (h, w) in enumerate(sizes)
+    ]
+    texts = [torch.randn(n, text_dim) for n in text_lens]
+    return frames, masks, texts
+
+
+def batch(*samples):
+    return [list(x) for x in zip(*samples)]  # -> frames, masks, texts lists over samples
+
+
+CASES = {
+    "one_frame": [make_sample([(8, 6)], [5])],
+    "two_frames_masked": [make_sample([(6, 8), (4, 10)], [3, 7], masked=(0, 1))],
+    "three_frames_mixed": [
+        make_sample([(4, 4), (8, 8), (6, 4)], [2, 9, 1], masked=(1,)),
+        make_sample([(10, 6)], [4]),
+        make_sample([(6, 6), (6, 6)], [6, 6]),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("with_indicators", [True, False])
+def test_matches_reference(case, with_indicators):
+    ref, ours = make_pair()
+    frames, masks, texts = batch(*CASES[case])
+    t = torch.tensor([999.0, 1.0, 500.0][: len(frames)])
+    ind = torch.randn(10, 24) if with_indicators else None
+    with torch.no_grad():
+        expected = ref(frames, masks, texts, t, ind)
+        got = ours.predict(frames, masks, texts, t, ind)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        assert rel_err(g, e) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "dense"])
+def test_every_backend_matches_dense_oracle(backend):
+    _, ours = make_pair()
+    frames, masks, texts = batch(*CASES["three_frames_mixed"])
+    t, ind = torch.tensor([3.0, 300.0, 900.0]), torch.randn(10, 24)
+    with torch.no_grad():
+        ours.set_attention_backend("dense")
+        oracle = ours.predict(frames, masks, texts, t, ind)
+        ours.set_attention_backend(backend)
+        got = ours.predict(frames, masks, texts, t, ind)
+    for g, e in zip(got, oracle):
+        assert rel_err(g, e) <= 1e-5
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not varlen_available(torch.device("cuda"), torch.bfloat16),
+    reason="needs CUDA varlen_attn",
+)
+def test_varlen_matches_dense_on_cuda():
+    _, ours = make_pair()
+    ours = ours.to("cuda", torch.bfloat16)
+    frames, masks, texts = batch(*CASES["three_frames_mixed"])
+    cuda = lambda xs: [[None if x is None else x.cuda() for x in s] for s in xs]  # noqa: E731
+    t, ind = torch.tensor([3.0, 300.0, 900.0], device="cuda"), torch.randn(10, 24, device="cuda")
+    with torch.no_grad():
+        ours.set_attention_backend("dense")
+        oracle = ours.predict(cuda(frames), cuda(masks), cuda(texts), t, ind)
+        ours.set_attention_backend("varlen")
+        got = ours.predict(cuda(frames), cuda(masks), cuda(texts), t, ind)
+    for g, e in zip(got, oracle):
+        assert rel_err(g.float(), e.float()) <= 2e-2
+
+
+def test_sample_alone_equals_sample_in_batch():
+    _, ours = make_pair()
+    a, b, c = CASES["three_frames_mixed"]
+    ind = torch.randn(10, 24)
+    with torch.no_grad():
+        together = ours.predict(*batch(a, b, c), torch.tensor([10.0, 20.0, 30.0]), ind)
+        alone = ours.predict(*batch(b), torch.tensor([20.0]), ind)
+    torch.testing.assert_close(alone[0], together[1], rtol=1e-6, atol=1e-6)
+
+
+def test_changing_one_frame_text_changes_only_that_frame_in_cross_attention():
+    _, ours = make_pair()
+    frames, _masks, texts = batch(CASES["three_frames_mixed"][0])
+    packed = ours.pack([[f.shape[-2:] for f in frames[0]]], [[t.shape[0] for t in texts[0]]])
+    block = ours.blocks[0]
+    x = torch.randn(packed.num_tokens, 64)
+    y = torch.randn(packed.num_text_tokens, 64)
+    with torch.no_grad():
+        base = block.cross_attn(x, y, packed.cross_attn, "sdpa")
+        y2 = y.clone()
+        k0, k1 = packed.cross_attn.cu_k[1].item(), packed.cross_attn.cu_k[2].item()
+        y2[k0:k1] += 1.0  # frame 1's text
+        changed = block.cross_attn(x, y2, packed.cross_attn, "sdpa")
+    q0, q1 = packed.cross_attn.cu_q[1].item(), packed.cross_attn.cu_q[2].item()
+    diff = (changed - base).abs().amax(-1)  # (T,)
+    assert diff[q0:q1].min() > 0
+    assert diff[:q0].max() == 0 and diff[q1:].max() == 0
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    _, ours = make_pair()
+    ours.train()
+    frames, masks, texts = batch(*CASES["two_frames_masked"])
+    t, ind = torch.tensor([400.0]), torch.randn(10, 24)
+    grads = []
+    for ckpt in (False, True):
+        ours.zero_grad()
+        if ckpt:
+            ours.enable_gradient_checkpointing()
+        out = ours.predict(frames, masks, texts, t, ind)
+        sum(o.square().sum() for o in out).backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_new_model_is_zero_initialised_and_presets_exist():
+    model = ACETransformer.from_preset("tiny")
+    frames, masks, texts = batch(make_sample([(8, 8)], [3], text_dim=32))
+    with torch.no_grad():
+        (out,) = model.predict(frames, masks, texts, torch.tensor([5.0]))
+    assert torch.count_nonzero(out) == 0  # final layer starts at zero (PixArt)
+    for name in ("ace-0.6b-512", "ace-0.6b-1024"):
+        with torch.device("meta"):
+            m = ACETransformer.from_preset(name)
+        n = sum(p.numel() for p in m.parameters())
+        assert 605e6 < n < 615e6, n  # ACE_REFERENCE: 611M
+    with pytest.raises(ValueError, match="unknown preset"):
+        ACETransformer.from_preset("huge")
+
+
+def test_save_and_load_pretrained(tmp_path):
+    _, ours = make_pair()
+    ours.save_pretrained(tmp_path / "dit")
+    assert (tmp_path / "dit" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = ACETransformer.from_pretrained(tmp_path / "dit")
+    frames, masks, texts = batch(*CASES["one_frame"])
+    with torch.no_grad():
+        a = ours.predict(frames, masks, texts, torch.tensor([7.0]))[0]
+        b = loaded.predict(frames, masks, texts, torch.tensor([7.0]))[0]
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def _predict(model, sizes, text_lens, masks=None, n_texts=None):
+    frames = [torch.randn(4, h, w) for h, w in sizes]
+    texts = [torch.randn(n, 24) for n in text_lens][: n_texts or len(text_lens)]
+    return model.predict(
+        [frames], [masks or [None] * len(sizes)], [texts], torch.tensor([1.0]), torch.randn(10, 24)
+    )
+
+
+def test_bad_input_raises_value_error_naming_the_problem():
+    _, ours = make_pair()
+    with pytest.raises(ValueError, match=r"2 texts for 3 frames"):
+        _predict(ours, [(4, 4)] * 3, [2, 2])
+    with pytest.raises(ValueError, match=r"latent size 5x4 is not divisible by patch size 2"):
+        _predict(ours, [(4, 4), (5, 4)], [2, 2])
+    with pytest.raises(ValueError, match=r"11 frames but the model has 10 indicator rows"):
+        _predict(ours, [(4, 4)] * 11, [2] * 11)
+    with pytest.raises(ValueError, match=r"mask shape \(1, 4, 2\), expected \(1, 4, 4\)"):
+        _predict(ours, [(4, 4)], [2], masks=[torch.ones(1, 4, 2)])
+    with pytest.raises(
+        ValueError, match=r"9x9 token grid \(81 tokens\) is larger than rope_max_len=64"
+    ):
+        _predict(ours, [(18, 18)], [2])
+    with pytest.raises(ValueError, match=r"its text has no tokens"):
+        _predict(ours, [(4, 4)], [0])
+    with pytest.raises(ValueError, match=r"latent shape \(3, 4, 4\), expected \(4, h, w\)"):
+        ours.predict([[torch.randn(3, 4, 4)]], None, [[torch.randn(2, 24)]], torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"indicator table has 3 rows"):
+        ours.predict(
+            [[torch.randn(4, 4, 4)]],
+            None,
+            [[torch.randn(2, 24)]],
+            torch.tensor([1.0]),
+            torch.randn(3, 24),
+        )
+    with pytest.raises(ValueError, match=r"heads of an even dim"):
+        ACETransformer(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match=r"unknown attention backend"):
+        ours.set_attention_backend("xformers")
