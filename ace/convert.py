@@ -1,0 +1,119 @@
+"""Import of the released ACE checkpoints (ACE_REFERENCE section 5).
+
+The released DiT comes in two spellings:
+
+- split: ``blocks.N.attn.{q,k,v,o}``, ``blocks.N.cross_attn.{q,k,v,o}``,
+  ``y_embedder.fc{1,2}``;
+- fused (PixArt style): ``attn.qkv`` / ``attn.proj``, ``cross_attn.q_linear`` /
+  ``kv_linear`` / ``proj``, ``y_embedder.y_proj.fc{1,2}``, and possibly a patch
+  embedding without the mask channel.
+
+``official_dit_to_ace`` maps either to the keys of ``ace.models.ACETransformer``
+(fused ``attn.qkv`` and ``cross_attn.kv``; ``proj`` for output projections). The
+released code normalises q AND k with ``norm_q`` (its ``norm_k`` weights are never
+used); the converter copies ``norm_q`` into ``norm_k``, so our model, which uses each
+norm for its own input, computes exactly what the released one does.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+# parts the released trainers may carry that the network never reads
+_IGNORED = (
+    re.compile(r"^y_embedder\.y_embedding$"),  # PixArt's null caption for training-time dropout
+    re.compile(r".*\.freqs(_cis)?$"),  # cached RoPE tables
+)
+
+_RENAMES = [  # (released pattern, ace replacement), applied after stacking
+    (r"^y_embedder\.y_proj\.fc([12])\.", r"y_embedder.fc\1."),
+    (r"^(blocks\.\d+)\.attn\.o\.", r"\1.attn.proj."),
+    (r"^(blocks\.\d+)\.cross_attn\.o\.", r"\1.cross_attn.proj."),
+    (r"^(blocks\.\d+)\.cross_attn\.q_linear\.", r"\1.cross_attn.q."),
+    (r"^(blocks\.\d+)\.cross_attn\.kv_linear\.", r"\1.cross_attn.kv."),
+]
+
+_ACE_KEY = re.compile(
+    r"^(x_embedder\.proj|t_embedder\.mlp\.[02]|t_block\.1|y_embedder\.fc[12]|final_layer\.linear)"
+    r"\.(weight|bias)$"
+    r"|^final_layer\.scale_shift_table$"
+    r"|^blocks\.\d+\.(scale_shift_table"
+    r"|(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.fc[12])\.(weight|bias)"
+    r"|(attn|cross_attn)\.norm_[qk]\.weight)$"
+)
+
+
+def _unwrap(state_dict: dict) -> dict[str, Tensor]:
+    if not isinstance(state_dict, dict):
+        raise ValueError(
+            f"expected a state dict (a dict of tensors), got {type(state_dict).__name__}"
+        )
+    for wrapper in ("state_dict", "model", "module"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    # strip prefixes that trainers add: DDP's "module.", scepter's "model."
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def official_dit_to_ace(state_dict: dict, in_channels: int = 4) -> dict[str, Tensor]:
+    """Convert a released ACE DiT state dict (either spelling) to ``ACETransformer`` keys.
+
+    Args:
+        state_dict: the released checkpoint, optionally wrapped as ``{"state_dict": ...}``.
+        in_channels: latent channels C. A patch embedding with exactly C input channels
+            (no mask channel) gets a zero-weight mask channel appended.
+
+    Returns:
+        a new dict that loads into ``ACETransformer`` with ``strict=True``.
+
+    Raises:
+        ValueError: on keys it does not know, or a split q/k/v with a part missing.
+    """
+    sd = {k: v for k, v in _unwrap(state_dict).items() if not any(p.match(k) for p in _IGNORED)}
+    out: dict[str, Tensor] = {}
+    # 1. stack split projections into our fused ones
+    for key in list(sd):
+        m = re.match(r"^(blocks\.\d+)\.(attn|cross_attn)\.q\.(weight|bias)$", key)
+        if not m:
+            continue
+        blk, kind, what = m.groups()
+        names = ("q", "k", "v") if kind == "attn" else ("k", "v")
+        parts = [f"{blk}.{kind}.{n}.{what}" for n in names]
+        missing = [p for p in parts if p not in sd]
+        if missing:
+            raise ValueError(f"split checkpoint: {key} is present but {missing} are missing")
+        if kind == "attn":
+            out[f"{blk}.attn.qkv.{what}"] = torch.cat([sd.pop(p) for p in parts])
+        else:
+            out[f"{blk}.cross_attn.q.{what}"] = sd.pop(key)
+            out[f"{blk}.cross_attn.kv.{what}"] = torch.cat([sd.pop(p) for p in parts])
+    # 2. rename the rest
+    for key, value in sd.items():
+        for pattern, repl in _RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    unknown = sorted(k for k in out if not _ACE_KEY.match(k))
+    if unknown:
+        raise ValueError(
+            f"unknown keys in the ACE checkpoint: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
+        )
+    # 3. the norm quirk: the released model normalises k with norm_q
+    for key in [k for k in out if k.endswith(".norm_q.weight")]:
+        out[key.replace(".norm_q.", ".norm_k.")] = out[key].clone()
+    # 4. a patch embedding without the mask channel reads the mask with zero weights
+    w = out.get("x_embedder.proj.weight")
+    if w is not None and w.shape[1] == in_channels:
+        out["x_embedder.proj.weight"] = torch.cat(
+            [w, w.new_zeros(w.shape[0], 1, *w.shape[2:])], dim=1
+        )
+    return out

@@ -1,0 +1,104 @@
+"""Released-checkpoint import: both spellings, wrappers, the norm quirk, the 4-channel patch embedding."""
+
+import re
+
+import pytest
+import torch
+
+from ace.convert import official_dit_to_ace
+from ace.models import ACETransformer
+from ace.reference import ReferenceDiT
+
+CFG = dict(
+    in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0,
+    text_dim=16, rope_max_len=64, qk_norm=True, pred_sigma=True, num_indicators=10,
+)  # fmt: skip
+
+
+def to_fused(split: dict) -> dict:
+    """The PixArt-style spelling written by hand from the split one (ACE_REFERENCE section 5)."""
+    fused = {}
+    for key, value in split.items():
+        m = re.match(r"(blocks\.\d+)\.(attn|cross_attn)\.([qkvo])\.(weight|bias)$", key)
+        if m:
+            blk, kind, name, what = m.groups()
+
+            def part(n, blk=blk, kind=kind, what=what):
+                return split[f"{blk}.{kind}.{n}.{what}"]
+
+            if kind == "attn" and name == "q":
+                fused[f"{blk}.attn.qkv.{what}"] = torch.cat([part("q"), part("k"), part("v")])
+            elif kind == "cross_attn" and name == "q":
+                fused[f"{blk}.cross_attn.q_linear.{what}"] = part("q")
+                fused[f"{blk}.cross_attn.kv_linear.{what}"] = torch.cat([part("k"), part("v")])
+            elif name == "o":
+                fused[f"{blk}.{kind}.proj.{what}"] = value
+            continue
+        key = re.sub(r"^y_embedder\.fc([12])", r"y_embedder.y_proj.fc\1", key)
+        fused[key] = value
+    fused["x_embedder.proj.weight"] = fused["x_embedder.proj.weight"][:, :4]  # no mask channel
+    return fused
+
+
+def predictions(model):
+    g = torch.Generator().manual_seed(3)
+    frames = [[torch.randn(4, 6, 4, generator=g), torch.randn(4, 4, 8, generator=g)]]
+    texts = [[torch.randn(3, 16, generator=g), torch.randn(5, 16, generator=g)]]
+    with torch.no_grad():
+        return model.predict(
+            frames, None, texts, torch.tensor([250.0]), torch.randn(10, 16, generator=g)
+        )[0]
+
+
+def test_fused_spelling_converts_and_predicts_identically():
+    torch.manual_seed(0)
+    ref = ReferenceDiT(**CFG)
+    with torch.no_grad():
+        ref.x_embedder.proj.weight[:, 4] = 0  # a 4-channel release reads the mask with zero weights
+    split = ref.state_dict()
+    from_split = ACETransformer(**CFG)
+    from_split.load_state_dict(official_dit_to_ace(split), strict=True)
+    from_fused = ACETransformer(**CFG)
+    from_fused.load_state_dict(official_dit_to_ace({"state_dict": to_fused(split)}), strict=True)
+    assert torch.equal(predictions(from_split), predictions(from_fused))
+    # and both equal the reference model that holds the split weights
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        frames = [[torch.randn(4, 6, 4, generator=g), torch.randn(4, 4, 8, generator=g)]]
+        texts = [[torch.randn(3, 16, generator=g), torch.randn(5, 16, generator=g)]]
+        expected = ref(
+            frames, [[None, None]], texts, torch.tensor([250.0]), torch.randn(10, 16, generator=g)
+        )[0]
+    torch.testing.assert_close(predictions(from_fused), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_quirk_norm_k_gets_norm_q():
+    sd = ReferenceDiT(**CFG).state_dict()
+    out = official_dit_to_ace(sd)
+    for n in range(CFG["depth"]):
+        for kind in ("attn", "cross_attn"):
+            assert torch.equal(
+                out[f"blocks.{n}.{kind}.norm_k.weight"], sd[f"blocks.{n}.{kind}.norm_q.weight"]
+            )
+            assert not torch.equal(
+                out[f"blocks.{n}.{kind}.norm_k.weight"], sd[f"blocks.{n}.{kind}.norm_k.weight"]
+            )
+
+
+def test_wrappers_prefixes_and_ignored_keys():
+    sd = ReferenceDiT(**CFG).state_dict()
+    wrapped = {"module." + k: v for k, v in sd.items()}
+    wrapped["y_embedder.y_embedding"] = torch.zeros(120, 16)  # PixArt's null caption, unused here
+    out = official_dit_to_ace({"state_dict": wrapped})
+    ACETransformer(**CFG).load_state_dict(out, strict=True)
+
+
+def test_bad_checkpoints_raise():
+    sd = ReferenceDiT(**CFG).state_dict()
+    with pytest.raises(ValueError, match=r"unknown keys in the ACE checkpoint: \['pos_embed'\]"):
+        official_dit_to_ace({**sd, "pos_embed": torch.zeros(1)})
+    broken = {k: v for k, v in sd.items() if k != "blocks.1.attn.v.weight"}
+    with pytest.raises(ValueError, match=r"blocks.1.attn.v.weight.*missing"):
+        official_dit_to_ace(broken)
+    with pytest.raises(ValueError, match="expected a state dict"):
+        official_dit_to_ace([1, 2])
