@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Time ace's DiT next to the per-sample reference (ace.reference), same weights, same batch.
+
+For each config it first checks that both give the same prediction, then times the
+forward pass (no grad) and forward + backward, as medians over --repeats runs, and
+prints one table (or JSON with --json). Speeds are ratios measured side by side in the
+same process, so they compare fairly on a shared machine.
+
+    python scripts/benchmark.py                       # tiny and ace-0.6b-512, CPU
+    python scripts/benchmark.py --configs tiny --repeats 20 --json
+    python scripts/benchmark.py --device cuda --dtype bf16 --size 512 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from ace.convert import official_dit_to_ace
+from ace.models import PRESETS, ACETransformer
+from ace.reference import ReferenceDiT
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--configs",
+        default="tiny,ace-0.6b-512",
+        help=f"comma-separated presets from {sorted(PRESETS)}",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--batch", type=int, default=2, help="samples per batch")
+    p.add_argument("--frames", type=int, default=2, help="frames per sample (target + conditions)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size / 8)")
+    p.add_argument("--text-len", type=int, default=32, help="text tokens per frame")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    for name in args.configs.split(","):
+        if name not in PRESETS:
+            p.error(f"unknown config {name!r}; choose from {sorted(PRESETS)}")
+    if args.size % 16:
+        p.error(f"--size must be a multiple of 16, got {args.size}")
+    return args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def make_batch(cfg: dict, args, device, dtype, generator):
+    h = w = args.size // 8
+    E = cfg["text_dim"]
+    frames = [
+        [
+            torch.randn(cfg["in_channels"], h, w, generator=generator).to(device, dtype)
+            for _ in range(args.frames)
+        ]
+        for _ in range(args.batch)
+    ]
+    masks = [[None] * args.frames for _ in range(args.batch)]
+    texts = [
+        [
+            torch.randn(args.text_len, E, generator=generator).to(device, dtype)
+            for _ in range(args.frames)
+        ]
+        for _ in range(args.batch)
+    ]
+    t = torch.randint(0, 1000, (args.batch,), generator=generator).float().to(device)
+    ind = torch.randn(cfg["num_indicators"], E, generator=generator).to(device, dtype)
+    return frames, masks, texts, t, ind
+
+
+def bench_config(name: str, args) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    cfg = PRESETS[name]
+    torch.manual_seed(0)
+    ref = ReferenceDiT(**cfg)
+    ours = ACETransformer(**cfg)
+    ours.load_state_dict(official_dit_to_ace(ref.state_dict()), strict=True)
+    ref, ours = ref.to(device, dtype), ours.to(device, dtype)
+    inputs = make_batch(cfg, args, device, dtype, torch.Generator().manual_seed(1))
+
+    # 1. correctness before timing
+    with torch.no_grad():
+        a, b = ours.predict(*inputs), ref(*inputs)
+    err = max(((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a, b))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    if not err <= tol:
+        raise SystemExit(
+            f"{name}: ace and the reference disagree (relative error {err:.2e} > {tol:g})"
+        )
+
+    # 2. timing
+    def call(model):
+        return model.predict(*inputs) if isinstance(model, ACETransformer) else model(*inputs)
+
+    def forward(model):
+        def run():
+            with torch.no_grad():
+                call(model)
+
+        return run
+
+    def train_step(model):
+        def run():
+            out = call(model)
+            sum(o.float().square().mean() for o in out).backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    row = {
+        "config": name,
+        "params_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
+        "tokens": args.batch * args.frames * (args.size // 16) ** 2,
+        "rel_err": err,
+    }
+    for kind, make in (("forward", forward), ("fwd_bwd", train_step)):
+        ref_ms = median_ms(make(ref), device, args.repeats, args.warmup)
+        ace_ms = median_ms(make(ours), device, args.repeats, args.warmup)
+        row[f"{kind}_ref_ms"], row[f"{kind}_ace_ms"] = ref_ms, ace_ms
+        row[f"{kind}_speedup"] = ref_ms / ace_ms
+    return row
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # its to(dtype) warns even with nothing to keep in fp32
+    rows = [bench_config(name, args) for name in args.configs.split(",")]
+    meta = {
+        "machine": machine(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": f"{args.batch} samples x {args.frames} frames at {args.size}px, {args.text_len} text tokens per frame",
+        "command": "python scripts/benchmark.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        return 0
+    print(
+        f"# {meta['machine']} | torch {meta['torch']} | {args.device} {args.dtype} | {meta['batch']}"
+    )
+    head = f"{'config':<16}{'params':>8}{'tokens':>8}{'rel err':>10}"
+    head += "".join(f"{k + ' ref/ace ms':>26}{'speedup':>9}" for k in ("forward", "fwd+bwd"))
+    print(head)
+    for r in rows:
+        line = f"{r['config']:<16}{r['params_m']:>7}M{r['tokens']:>8}{r['rel_err']:>10.1e}"
+        for k in ("forward", "fwd_bwd"):
+            line += (
+                f"{r[f'{k}_ref_ms']:>14.1f} / {r[f'{k}_ace_ms']:<9.1f}{r[f'{k}_speedup']:>8.2f}x"
+            )
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
