@@ -1,0 +1,369 @@
+"""Tests for ace.conditioning against hand computations, with tiny random T5 and VAE."""
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+from PIL import Image
+from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+from ace.conditioning import (
+    INDICATOR_STRINGS,
+    ConditionTokenizer,
+    clean_text,
+    convert_ldm_vae,
+    downsample_mask,
+    fill_masked,
+    postprocess,
+    preprocess_image,
+    preprocess_mask,
+    sd_vae_config,
+    target_size,
+    to_numpy,
+)
+
+TINY_VAE = dict(
+    block_out_channels=(8, 8, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    cfg.feed_forward_proj, cfg.dropout_rate = "gated-gelu", 0.0
+    t5 = T5EncoderModel(cfg).eval()
+    vae = AutoencoderKL(**TINY_VAE).eval()
+    return ByT5Tokenizer(), t5, vae
+
+
+@pytest.fixture(scope="module")
+def ct(parts):
+    return ConditionTokenizer(*parts)
+
+
+# ---------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("  a\t\tcat \n\n on  a mat ", "a cat on a mat"),
+        ("salt &amp;amp; pepper", "salt & pepper"),  # escaped twice
+        ("&amp;lt;b&amp;gt; bold", "<b> bold"),
+        ("sch\u00c3\u00b6n", "sch\u00f6n"),  # UTF-8 read as Latin-1 (mojibake)
+        ("\u201cquoted\u201d \ufb01ne", '"quoted" fine'),  # ftfy: quotes, ligatures
+        ("", ""),
+    ],
+)
+def test_clean_text(raw, clean):
+    assert clean_text(raw) == clean
+
+
+def test_encode_text_valid_tokens_match_single_prompt_runs(parts, ct):
+    tok, t5, _ = parts
+    prompts = ["a cat", "  put {image} on\tthe &amp;amp; table ", "x" * 200, ""]
+    cleaned = ["a cat", "put {image} on the & table", "x" * 200, ""]
+    # ByT5: one token per UTF-8 byte plus EOS, truncated to 120
+    lengths = [min(len(c.encode()) + 1, 120) for c in cleaned]
+    assert lengths == [6, 27, 120, 1]
+    out = ct.encode_text(prompts)
+    assert [tuple(o.shape) for o in out] == [(n, 32) for n in lengths]
+    for o, c in zip(out, cleaned):
+        ids = tok(c, truncation=True, max_length=120, return_tensors="pt").input_ids
+        assert ids[0, -1].item() == tok.eos_token_id
+        alone = t5(input_ids=ids).last_hidden_state[0]  # (L, E)
+        torch.testing.assert_close(o, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_text_keeps_encoder_dtype(parts):
+    tok, t5, vae = parts
+    ct16 = ConditionTokenizer(tok, copy.deepcopy(t5).to(torch.bfloat16), vae)
+    assert ct16.encode_text(["a cat"])[0].dtype == torch.bfloat16
+
+
+def test_indicator_table_is_first_token_of_each_string(parts, ct):
+    tok, t5, _ = parts
+    table = ct.indicator_table()
+    assert INDICATOR_STRINGS[0] == "{image}" and INDICATOR_STRINGS[9] == "{image9}"
+    assert table.shape == (10, 32)
+    for row, s in zip(table, INDICATOR_STRINGS):
+        ids = tok(s, return_tensors="pt").input_ids
+        torch.testing.assert_close(
+            row, t5(input_ids=ids).last_hidden_state[0, 0], atol=1e-5, rtol=1e-5
+        )
+
+
+# ---------------------------------------------------------------------------
+# Images and masks
+# ---------------------------------------------------------------------------
+
+
+def test_target_size_by_hand():
+    assert target_size(512, 512, 1024) == (512, 512)  # (512/16)^2 = 1024 exactly
+    assert target_size(1024, 1024, 4096) == (1024, 1024)
+    # 1000 x 600 @1024: scale = sqrt(1024 / (62.5 * 37.5)) = 0.66099...
+    # 1000 * scale = 660.99 -> 656; 600 * scale = 396.59 -> 384
+    assert target_size(1000, 600, 1024) == (656, 384)
+    assert (656 // 16) * (384 // 16) <= 1024
+    assert target_size(500, 500, 1024) == (496, 496)  # never enlarged, floored to 16
+    assert target_size(100, 400, 1024) == (96, 400)
+
+
+def test_preprocess_image_constant_colour_and_size():
+    x = preprocess_image(Image.new("RGB", (512, 512), (255, 0, 128)), 1024)
+    assert x.dtype == torch.float32 and x.shape == (3, 512, 512)
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, -1.0, (128 / 255 - 0.5) / 0.5]))
+    assert (x == x[:, :1, :1]).all()
+    assert preprocess_image(Image.new("RGB", (600, 1000)), 1024).shape == (3, 656, 384)
+
+
+def test_preprocess_image_range():
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    x = preprocess_image(noise, 64)
+    assert x.shape == (3, 144, 96) and x.min() >= -1 and x.max() <= 1
+
+
+def test_aspect_crop_is_centred():
+    # 1003 x 100 (W x H): crop to 400 wide at left = round(603 / 2) = 302 (half to even)
+    a = np.zeros((100, 1003, 3), np.uint8)
+    a[:, 302:702] = 255
+    x = preprocess_image(Image.fromarray(a), 1024)
+    assert x.shape == (3, 96, 400) and (x == 1).all()
+    # tall tensor 100 x 500 (W x H): crop to 400 high at top = 50
+    t = torch.zeros(3, 500, 100)
+    t[:, 50:450] = 1
+    y = preprocess_image(t, 1024)
+    assert y.shape == (3, 400, 96)
+    torch.testing.assert_close(y, torch.ones_like(y))
+
+
+def test_tensor_path_close_to_pil_path():
+    yy, xx = np.mgrid[0:300, 0:200]
+    a = np.stack([yy / 300, xx / 200, (yy + xx) / 500], -1)
+    pil = preprocess_image(Image.fromarray((a * 255).round().astype(np.uint8)), 256)
+    ten = preprocess_image(torch.from_numpy((a * 255).round() / 255).permute(2, 0, 1).float(), 256)
+    assert (
+        pil.shape == ten.shape == (3, 288, 192)
+    )  # 234 tokens <= 256: scale 1, sides floored to 16
+    assert (pil - ten).abs().max() < 0.02
+
+
+def test_preprocess_mask_binarises_above_128():
+    a = np.zeros((32, 32), np.uint8)
+    a[8:16], a[16:24], a[24:] = 128, 129, 255
+    m = preprocess_mask(Image.fromarray(a), (32, 32))
+    assert m.dtype == torch.float32 and m.shape == (1, 32, 32)
+    assert torch.equal(m[0], torch.from_numpy(a > 128).float())
+    # nearest-exact halving keeps pixel 2i + 1
+    rng = np.random.default_rng(1)
+    r = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    assert torch.equal(
+        preprocess_mask(Image.fromarray(r), (16, 16))[0],
+        torch.from_numpy(r[1::2, 1::2] > 128).float(),
+    )
+    # the same rule for every tensor kind and PIL "1"
+    assert torch.equal(preprocess_mask(torch.from_numpy(a), (32, 32)), m)
+    assert torch.equal(preprocess_mask(torch.from_numpy(a)[None] / 255, (32, 32)), m)
+    assert torch.equal(preprocess_mask(torch.from_numpy(a > 128), (32, 32)), m)
+    assert torch.equal(preprocess_mask(Image.fromarray(a > 128).convert("1"), (32, 32)), m)
+    assert preprocess_mask(torch.tensor([[0.5]]), (1, 1)).item() == 1  # all zero -> ones
+    assert preprocess_mask(torch.tensor([[0.5, 0.51]]), (1, 2)).tolist() == [[[0.0, 1.0]]]
+
+
+def test_preprocess_mask_all_zero_or_none_is_all_ones():
+    ones = torch.ones(1, 16, 24)
+    assert torch.equal(preprocess_mask(Image.new("L", (30, 20), 128), (16, 24)), ones)
+    assert torch.equal(preprocess_mask(None, (16, 24)), ones)
+
+
+def test_preprocess_mask_cropped_like_image_and_pil_equals_tensor():
+    a = np.zeros((100, 1003), np.uint8)
+    a[:, 302:352] = 255  # crop keeps columns 302..701
+    m = preprocess_mask(Image.fromarray(a), (96, 400), image_size=(100, 1003))
+    expected = torch.zeros(1, 96, 400)
+    expected[..., :50] = 1
+    assert torch.equal(m, expected)
+    r = np.random.default_rng(2).integers(0, 256, (100, 1003), dtype=np.uint8)
+    pil = preprocess_mask(Image.fromarray(r), (48, 208))
+    assert torch.equal(pil, preprocess_mask(torch.from_numpy(r), (48, 208)))
+
+
+def test_fill_masked_and_downsample_mask():
+    img = torch.rand(3, 16, 16) * 2 - 1
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 4:8, 2:10] = 1
+    out = fill_masked(img, mask)
+    assert (out[:, 4:8, 2:10] == -1).all()
+    keep = mask.expand(3, -1, -1) == 0
+    assert torch.equal(out[keep], img[keep])
+    m = (torch.rand(1, 32, 48) > 0.5).float()
+    assert torch.equal(downsample_mask(m), m[:, 4::8, 4::8])  # centre pixel of each 8 x 8 cell
+
+
+def test_postprocess_by_hand():
+    x = torch.tensor([-1.0, -0.5, 0.1, 0.2, 1.0, 2.0, -3.0]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    # (x + 1) / 2 * 255 + 0.5 = 0.5, 64.25, 140.75, 153.5, 255.5 -> clamp 255, ..., truncated
+    assert np.asarray(postprocess(x)[0])[0, :, 0].tolist() == [0, 64, 140, 153, 255, 255, 0]
+    a = to_numpy(x)
+    assert a.shape == (1, 1, 7, 3) and a.dtype == np.float32
+    np.testing.assert_allclose(a[0, 0, :2, 0], [0.5 / 255, 0.25 + 0.5 / 255], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------
+
+
+def test_encode_images_mode_sample_and_grouping(parts, ct):
+    _, _, vae = parts
+    sf = vae.config.scaling_factor
+    assert sf == 0.18215
+    imgs = [
+        torch.rand(3, 32, 32) * 2 - 1,
+        torch.rand(3, 16, 24) * 2 - 1,
+        torch.rand(3, 32, 32) * 2 - 1,
+    ]
+    z = ct.encode_images(imgs, sample=False)
+    assert [tuple(t.shape) for t in z] == [(4, 4, 4), (4, 2, 3), (4, 4, 4)]
+    for zi, x in zip(z, imgs):
+        with torch.no_grad():
+            mode = vae.encode(x[None]).latent_dist.mode()[0]
+        torch.testing.assert_close(zi, sf * mode, atol=1e-5, rtol=1e-5)
+    # a sample = sf * (mean + std * eps), eps drawn from the generator
+    with torch.no_grad():
+        dist = vae.encode(imgs[1][None]).latent_dist
+    eps = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(7))
+    s = ct.encode_images([imgs[1]], generator=torch.Generator().manual_seed(7))[0]
+    torch.testing.assert_close(s, sf * (dist.mean + dist.std * eps)[0], atol=1e-5, rtol=1e-5)
+    again = ct.encode_images(imgs, generator=torch.Generator().manual_seed(3))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again, ct.encode_images(imgs, generator=torch.Generator().manual_seed(3)))
+    )
+
+
+def test_decode_inverts_scaling(parts, ct):
+    _, _, vae = parts
+    z = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        ref = vae.decode(z / 0.18215).sample
+    out = ct.decode(z)
+    assert out.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out, ref)
+
+
+def to_ldm(sd: dict, n_blocks: int) -> dict:
+    """Inverse of diffusers' LDM VAE conversion, for the test."""
+    top = {d: ldm for d, ldm in DIFFUSERS_TO_LDM_MAPPING["vae"].items()}
+    out = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+            continue
+        k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
+        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
+        k = re.sub(
+            r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{n_blocks - 1 - int(m[1])}.block.", k
+        )
+        k = re.sub(
+            r"up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"up.{n_blocks - 1 - int(m[1])}.upsample.",
+            k,
+        )
+        k = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
+        k = k.replace("conv_shortcut", "nin_shortcut")
+        if "mid_block.attentions.0." in k:
+            k = k.replace("mid_block.attentions.0.", "mid.attn_1.").replace("group_norm", "norm")
+            k = (
+                k.replace("to_q", "q")
+                .replace("to_k", "k")
+                .replace("to_v", "v")
+                .replace("to_out.0", "proj_out")
+            )
+            v = v[:, :, None, None] if v.ndim == 2 else v  # LDM attention: 1x1 convs
+        out[k] = v
+    return out
+
+
+def test_convert_ldm_vae_round_trip(parts):
+    _, _, vae = parts
+    ldm = to_ldm(vae.state_dict(), 4)
+    assert (
+        "encoder.down.2.block.0.nin_shortcut.weight" in ldm
+        and ldm["encoder.mid.attn_1.q.weight"].ndim == 4
+    )
+    wrapped = {
+        "state_dict": {
+            **{f"first_stage_model.{k}": v for k, v in ldm.items()},
+            "loss.logvar": torch.zeros(()),
+        }
+    }
+    for sd in (ldm, wrapped):
+        fresh = AutoencoderKL(**TINY_VAE)
+        fresh.load_state_dict(convert_ldm_vae(sd, TINY_VAE), strict=True)
+        z = torch.randn(1, 4, 4, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.eval().decode(z).sample, vae.decode(z).sample)
+
+
+def test_sd_vae_config_builds_the_sd_vae():
+    with torch.device("meta"):
+        vae = AutoencoderKL(**sd_vae_config())
+    assert vae.config.latent_channels == 4 and vae.config.scaling_factor == 0.18215
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # the SD 1.x VAE
+
+
+# ---------------------------------------------------------------------------
+# User mistakes
+# ---------------------------------------------------------------------------
+
+
+def test_value_errors(ct):
+    with pytest.raises(ValueError, match="non-empty list"):
+        ct.encode_text([])
+    with pytest.raises(ValueError, match="expected a str"):
+        ct.encode_text(["ok", 3])
+    with pytest.raises(ValueError, match="RGB PIL image"):
+        preprocess_image(Image.new("L", (32, 32)), 1024)
+    with pytest.raises(ValueError, match="RGB PIL image"):
+        preprocess_image(torch.rand(4, 32, 32), 1024)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        preprocess_image(torch.rand(3, 32, 32) * 255, 1024)
+    with pytest.raises(ValueError, match="too small"):
+        preprocess_image(Image.new("RGB", (8, 8)), 1024)
+    with pytest.raises(ValueError, match="positive int"):
+        target_size(64, 64, 0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        preprocess_mask(torch.full((8, 8), 255.0), (8, 8))
+    with pytest.raises(ValueError, match="differs"):
+        preprocess_mask(Image.new("L", (32, 32)), (32, 32), image_size=(32, 48))
+    with pytest.raises(ValueError, match='mode "L"'):
+        preprocess_mask(Image.new("RGB", (32, 32)), (32, 32))
+    with pytest.raises(ValueError, match="size"):
+        fill_masked(torch.zeros(3, 16, 16), torch.zeros(1, 16, 8))
+    with pytest.raises(ValueError, match="divisible"):
+        downsample_mask(torch.zeros(1, 12, 16))
+    with pytest.raises(ValueError, match="channels"):
+        ct.decode(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="divisible"):
+        ct.encode_images([torch.zeros(3, 30, 32)])
+    with pytest.raises(ValueError, match=r"images\[1\]"):
+        ct.encode_images([torch.zeros(3, 32, 32), torch.zeros(32, 32)])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        postprocess(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="missing"):
+        convert_ldm_vae({"foo": torch.zeros(1)}, TINY_VAE)
