@@ -212,8 +212,14 @@ class LCU:
     """The image to produce (training): an RGB PIL image or a float tensor (3, H, W)."""
     target_mask: MaskLike | None = None
     """Where the target is supervised/edited; the target's size."""
+    task: str = ""
+    """A free task tag (the dataset's ``task`` field). One tag changes the inputs:
+    ``"inpainting"`` sets the masked pixels of the input images to -1, as the released
+    inpainting requests do; every other task reads its masks only as a mask channel."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.task, str):
+            raise ValueError(f"task: expected a str, got {_describe(self.task)}")
         if not isinstance(self.current, ConditionUnit):
             raise ValueError(f"current: expected a ConditionUnit, got {_describe(self.current)}")
         self.history = _as_list(self.history, "history")
