@@ -26,6 +26,12 @@ from ace.models.attention import SegmentLayout
 from ace.models.rope import rope_cos_sin
 
 
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """(C', h, w) -> (h/p * w/p, C'*p*p): p x p patches, row-major, each flattened as
+    (channel, row in patch, column in patch) to match a p x p stride-p convolution."""
+    return rearrange(x, "c (gh p) (gw q) -> (gh gw) (c p q)", p=patch_size, q=patch_size)
+
+
 @dataclass
 class PackedBatch:
     """The shape-dependent structure of one batch. Build with ``PackedBatch.build``."""
@@ -190,7 +196,7 @@ class PackedBatch:
                         "at latent resolution"
                     )
                 x = torch.cat([x, m.to(x.dtype)], dim=0)  # (C+1, h, w)
-                out.append(rearrange(x, "c (gh p) (gw q) -> (gh gw) (c p q)", p=p, q=p))
+                out.append(patchify(x, p))
         channels = {x.shape[-1] for x in out}
         if len(channels) != 1:
             raise ValueError("all frames of a batch need the same number of latent channels")
