@@ -1,0 +1,309 @@
+"""ACEPipeline: instructions and images in, images out, every task through one LCU.
+
+Shapes: C latent channels, (H, W) pixel size, (h, w) = (H/8, W/8) latent size,
+E text dim, K = 10 indicator rows, B = 2 samples (conditional, unconditional) under CFG.
+
+    from ace.testing import tiny_pipeline
+    pipe = tiny_pipeline()
+    image = pipe("a red circle", height=64, width=64, num_inference_steps=4).images[0]
+
+    chat = pipe.chat(height=64, width=64, num_inference_steps=4)
+    first = chat("a red circle")
+    second = chat("make {image} blue")   # {image} is the previous output
+
+The call runs in numbered steps: 1. check inputs (build the LCU), 2. preprocess
+images and masks, 3. encode (T5 once, VAE once, masks), 4. prepare the target
+latents, 5. pack once, 6. denoise (both CFG halves in one transformer call per step),
+7. decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from ace.conditioning import (
+    ConditionTokenizer,
+    downsample_mask,
+    fill_masked,
+    postprocess,
+    preprocess_image,
+    preprocess_mask,
+    to_numpy,
+)
+from ace.diffusion import apply_guidance
+from ace.lcu import LCU, ConditionUnit
+
+# diffusers loads a component only from a module that is already imported
+from ace.models.transformer import ACETransformer  # noqa: F401
+from ace.packing import patchify
+
+if TYPE_CHECKING:
+    from ace.chat import ChatSession
+
+INPAINTING_TASKS = ("inpainting",)
+
+
+class IndicatorTable(ModelMixin, ConfigMixin):
+    """The raw image-indicator table: T5 states of ``{image}`` ... ``{image9}`` (first token).
+
+    Computed once from the text encoder and stored with the pipeline.
+    """
+
+    @register_to_config
+    def __init__(self, num_indicators: int = 10, text_dim: int = 4096):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(num_indicators, text_dim))
+
+    @classmethod
+    def from_table(cls, table: Tensor) -> IndicatorTable:
+        module = cls(*table.shape)
+        module.table.copy_(table.float())
+        return module
+
+
+@dataclass
+class PreparedLCU:
+    """An LCU's pixels, ready to encode: frame 0 is the target, then the condition images."""
+
+    lcu: LCU
+    images: list[Tensor]  # (3, H, W) in [-1, 1] per condition image
+    masks: list[Tensor]  # (1, H, W) of 0/1 per condition image (ones = whole image)
+    target_size: tuple[int, int]  # (H, W) of the target
+    target_mask: Tensor  # (1, H, W)
+
+
+def prepare_lcu(lcu: LCU, max_seq_len: int, size: tuple[int, int] | None = None) -> PreparedLCU:
+    """Preprocess an LCU as the released code does (ACE_REFERENCE section 2).
+
+    Images: centre crop to aspect <= 4, bicubic resize to a token budget, [-1, 1]; masks
+    cropped and resized with their image, binarised, all-zero = whole image. For an
+    ``"inpainting"`` LCU the masked pixels are set to -1 (the released inpainting fill:
+    the one task-specific step). The target takes the size and mask of the first image
+    of the LCU; without images it is ``size`` with an all-ones mask.
+    """
+    images, masks = [], []
+    for image, mask in zip(lcu.images, lcu.masks):
+        x = preprocess_image(image, max_seq_len)  # (3, H, W)
+        m = preprocess_mask(mask, tuple(x.shape[1:]))  # (1, H, W); None -> ones
+        if lcu.task in INPAINTING_TASKS and mask is not None:  # an unmasked image stays whole
+            x = fill_masked(x, m)
+        images.append(x)
+        masks.append(m)
+    if images:
+        target_size = tuple(images[0].shape[1:]) if size is None else size
+        target_mask = masks[0]
+        if target_mask.shape[1:] != target_size:
+            target_mask = torch.nn.functional.interpolate(
+                target_mask[None], size=target_size, mode="nearest-exact"
+            )[0]
+    else:
+        if size is None:
+            raise ValueError("text-to-image needs a target size")
+        target_size, target_mask = size, torch.ones(1, *size)
+    return PreparedLCU(lcu, images, masks, tuple(target_size), target_mask)
+
+
+class ACEPipeline(DiffusionPipeline):
+    """ACE: create and edit images from instructions.
+
+    Components: ``transformer`` (ACETransformer), ``vae`` (AutoencoderKL),
+    ``text_encoder`` (T5EncoderModel), ``tokenizer``, ``scheduler`` (DDIM for the
+    released epsilon models, FlowMatchEuler for rectified-flow models), and
+    ``indicators`` (the indicator table; computed from the text encoder when omitted).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ("indicators",)
+
+    def __init__(
+        self,
+        transformer,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        indicators=None,
+        default_steps: int = 20,
+    ):
+        super().__init__()
+        if indicators is None:
+            table = ConditionTokenizer(tokenizer, text_encoder, vae).indicator_table()
+            indicators = IndicatorTable.from_table(table)
+        self.register_modules(
+            transformer=transformer,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            indicators=indicators,
+        )
+        # the released step count (20 at 512 px, 50 at 1024 px): used by infer.py and chat()
+        self.register_to_config(default_steps=default_steps)
+
+    @property
+    def conditioner(self) -> ConditionTokenizer:
+        return ConditionTokenizer(self.tokenizer, self.text_encoder, self.vae)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.transformer.config.rope_max_len
+
+    @property
+    def default_size(self) -> int:
+        """The square text-to-image side that fills the token budget: 512 px for the 512px model."""
+        return int(self.max_seq_len**0.5) * 16
+
+    def build_lcu(
+        self, instruction: str, images=None, masks=None, history=None, task: str = ""
+    ) -> LCU:
+        """The LCU of a request; ``history`` holds ConditionUnits or dicts with the same fields."""
+        history = [
+            h if isinstance(h, ConditionUnit) else ConditionUnit(**h) for h in (history or [])
+        ]
+        return LCU(
+            current=ConditionUnit(instruction, list(images or []), masks),
+            history=history,
+            task=task,
+        )
+
+    def chat(self, **defaults) -> ChatSession:
+        """A multi-turn session: each turn's inputs go into the history of the next."""
+        from ace.chat import ChatSession
+
+        return ChatSession(self, **defaults)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        instruction: str,
+        images=None,
+        masks=None,
+        history=None,
+        negative_prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.5,
+        guidance_rescale: float = 0.5,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "pil",
+        task: str = "",
+    ) -> ImagePipelineOutput:
+        """Create or edit one image.
+
+        Args:
+            instruction: the current instruction; names its images ``{image}``, ``{image1}``...
+            images: input images (RGB PIL, or float tensors (3, H, W) in [0, 1]).
+            masks: one mask or None per image; white = the region to edit.
+            history: earlier turns, oldest first (ConditionUnits or dicts).
+            negative_prompt: replaces the current instruction in the unconditional half.
+            height, width: target size in pixels (multiples of 16). Default: the first
+                input image's size, or a square that fills the token budget.
+            num_inference_steps, guidance_scale, guidance_rescale: the sampler settings
+                (released: 20 / 4.5 / 0.5 at 512 px).
+            generator: for the initial noise.
+            latents: the initial noise of the target, (1, C, H/8, W/8), scaled latent space.
+            output_type: "pil", "np" (float arrays in [0, 1]) or "latent".
+            task: ``"inpainting"`` sets the masked pixels of the inputs to -1 first, as the
+                released inpainting requests do; otherwise masks only mark the region.
+        """
+        # 1. check inputs
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        for name, side in (("height", height), ("width", width)):
+            if side is not None and (side <= 0 or side % 16):
+                raise ValueError(f"{name} must be a positive multiple of 16, got {side}")
+        lcu = self.build_lcu(instruction, images, masks, history, task)
+        device, dtype = self._execution_device, self.transformer.dtype
+        cfg = guidance_scale > 1.0
+
+        # 2. preprocess images and masks
+        size = None
+        if height is not None or width is not None or not lcu.images:
+            size = (height or self.default_size, width or self.default_size)
+        prepared = prepare_lcu(lcu, self.max_seq_len, size)
+        h, w = prepared.target_size[0] // 8, prepared.target_size[1] // 8
+
+        # 3. encode: T5 once for every instruction (and the negative prompt), VAE once
+        conditioner = self.conditioner
+        turns = lcu.instructions()
+        states = conditioner.encode_text([*turns, negative_prompt] if cfg else turns)
+        frame_turns = lcu.frame_turns()
+        current = len(turns) - 1
+        texts = [[states[i] for i in frame_turns]]
+        if cfg:  # the negative context replaces the current (last) instruction
+            texts.append([states[-1] if i == current else states[i] for i in frame_turns])
+        cond_latents = (
+            conditioner.encode_images(prepared.images, generator=generator)
+            if prepared.images
+            else []
+        )
+        cond_masks = [downsample_mask(m) for m in prepared.masks]
+        target_mask = downsample_mask(prepared.target_mask).to(device, dtype)  # (1, h, w)
+
+        # 4. prepare the target's initial noise
+        C = self.transformer.config.in_channels
+        shape = (1, C, h, w)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents shape {tuple(latents.shape)}, expected {shape} for a {h * 8}x{w * 8} target"
+            )
+        latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            # sigmas from 1 to 1/n, shifted once by the scheduler, as in training (and Flux)
+            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        # 5. pack once: positions, RoPE, layouts and the condition tokens are reused every step
+        n_samples = len(texts)
+        frames = [[latents[0].to(dtype), *[x.to(device, dtype) for x in cond_latents]]] * n_samples
+        fmasks = [[target_mask, *[m.to(device, dtype) for m in cond_masks]]] * n_samples
+        packed = self.transformer.pack(
+            [[tuple(f.shape[-2:]) for f in frames[0]]] * n_samples,
+            [[t.shape[0] for t in ts] for ts in texts],
+            device=device,
+        )
+        tokens = packed.pack_frames(frames, fmasks)  # (T, (C+1)*p*p)
+        text = packed.pack_texts([[t.to(device) for t in ts] for ts in texts])  # (Tt, E)
+        indicators = self.indicators.table.to(device, dtype)  # (K, E)
+        p = self.transformer.config.patch_size
+
+        # 6. denoise
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_t = self.scheduler.scale_model_input(latents, t)
+            target = patchify(torch.cat([x_t[0].to(dtype), target_mask]), p)  # (n, (C+1)*p*p)
+            tokens = tokens.index_copy(0, packed.target_index, target.repeat(n_samples, 1))
+            timesteps = t.reshape(1).expand(n_samples).to(device)
+            out = self.transformer(tokens, text, timesteps, packed, indicators)  # (B*n, p*p*C)
+            preds = torch.stack(packed.unpack_target(out)).float()  # (B, C, h, w)
+            pred = (
+                apply_guidance(preds[:1], preds[1:], guidance_scale, guidance_rescale)
+                if cfg
+                else preds
+            )
+            latents = self.scheduler.step(pred, t, latents, generator=generator).prev_sample
+
+        # 7. decode
+        self.maybe_free_model_hooks()
+        if output_type == "latent":
+            return ImagePipelineOutput(images=latents)
+        pixels = conditioner.decode(latents.to(self.vae.dtype))  # (1, 3, H, W) in [-1, 1]
+        return ImagePipelineOutput(
+            images=postprocess(pixels) if output_type == "pil" else to_numpy(pixels)
+        )

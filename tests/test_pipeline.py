@@ -1,0 +1,211 @@
+"""ACEPipeline on the tiny random pipeline: behaviour, errors, save/load, chat, and one
+denoising run checked against an obvious loop written here from ACE_REFERENCE."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ace.conditioning import ConditionTokenizer, downsample_mask, preprocess_image
+from ace.lcu import ConditionUnit
+from ace.pipeline import ACEPipeline
+from ace.testing import tiny_pipeline
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+def img(w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def box_mask(w, h):
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[h // 4 : h // 2, w // 4 : w // 2] = 255
+    return Image.fromarray(m)
+
+
+def run(pipe, instruction, seed=0, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    return pipe(instruction, generator=torch.Generator().manual_seed(seed), **kw).images[0]
+
+
+def same(a, b) -> bool:
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_text_to_image_at_requested_size(pipe):
+    out = run(pipe, "a red circle at the top left", height=48, width=80)
+    assert isinstance(out, Image.Image) and out.size == (80, 48)
+    assert pipe.default_size == 256  # tiny preset: 256 tokens -> 16 x 16 tokens of 16 px
+
+
+def test_masked_edit_keeps_input_size(pipe):
+    out = run(
+        pipe, "fill the box in {image} with blue", images=[img(80, 48)], masks=[box_mask(80, 48)]
+    )
+    assert out.size == (80, 48)
+
+
+def test_two_reference_images(pipe):
+    out = run(
+        pipe, "put the object of {image1} into {image}", images=[img(64, 48, 1), img(32, 32, 2)]
+    )
+    assert out.size == (64, 48)  # the target takes the first image's size
+
+
+def test_history_changes_the_result(pipe):
+    history = [ConditionUnit("make {image} red", [img(48, 48, 3)])]
+    with_history = run(pipe, "now make {image} round", images=[img(48, 48, 4)], history=history)
+    without = run(pipe, "now make {image} round", images=[img(48, 48, 4)])
+    assert with_history.size == (48, 48) and not same(with_history, without)
+
+
+def test_seed_guidance_and_latents_control_the_output(pipe):
+    kw = dict(height=32, width=32)
+    a, b, c = (
+        run(pipe, "a star", 1, **kw),
+        run(pipe, "a star", 1, **kw),
+        run(pipe, "a star", 2, **kw),
+    )
+    assert same(a, b) and not same(a, c)
+    assert not same(a, run(pipe, "a star", 1, guidance_scale=1.5, **kw))
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    x1 = pipe("a star", latents=noise, num_inference_steps=STEPS, output_type="latent", **kw).images
+    x2 = pipe(
+        "a star", latents=noise.clone(), num_inference_steps=STEPS, output_type="latent", **kw
+    ).images
+    assert x1.shape == (1, 4, 4, 4) and torch.equal(x1, x2)
+    arr = pipe("a star", latents=noise, num_inference_steps=STEPS, output_type="np", **kw).images
+    assert arr.shape == (1, 32, 32, 3) and arr.min() >= 0 and arr.max() <= 1
+
+
+def test_save_and_load_give_identical_output(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "pipe" / "indicators" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = ACEPipeline.from_pretrained(tmp_path / "pipe")
+    assert torch.equal(loaded.indicators.table, pipe.indicators.table)
+    kw = dict(images=[img(48, 32, 6)], masks=[box_mask(48, 32)])
+    assert same(run(pipe, "paint {image} green", **kw), run(loaded, "paint {image} green", **kw))
+    half = ACEPipeline.from_pretrained(tmp_path / "pipe", torch_dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16
+    assert run(half, "a star", height=32, width=32).size == (32, 32)
+
+
+def test_to_and_model_cpu_offload_keep_working(pipe):
+    expected = run(pipe.to("cpu"), "a star", height=32, width=32)
+    offloaded = tiny_pipeline(seed=0)
+    offloaded.enable_model_cpu_offload(device="cpu")  # the hooks diffusers installs for small GPUs
+    assert same(run(offloaded, "a star", height=32, width=32), expected)
+
+
+def test_inpainting_fill_only_for_inpainting_requests(pipe):
+    kw = dict(images=[img(32, 32, 10)], masks=[box_mask(32, 32)])
+    plain = run(pipe, "fill {image}", **kw)
+    assert not same(plain, run(pipe, "fill {image}", task="inpainting", **kw))
+    unmasked = dict(images=[img(32, 32, 10)])  # no mask: nothing to fill
+    assert same(
+        run(pipe, "fill {image}", **unmasked),
+        run(pipe, "fill {image}", task="inpainting", **unmasked),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(instruction="blend {image} and {image2}", images=[img(32, 32)]), r"\{image2\}"),
+        (dict(instruction="edit {image}", images=[img(32, 32)], masks=[box_mask(48, 32)]), "size"),
+        (dict(instruction="edit {image}", images=[img(32, 32)], masks=[None, None]), "mask"),
+        (dict(instruction="many", images=[img(16, 16, i) for i in range(10)]), "9"),
+        (dict(instruction="a star", height=30), "multiple of 16"),
+        (dict(instruction="a star", output_type="tensor"), "output_type"),
+        (
+            dict(instruction="a star", latents=torch.zeros(1, 4, 3, 3), height=32, width=32),
+            "latents shape",
+        ),
+    ],
+)
+def test_bad_requests_raise_value_error(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs, num_inference_steps=1)
+
+
+def test_chat_builds_the_same_lcu_and_images_as_explicit_history(pipe):
+    kw = dict(height=32, width=32, num_inference_steps=STEPS)
+    chat = pipe.chat(**kw)
+    first = chat("a red square", generator=torch.Generator().manual_seed(0))
+    second = chat("make {image} blue", generator=torch.Generator().manual_seed(1))
+    lcu3 = chat.lcu("add a circle to {image}")
+    third = chat("add a circle to {image}", generator=torch.Generator().manual_seed(2))
+    # the explicit call: turn 1 was text-to-image, turn 2 edited the first output
+    history = [ConditionUnit("a red square"), ConditionUnit("make {image} blue", [first])]
+    explicit = pipe.build_lcu("add a circle to {image}", [second], None, history)
+    assert (
+        lcu3.instructions()
+        == explicit.instructions()
+        == ["a red square", "make {image} blue", "add a circle to {image1}"]
+    )
+    assert lcu3.frame_texts() == explicit.frame_texts()
+    assert all(same(a, b) for a, b in zip(lcu3.images, explicit.images))
+    again = pipe(
+        "add a circle to {image}",
+        images=[second],
+        history=history,
+        generator=torch.Generator().manual_seed(2),
+        **kw,
+    )
+    assert same(third, again.images[0])
+
+
+def test_pipeline_equals_an_obvious_denoising_loop(pipe):
+    """Every step by hand: T5 per frame text, the negative replaces the current instruction,
+    the released DDIM update from the DDPM equations, guidance with rescale."""
+    history = [ConditionUnit("make {image} red", [img(32, 32, 7)])]
+    image, mask = img(32, 32, 8), box_mask(32, 32)
+    steps, scale, phi = 4, 3.0, 0.7
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(9))
+    got = pipe(
+        "now add {image} a hat", images=[image], masks=[mask], history=history, negative_prompt="blurry",
+        num_inference_steps=steps, guidance_scale=scale, guidance_rescale=phi, latents=noise,
+        output_type="latent", generator=torch.Generator().manual_seed(3), task="inpainting",
+    ).images  # fmt: skip
+
+    enc = ConditionTokenizer(pipe.tokenizer, pipe.text_encoder, pipe.vae)
+    hist_img = preprocess_image(history[0].images[0], 256)
+    cur_img = preprocess_image(image, 256)
+    m = (torch.from_numpy(np.array(mask)) > 128).float()[None]  # already 32x32
+    cur_img = torch.where(m.bool(), torch.full_like(cur_img, -1.0), cur_img)  # the repainting fill
+    g = torch.Generator().manual_seed(3)
+    lat = enc.encode_images([hist_img, cur_img], generator=g)
+    t_hist, t_cur, t_neg = enc.encode_text(["make {image} red", "now add {image1} a hat", "blurry"])
+    ind = pipe.indicators.table
+    ones = torch.ones(1, 4, 4)
+    mask_lat = downsample_mask(m)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    ts = (torch.arange(1000, 0, -1000 / steps).round() - 1).long()
+    x = noise.double()
+    for i, t in enumerate(ts):
+        frames = [[x[0].float(), lat[0], lat[1]]]
+        masks = [[ones, ones, mask_lat]]  # the target takes the first image's (no) mask
+        tt = torch.tensor([float(t)])
+        with torch.no_grad():
+            c = pipe.transformer.predict(frames, masks, [[t_cur, t_hist, t_cur]], tt, ind)[
+                0
+            ].double()
+            u = pipe.transformer.predict(frames, masks, [[t_neg, t_hist, t_neg]], tt, ind)[
+                0
+            ].double()
+        eps = u + scale * (c - u)
+        eps = eps * (phi * c.std() / eps.std() + (1 - phi))
+        a_t = abar[t]
+        a_prev = abar[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0, dtype=torch.float64)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
