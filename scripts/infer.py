@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Create or edit one image with an ACE pipeline directory.
+
+    # text-to-image
+    python scripts/infer.py --pipeline DIR --instruction "a red circle" --output out.png
+    # an edit with a mask (white = the region to change); one --mask per --image, or none
+    python scripts/infer.py --pipeline DIR --instruction "fill {image} with a blue square" \\
+        --image in.png --mask mask.png --output out.png
+    # two reference images
+    python scripts/infer.py --pipeline DIR --instruction "put the object of {image1} into {image}" \\
+        --image scene.png --image object.png --mask none --mask none --output out.png
+    # multi-turn: earlier turns from a JSON file (paths relative to it)
+    python scripts/infer.py --pipeline DIR --history turns.json --instruction "now make {image} green" \\
+        --image previous.png --output out.png
+
+The history file is a list of turns, oldest first:
+    [{"instruction": "make {image} red", "images": ["a.png"], "masks": [null]}]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class UserError(Exception):
+    """A mistake in the command line or its files: reported without a traceback."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--pipeline",
+        required=True,
+        help="an ACEPipeline directory (save_pretrained / convert_official.py)",
+    )
+    p.add_argument(
+        "--instruction", required=True, help="the instruction; name images {image}, {image1}, ..."
+    )
+    p.add_argument("--image", action="append", default=[], help="an input image (repeatable)")
+    p.add_argument(
+        "--mask", action="append", default=[], help="a mask per --image, or 'none' (repeatable)"
+    )
+    p.add_argument("--history", help="a JSON file of earlier turns")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: the pipeline's released count, 20 or 50)",
+    )
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+    p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, mps ... (default: cuda when available)"
+    )
+    p.add_argument("--output", required=True, help="where to write the image (.png, .jpg, .webp)")
+    return p.parse_args(argv)
+
+
+def load_image(path: str | Path, mode: str):
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}") from e
+
+
+def load_history(path: str) -> list[dict]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"history file not found: {file}")
+    try:
+        turns = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"history file {file} is not valid JSON: {e}") from e
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise UserError(f"history file {file} must hold a list of turns (objects)")
+    out = []
+    for i, turn in enumerate(turns):
+        unknown = set(turn) - {"instruction", "images", "masks"}
+        if "instruction" not in turn or unknown:
+            raise UserError(
+                f"history turn {i}: needs 'instruction' (and optional 'images', 'masks'); got {sorted(turn)}"
+            )
+        images = [load_image(file.parent / p, "RGB") for p in turn.get("images", [])]
+        masks = turn.get("masks") or [None] * len(images)
+        masks = [None if m is None else load_image(file.parent / m, "L") for m in masks]
+        out.append({"instruction": turn["instruction"], "images": images, "masks": masks})
+    return out
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    from ace.pipeline import ACEPipeline
+
+    output = Path(args.output)
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--output must end with one of {IMAGE_SUFFIXES}, got {output.name}")
+    if args.mask and len(args.mask) != len(args.image):
+        raise UserError(
+            f"got {len(args.image)} --image but {len(args.mask)} --mask; give one --mask per image, or none"
+        )
+    if not (Path(args.pipeline) / "model_index.json").is_file():
+        raise UserError(
+            f"--pipeline {args.pipeline} is not an ACEPipeline directory (no model_index.json)"
+        )
+    images = [load_image(p, "RGB") for p in args.image]
+    masks = [None if m.lower() == "none" else load_image(m, "L") for m in args.mask] or None
+    history = load_history(args.history) if args.history else None
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = ACEPipeline.from_pretrained(args.pipeline).to(device)
+    steps = args.steps if args.steps is not None else pipe.config.default_steps
+    try:
+        result = pipe(
+            args.instruction,
+            images=images,
+            masks=masks,
+            history=history,
+            negative_prompt=args.negative,
+            height=args.height,
+            width=args.width,
+            guidance_scale=args.guidance,
+            guidance_rescale=args.rescale,
+            num_inference_steps=steps,
+            generator=torch.Generator(device).manual_seed(args.seed),
+        )
+    except ValueError as e:  # the pipeline's checks name the problem
+        raise UserError(str(e)) from e
+    # write atomically: a crash never leaves half an image behind
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=output.suffix, dir=output.parent)
+    os.close(fd)
+    try:
+        result.images[0].save(tmp)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return output
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        path = run(args)
+    except UserError as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""scripts/infer.py and scripts/convert_official.py, run as a user would, on tiny components."""
+
+import json
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_conditioning import to_ldm
+
+from ace.diffusion import DDPMEpsilon
+from ace.pipeline import ACEPipeline
+from ace.reference import ReferenceDiT
+from ace.testing import TEXT_DIM, tiny_pipeline, tiny_text_encoder, tiny_vae
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def script(name, argv, capsys):
+    """Run scripts/NAME.py as __main__; return (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = [str(SCRIPTS / name), *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "pipe"
+    tiny_pipeline(seed=0).save_pretrained(path)
+    return path
+
+
+def save_image(path, w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=None).convert(mode).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- infer.py
+
+
+def test_infer_text_to_image_edit_and_history(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "t2i.png"
+    code, stdout, _ = script("infer.py", ["--pipeline", pipe_dir, "--instruction", "a red circle", "--steps", 2, "--height", 32, "--width", 48, "--output", out], capsys)  # fmt: skip
+    assert code == 0 and "wrote" in stdout and Image.open(out).size == (48, 32)
+
+    a, b = save_image(tmp_path / "a.png", 48, 32, 1), save_image(tmp_path / "b.png", 32, 32, 2)
+    m = save_image(tmp_path / "m.png", 48, 32, 3, mode="L")
+    edit = tmp_path / "edit.png"
+    code, _, _ = script("infer.py", ["--pipeline", pipe_dir, "--instruction", "put {image1} into {image}", "--image", a, "--image", b, "--mask", m, "--mask", "none", "--steps", 2, "--output", edit], capsys)  # fmt: skip
+    assert code == 0 and Image.open(edit).size == (48, 32)
+
+    (tmp_path / "turns.json").write_text(
+        json.dumps([{"instruction": "make {image} red", "images": ["b.png"]}])
+    )
+    turn = tmp_path / "turn.png"
+    args = ["--pipeline", pipe_dir, "--history", tmp_path / "turns.json", "--instruction", "now {image} blue", "--image", edit, "--steps", 2, "--seed", 4, "--output", turn]  # fmt: skip
+    assert script("infer.py", args, capsys)[0] == 0
+    # the same request from Python gives the same pixels
+    pipe = ACEPipeline.from_pretrained(pipe_dir)
+    expected = pipe(
+        "now {image} blue", images=[Image.open(edit).convert("RGB")], num_inference_steps=2,
+        history=[{"instruction": "make {image} red", "images": [Image.open(tmp_path / "b.png").convert("RGB")]}],
+        generator=torch.Generator("cpu").manual_seed(4),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(turn)), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--image", "missing.png"], "image not found: missing.png"),
+        (["--image", "{a}", "--mask", "none", "--mask", "none"], "2 --mask"),
+        (["--instruction", "blend {image} and {image2}", "--image", "{a}"], r"\{image2\}"),
+        (["--history", "nothing.json"], "history file not found"),
+        (["--output", "out.gif"], "--output must end with"),
+    ],
+)
+def test_infer_user_mistakes_exit_2_without_traceback(pipe_dir, tmp_path, capsys, extra, message):
+    a = save_image(tmp_path / "a.png", 32, 32)
+    argv = [
+        "--pipeline",
+        pipe_dir,
+        "--instruction",
+        "edit {image}",
+        "--steps",
+        1,
+        "--output",
+        tmp_path / "o.png",
+    ]
+    argv += [str(a) if x == "{a}" else x for x in extra]
+    code, _, err = script("infer.py", argv, capsys)
+    assert code == 2 and "infer.py: error:" in err and "Traceback" not in err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # nothing half-written
+
+
+def test_infer_rejects_a_directory_that_is_not_a_pipeline(tmp_path, capsys):
+    code, _, err = script("infer.py", ["--pipeline", tmp_path, "--instruction", "x", "--output", tmp_path / "o.png"], capsys)  # fmt: skip
+    assert code == 2 and "not an ACEPipeline directory" in err
+
+
+# ------------------------------------------------------------------------ convert_official.py
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """Tiny stand-ins for the released files: a DiT .pth, an LDM vae.bin, T5 and tokenizer dirs."""
+    root = tmp_path_factory.mktemp("released")
+    torch.manual_seed(0)
+    dit_cfg = dict(
+        in_channels=4, patch_size=2, hidden_size=48, depth=2, num_heads=4, mlp_ratio=4.0,
+        text_dim=TEXT_DIM, rope_max_len=256, qk_norm=True, pred_sigma=True, num_indicators=10,
+    )  # fmt: skip
+    ref = ReferenceDiT(**dit_cfg)
+    torch.save({"state_dict": ref.state_dict()}, root / "dit.pth")
+    vae = tiny_vae()
+    torch.save(to_ldm(vae.state_dict(), 4), root / "vae.bin")
+    tokenizer, t5 = tiny_text_encoder()
+    t5.save_pretrained(root / "t5")
+    tokenizer.save_pretrained(root / "tokenizer")
+    (root / "dit.json").write_text(json.dumps(dit_cfg))
+    (root / "vae.json").write_text(
+        json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")})
+    )
+    return root, ref, vae, tokenizer, t5, dit_cfg
+
+
+def convert_args(root, out, resolution=512):
+    return ["--dit", root / "dit.pth", "--vae", root / "vae.bin", "--t5", root / "t5", "--tokenizer", root / "tokenizer", "--resolution", resolution, "--out", out, "--dtype", "fp32", "--dit-config", root / "dit.json", "--vae-config", root / "vae.json"]  # fmt: skip
+
+
+def test_convert_official_writes_a_pipeline_that_reproduces_the_components(
+    released, tmp_path, capsys
+):
+    root, ref, vae = released[:3]
+    out = tmp_path / "ace-1024"
+    code, _, err = script("convert_official.py", convert_args(root, out, 1024), capsys)
+    assert code == 0, err
+    files = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert ".safetensors" in files and ".bin" not in files and ".pth" not in files
+    loaded = ACEPipeline.from_pretrained(out)
+    assert loaded.config.default_steps == 50  # released: 50 steps at 1024 px
+    assert loaded.scheduler.config.timestep_spacing == "trailing"
+    # the transformer predicts what the released-layout reference predicts
+    frames, texts = (
+        [[torch.randn(4, 4, 4), torch.randn(4, 4, 6)]],
+        [[torch.randn(3, TEXT_DIM), torch.randn(2, TEXT_DIM)]],
+    )
+    ind = loaded.indicators.table
+    with torch.no_grad():
+        got = loaded.transformer.predict(frames, None, texts, torch.tensor([500.0]), ind)[0]
+        want = ref(frames, [[None, None]], texts, torch.tensor([500.0]), ind)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # and the VAE decodes like the one the LDM file came from
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.vae.decode(z).sample, vae.decode(z).sample)
+
+
+def test_convert_official_mistakes_leave_nothing_on_disk(released, tmp_path, capsys):
+    root = released[0]
+    out = tmp_path / "pipe"
+    args = convert_args(root, out)
+    args[args.index(root / "dit.pth")] = root / "vae.bin"  # a VAE where the DiT should be
+    code, _, err = script("convert_official.py", args, capsys)
+    assert code == 2 and "unknown keys in the ACE checkpoint" in err
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary directory
+    out.mkdir()
+    code, _, err = script("convert_official.py", convert_args(root, out), capsys)
+    assert code == 2 and "already exists" in err
+    args = convert_args(root, tmp_path / "other")
+    args[args.index(root / "dit.pth")] = tmp_path / "nope.pth"
+    code, _, err = script("convert_official.py", args, capsys)
+    assert code == 2 and "file not found" in err
+
+
+def test_pipeline_built_directly_matches_converted(released, tmp_path, capsys):
+    root, ref, vae, tokenizer, t5, dit_cfg = released
+    out = tmp_path / "ace-512"
+    assert script("convert_official.py", convert_args(root, out), capsys)[0] == 0
+    loaded = ACEPipeline.from_pretrained(out)
+    from ace.convert import official_dit_to_ace
+    from ace.models import ACETransformer
+
+    transformer = ACETransformer(**dit_cfg)
+    transformer.load_state_dict(official_dit_to_ace(ref.state_dict()))
+    direct = ACEPipeline(transformer, vae, t5, tokenizer, DDPMEpsilon().make_scheduler())
+    kw = dict(height=32, width=32, num_inference_steps=2)
+    a = loaded("a star", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    b = direct("a star", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
