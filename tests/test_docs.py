@@ -1,26 +1,47 @@
-"""The README's Python examples run as written."""
+"""The README's examples run as written: every Python block, and the infer.py shell block."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+SHELL_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 
 
 def test_readme_has_examples():
-    assert len(BLOCKS) >= 4
+    assert len(PYTHON_BLOCKS) >= 5
+    assert any("scripts/infer.py" in b for b in SHELL_BLOCKS)
 
 
-def test_readme_examples_run_in_order(capsys):
+def test_readme_python_examples_run_in_order(capsys):
     scope: dict = {}
-    for i, block in enumerate(BLOCKS):
+    for i, block in enumerate(PYTHON_BLOCKS):
         try:
             exec(compile(block, f"README.md[python block {i}]", "exec"), scope)
         except Exception as e:  # pragma: no cover - the message is the point
             pytest.fail(f"README python block {i} failed: {e!r}\n{block}")
     out = capsys.readouterr().out
+    assert "(64, 64) (64, 64) (64, 64)" in out
+    assert "['a red square', 'make {image} blue', 'add a circle to {image1}', 'and a star']" in out
     assert "'put the hat in {image1} on the dog'" in out
     assert "[2, 0, 1]" in out
     assert "[(4, 8, 8), (4, 6, 6)]" in out
+
+
+def test_readme_infer_commands_run_as_written(tmp_path):
+    (block,) = [b for b in SHELL_BLOCKS if "outputs/tiny-pipeline" in b]
+    (tmp_path / "scripts").symlink_to(ROOT / "scripts")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "outputs" / "circle.png").size == (64, 64)
+    assert Image.open(tmp_path / "outputs" / "blue.png").size == (64, 64)
