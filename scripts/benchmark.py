@@ -2,7 +2,9 @@
 """Time ace's DiT next to the per-sample reference (ace.reference), same weights, same batch.
 
 For each config it first checks that both give the same prediction, then times the
-forward pass (no grad) and forward + backward, as medians over --repeats runs, and
+forward pass (no grad), forward + backward, and one classifier-free-guidance denoise
+step of one edit (ace: layout built once per sampling run, both halves in one call;
+reference: its per-sample forward), as medians over --repeats runs, and
 prints one table (or JSON with --json). Speeds are ratios measured side by side in the
 same process, so they compare fairly on a shared machine.
 
@@ -24,8 +26,13 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from ace.convert import official_dit_to_ace
+from ace.diffusion import apply_guidance
 from ace.models import PRESETS, ACETransformer
 from ace.reference import ReferenceDiT
+
+# forward (no grad), forward + backward, and one CFG denoise step (both halves + guidance)
+KINDS = ("forward", "fwd_bwd", "denoise")
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-len", type=int, default=32, help="text tokens per frame")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also time a whole tiny-pipeline edit (T5, VAE, 20 steps)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     for name in args.configs.split(","):
@@ -137,18 +149,72 @@ def bench_config(name: str, args) -> dict:
 
         return run
 
+    # one CFG denoise step of sample 0, as the pipeline runs it: the layout, RoPE and condition
+    # tokens are built once per sampling run, then both halves go through one call
+    frames, masks, texts, t, ind = inputs
+    cfg_frames, cfg_masks = [frames[0]] * 2, [masks[0]] * 2
+    cfg_texts = [
+        texts[0],
+        [texts[0][0].flip(0), *texts[0][1:]],
+    ]  # the negative replaces the current text
+    t2 = t[:1].repeat(2)
+    packed = ours.pack(
+        [[f.shape[-2:] for f in fs] for fs in cfg_frames],
+        [[x.shape[0] for x in ts] for ts in cfg_texts],
+    )
+    tokens, text = packed.pack_frames(cfg_frames, cfg_masks), packed.pack_texts(cfg_texts)
+
+    def denoise(model):
+        def run():
+            with torch.no_grad():
+                if isinstance(model, ACETransformer):
+                    c, u = packed.unpack_target(model(tokens, text, t2, packed, ind))
+                else:
+                    c, u = model(cfg_frames, cfg_masks, cfg_texts, t2, ind)
+                apply_guidance(c[None], u[None], 4.5, 0.5)
+
+        return run
+
     row = {
         "config": name,
         "params_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
         "tokens": args.batch * args.frames * (args.size // 16) ** 2,
         "rel_err": err,
     }
-    for kind, make in (("forward", forward), ("fwd_bwd", train_step)):
+    for kind, make in zip(KINDS, (forward, train_step, denoise)):
         ref_ms = median_ms(make(ref), device, args.repeats, args.warmup)
         ace_ms = median_ms(make(ours), device, args.repeats, args.warmup)
         row[f"{kind}_ref_ms"], row[f"{kind}_ace_ms"] = ref_ms, ace_ms
         row[f"{kind}_speedup"] = ref_ms / ace_ms
     return row
+
+
+def bench_pipeline(args) -> dict:
+    """A whole edit through ace.testing.tiny_pipeline: T5 once, VAE encode, 20 CFG steps, decode."""
+    from PIL import Image
+
+    from ace.testing import tiny_pipeline
+
+    pipe = tiny_pipeline().to(args.device)
+    image = Image.new("RGB", (args.size, args.size), (200, 30, 30))
+
+    def run():
+        pipe.set_progress_bar_config(disable=True)
+        pipe(
+            "make {image} blue",
+            images=[image],
+            num_inference_steps=20,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    ms = median_ms(run, torch.device(args.device), args.repeats, args.warmup)
+    return {
+        "config": "tiny pipeline edit",
+        "size": args.size,
+        "steps": 20,
+        "ms": ms,
+        "ms_per_step": ms / 20,
+    }
 
 
 def machine() -> str:
@@ -167,6 +233,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     diffusers_logging.set_verbosity_error()  # its to(dtype) warns even with nothing to keep in fp32
     rows = [bench_config(name, args) for name in args.configs.split(",")]
+    pipeline = bench_pipeline(args) if args.pipeline else None
     meta = {
         "machine": machine(),
         "torch": torch.__version__,
@@ -177,21 +244,26 @@ def main(argv=None) -> int:
         + " ".join(sys.argv[1:] if argv is None else argv),
     }
     if args.json:
-        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        print(json.dumps({"meta": meta, "rows": rows, "pipeline": pipeline}, indent=2))
         return 0
     print(
         f"# {meta['machine']} | torch {meta['torch']} | {args.device} {args.dtype} | {meta['batch']}"
     )
     head = f"{'config':<16}{'params':>8}{'tokens':>8}{'rel err':>10}"
-    head += "".join(f"{k + ' ref/ace ms':>26}{'speedup':>9}" for k in ("forward", "fwd+bwd"))
+    head += "".join(f"{k + ' ref/ace ms':>26}{'speedup':>9}" for k in KINDS)
     print(head)
     for r in rows:
         line = f"{r['config']:<16}{r['params_m']:>7}M{r['tokens']:>8}{r['rel_err']:>10.1e}"
-        for k in ("forward", "fwd_bwd"):
+        for k in KINDS:
             line += (
                 f"{r[f'{k}_ref_ms']:>14.1f} / {r[f'{k}_ace_ms']:<9.1f}{r[f'{k}_speedup']:>8.2f}x"
             )
         print(line)
+    if pipeline:
+        print(
+            f"{pipeline['config']} at {pipeline['size']} px, {pipeline['steps']} steps: "
+            f"{pipeline['ms']:.0f} ms ({pipeline['ms_per_step']:.1f} ms per step, T5 + VAE included)"
+        )
     return 0
 
 
