@@ -16,7 +16,7 @@ target); inside a frame its patch tokens row-major. Texts follow the same frame 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
@@ -49,6 +49,43 @@ class PackedBatch:
     target_sample: Tensor  # (T0,) long: sample of each target-frame token
     self_attn: SegmentLayout  # one segment per sample
     cross_attn: SegmentLayout  # one segment per frame: its tokens read its own text
+    _onehot: dict = field(default_factory=dict, repr=False)  # cached one-hot maps for _expand
+
+    # ----------------------------------------------------------------------------------
+    # per-sample / per-frame values to per-token rows, with a deterministic backward
+
+    def per_token(self, v: Tensor) -> Tensor:
+        """(B, ...) per-sample values -> (T, ...) one row per image token."""
+        return self._expand(v, self.token_sample, self.self_attn.q_lens, "token")
+
+    def per_target(self, v: Tensor) -> Tensor:
+        """(B, ...) per-sample values -> (T0, ...) one row per target token."""
+        lens = [
+            (s[0][0] // self.patch_size) * (s[0][1] // self.patch_size) for s in self.frame_sizes
+        ]
+        return self._expand(v, self.target_sample, lens, "target")
+
+    def indicator_rows(self, table: Tensor) -> tuple[Tensor, Tensor]:
+        """(K, d) indicator rows -> (T, d) per image token and (Tt, d) per text token."""
+        return (
+            self._expand(table, self.token_indicator, None, "token_indicator"),
+            self._expand(table, self.text_indicator, None, "text_indicator"),
+        )
+
+    def _expand(self, v: Tensor, index: Tensor, lens: list[int] | None, key: str) -> Tensor:
+        # Plain indexing v[index] would be right, but its backward scatter-adds many rows
+        # into few and is not bitwise reproducible across runs on CPU; a one-hot matmul
+        # (or a broadcast, when every segment has the same length) is.
+        if lens is not None and len(set(lens)) == 1:
+            n = lens[0]
+            return v[:, None].expand(v.shape[0], n, *v.shape[1:]).flatten(0, 1)  # (B*n, ...)
+        cache_key = (key, v.dtype, v.device)
+        if cache_key not in self._onehot:
+            self._onehot[cache_key] = torch.nn.functional.one_hot(index.long(), v.shape[0]).to(
+                v.device, v.dtype
+            )
+        onehot = self._onehot[cache_key]  # (rows, B or K)
+        return (onehot @ v.flatten(1)).unflatten(1, v.shape[1:])
 
     @property
     def num_samples(self) -> int:

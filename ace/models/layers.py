@@ -142,7 +142,7 @@ class ACEBlock(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, t0: Tensor, packed, backend: str) -> Tensor:
         # t0: (B, 6, d) per sample -> per token (T, d) each
-        mod = (self.scale_shift_table[None] + t0)[packed.token_sample]  # (T, 6, d)
+        mod = packed.per_token(self.scale_shift_table[None] + t0)  # (T, 6, d)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
         h = layer_norm(x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * self.attn(h, packed.rope_cos, packed.rope_sin, packed.self_attn, backend)

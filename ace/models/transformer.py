@@ -197,8 +197,9 @@ class ACETransformer(ModelMixin, ConfigMixin):
                     f"indicator table has {indicators.shape[0]} rows, the model expects {self.config.num_indicators}"
                 )
             ind = self.y_embedder(indicators.to(dtype))  # (K, d)
-            x = x + ind[packed.token_indicator]  # each frame gets its row ...
-            y = y + ind[packed.text_indicator]  # ... and so does its paired text
+            ind_x, ind_y = packed.indicator_rows(ind)  # (T, d), (Tt, d)
+            x = x + ind_x  # each frame gets its row ...
+            y = y + ind_y  # ... and so does its paired text
         t_emb = self.t_embedder(timesteps)  # (B, d)
         t0 = self.t_block(t_emb).unflatten(-1, (6, -1))  # (B, 6, d)
         backend = self.attention_backend
@@ -207,7 +208,7 @@ class ACETransformer(ModelMixin, ConfigMixin):
                 x = self._gradient_checkpointing_func(block, x, y, t0, packed, backend)
             else:
                 x = block(x, y, t0, packed, backend)
-        out = self.final_layer(x[packed.target_index], t_emb[packed.target_sample])  # (T0, p*p*out)
+        out = self.final_layer(x[packed.target_index], packed.per_target(t_emb))  # (T0, p*p*out)
         p2 = self.config.patch_size**2
         return out.unflatten(-1, (p2, -1))[..., : self.config.in_channels].flatten(1)  # (T0, p*p*C)
 
