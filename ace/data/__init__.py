@@ -1,0 +1,1 @@
+"""Data for ACE: the LCU dataset format (``manifest``) and the procedural toy world (``toy``)."""
