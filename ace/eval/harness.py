@@ -1,0 +1,369 @@
+"""The toy-world evaluation: a fixed held-out set, PSNR per task, two baselines, a contact sheet.
+
+    from ace.eval import contact_sheet, evaluate
+    from ace.testing import tiny_pipeline
+
+    report = evaluate(tiny_pipeline(), n=8, steps=2)
+    report.save("report.json")                      # {"tasks": ..., "overall": ..., "config": ...}
+    contact_sheet(report.rows, "report.png", labels=report.labels)
+
+Each sample of ``sample_stream(n, seed, split="eval")`` (seeds disjoint from every training
+split) runs through the pipeline on its LCU's current turn with its history. Against the
+exact target, per sample:
+
+- ``*_change``: PSNR over ``change_mask``, the pixels that should change;
+- ``*_keep``: PSNR over ``~change_mask``, the pixels that should stay. Where the whole image
+  should change (``change_mask`` all True: text-to-image, grayscale, ...) it is taken over the
+  whole image and the task is flagged ``keep_is_whole``.
+
+for the model (``psnr_*``) and two baselines on the same samples: ``copy_*`` (the output is
+the LCU's first input image, history first; mid-grey where there is none) and ``mean_*`` (the
+output is the mean of the task's other targets among the evaluated samples: leave one out,
+NaN for a task with one sample). A model that learned nothing
+scores about the copy baseline on ``keep`` and the mean baseline on ``change``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from ace.eval.metrics import psnr, to_float
+
+METRICS = ("psnr_change", "psnr_keep", "copy_change", "copy_keep", "mean_change", "mean_keep")
+"""The per-task metric keys of a report, in table order."""
+
+MAX_ROWS = 32
+"""Most samples shown in the contact sheet, taken round-robin over the tasks."""
+
+SEPARATOR = 2
+"""Pixels of dark line between and around the contact sheet's cells."""
+
+GREY = (128, 128, 128)
+"""Padding cells of the contact sheet and the copy baseline of a task with no input image."""
+
+_LINE = (24, 24, 24)
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvalReport:
+    """What ``evaluate`` measured. ``to_json`` / ``save`` write tasks, overall and config only."""
+
+    tasks: dict[str, dict]
+    """Per task: the ``METRICS`` (mean over samples, NaN ignored), ``n`` and ``keep_is_whole``
+    (True when some sample of the task had nothing to keep, so ``*_keep`` is over the whole
+    image for it)."""
+    overall: dict
+    """The mean over tasks of each metric, and ``n``, the number of samples."""
+    config: dict = field(default_factory=dict)
+    """How the set was drawn and sampled (suite, split, n, steps, seed, tasks, size, guidance)."""
+    samples: list[dict] = field(default_factory=list)
+    """Per sample: index, task and its metrics (not written to JSON)."""
+    rows: list[list[Image.Image]] = field(default_factory=list, repr=False)
+    """Contact-sheet rows: inputs (each masked image followed by its mask) | output | target."""
+    labels: list[str] = field(default_factory=list)
+    """One label per row: "index task"."""
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"tasks": {name: {metric: float, "n": int, ...}}, "overall": {...}, "config": {...}}``.
+
+        A metric with no defined value (every region empty) is written as null.
+        """
+        return {
+            "tasks": {name: _jsonable(m) for name, m in self.tasks.items()},
+            "overall": _jsonable(self.overall),
+            "config": dict(self.config),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``to_json()`` to ``path`` atomically (temp file + rename); returns the path."""
+        text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
+        return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _jsonable(metrics: dict) -> dict:
+    return {
+        k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in metrics.items()
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def check_tasks(tasks: str | Iterable[str] | None) -> list[str] | None:
+    """``None`` (all tasks) or a list of known toy task names; "a,b" is split on commas."""
+    if tasks is None:
+        return None
+    from ace.data.toy import TASKS
+
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    names = [t for t in names if t]
+    if not names:
+        raise ValueError("tasks: expected at least one task name")
+    known = list(TASKS)
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(known)}")
+    return names
+
+
+def evaluate(
+    pipe: Callable[..., Any],
+    n: int = 64,
+    steps: int = 20,
+    seed: int = 0,
+    tasks: str | Sequence[str] | None = None,
+    size: int = 64,
+    guidance_scale: float = 4.5,
+    guidance_rescale: float = 0.5,
+    progress: bool = True,
+    max_rows: int = MAX_ROWS,
+) -> EvalReport:
+    """Score ``pipe`` on ``n`` held-out toy samples; sample i uses generator seed ``seed + i``.
+
+    ``pipe`` is anything called like ``ACEPipeline`` that returns an object with ``.images``.
+    The set is materialised first (the mean baseline needs every target of a task).
+    """
+    from ace.data.toy import TASKS, sample_stream
+
+    names = check_tasks(tasks)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if size < 16 or size % 16:
+        raise ValueError(f"size must be a positive multiple of 16, got {size}")
+
+    samples = list(sample_stream(n, seed, split="eval", tasks=names, size=size))
+    task_of = [s.lcu.task for s in samples]
+    shown = set(_spread(task_of, max_rows))
+    records: list[dict] = []
+    targets: list[np.ndarray] = []
+    regions: list[np.ndarray] = []
+    rows, labels = [], []
+
+    bar = tqdm(samples, desc="evaluate", unit="sample", disable=not progress)
+    with _quiet(pipe):
+        for i, sample in enumerate(bar):
+            lcu = sample.lcu
+            target = _pixels(lcu.target)  # (H, W, 3)
+            hw = target.shape[:2]
+            region = np.asarray(sample.change_mask, dtype=bool)  # (H, W)
+            if region.shape != hw:
+                raise ValueError(f"sample {i}: change_mask {region.shape} != target (H, W) {hw}")
+            out = pipe(
+                lcu.current.instruction,
+                images=lcu.current.images,
+                masks=lcu.current.masks,
+                history=lcu.history,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                generator=torch.Generator().manual_seed(seed + i),
+                task=lcu.task,
+            ).images[0]
+            output = _pixels(out, hw)
+            copy = _pixels(lcu.images[0], hw) if lcu.images else np.full((*hw, 3), 128 / 255)
+            records.append(
+                {
+                    "index": i,
+                    "task": lcu.task,
+                    **_scores("psnr", output, target, region),
+                    **_scores("copy", copy, target, region),
+                    "keep_is_whole": bool(region.all()),
+                }
+            )
+            targets.append(target)
+            regions.append(region)
+            if i in shown:
+                inputs = []
+                for image, mask in zip(lcu.images, lcu.masks):
+                    inputs += [_to_pil(image)] + ([_to_pil(mask)] if mask is not None else [])
+                rows.append([*inputs, _to_pil(out), _to_pil(lcu.target)])
+                labels.append(f"{i} {lcu.task}")
+
+    # the mean baseline: each sample against the mean of its task's OTHER targets (leave one
+    # out: a sample's own target in the mean would flatter it, and with one sample be it)
+    order = [t for t in TASKS if t in task_of] + sorted(set(task_of) - set(TASKS))
+    for task in order:
+        idx = [i for i, t in enumerate(task_of) if t == task]
+        total = np.sum([targets[i] for i in idx], axis=0)  # (H, W, 3)
+        for i in idx:
+            if len(idx) == 1:
+                records[i].update({"mean_change": float("nan"), "mean_keep": float("nan")})
+                continue
+            mean = (total - targets[i]) / (len(idx) - 1)
+            records[i].update(_scores("mean", mean, targets[i], regions[i]))
+
+    per_task = {}
+    for task in order:
+        recs = [r for r in records if r["task"] == task]
+        per_task[task] = {k: _nanmean([r[k] for r in recs]) for k in METRICS}
+        per_task[task]["n"] = len(recs)
+        per_task[task]["keep_is_whole"] = any(r["keep_is_whole"] for r in recs)
+    overall: dict[str, Any] = {k: _nanmean([m[k] for m in per_task.values()]) for k in METRICS}
+    overall["n"] = len(records)
+    config = {
+        "suite": "toy",
+        "split": "eval",
+        "n": n,
+        "steps": steps,
+        "seed": seed,
+        "tasks": names,
+        "size": size,
+        "guidance_scale": guidance_scale,
+        "guidance_rescale": guidance_rescale,
+    }
+    return EvalReport(per_task, overall, config, records, rows, labels)
+
+
+def _scores(prefix: str, output: np.ndarray, target: np.ndarray, region: np.ndarray) -> dict:
+    """``{prefix}_change`` over ``region``, ``{prefix}_keep`` over its complement (or all)."""
+    keep = None if region.all() else ~region
+    return {
+        f"{prefix}_change": psnr(output, target, region),
+        f"{prefix}_keep": psnr(output, target, keep),
+    }
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _spread(task_of: Sequence[str], cap: int) -> list[int]:
+    """Up to ``cap`` sample indices, round-robin over the tasks in order of appearance."""
+    queues: dict[str, list[int]] = {}
+    for i, t in enumerate(task_of):
+        queues.setdefault(t, []).append(i)
+    picked: list[int] = []
+    while len(picked) < min(cap, len(task_of)):
+        for q in queues.values():
+            if q and len(picked) < cap:
+                picked.append(q.pop(0))
+    return sorted(picked)
+
+
+def _pixels(image: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An RGB image (PIL, float tensor (3, H, W) or array) as float (H, W, 3) in [0, 1],
+    resized (bicubic) to ``size`` = (H, W) when given and different."""
+    if isinstance(image, torch.Tensor) or (isinstance(image, np.ndarray) and size is not None):
+        image = _to_pil(image)
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        if size is not None and (image.height, image.width) != size:
+            image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return to_float(image)
+
+
+def _to_pil(image: Any) -> Image.Image:
+    """PIL as is; a float tensor (3, H, W) / (1, H, W) / (H, W) or array in [0, 1] -> PIL."""
+    if isinstance(image, Image.Image):
+        return image
+    a = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else image
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if a.dtype != np.uint8:
+        a = (np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a)
+
+
+@contextmanager
+def _quiet(pipe: Any):
+    """Silence the pipeline's per-call progress bar (ours counts samples); restore it after."""
+    if not hasattr(pipe, "set_progress_bar_config"):
+        yield
+        return
+    old = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**old, "disable": True})
+    try:
+        yield
+    finally:
+        pipe.set_progress_bar_config(**old)
+
+
+# ---------------------------------------------------------------------------
+# Contact sheet
+# ---------------------------------------------------------------------------
+
+
+def contact_sheet(
+    rows: list[list[Image.Image]],
+    path: str | os.PathLike,
+    cell: int = 64,
+    labels: Sequence[str] | None = None,
+    tail: int = 2,
+) -> Path:
+    """Write a PNG grid, one row per sample, atomically; returns the path.
+
+    Every image is scaled to ``cell`` x ``cell``. The last ``tail`` images of each row (output,
+    target) line up in the last columns; shorter rows are padded with grey cells before them.
+    Cells are framed by ``SEPARATOR`` px of dark line; ``labels`` go in a column on the left.
+    The height is ``len(rows) * cell + (len(rows) + 1) * SEPARATOR``.
+    """
+    if not rows or any(len(r) < tail for r in rows):
+        raise ValueError(f"contact_sheet: need at least one row, each of >= {tail} images")
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"contact_sheet: {len(labels)} labels for {len(rows)} rows")
+    lead = max(len(r) for r in rows) - tail
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 8 + max(int(probe.textlength(s, font=font)) for s in labels) if labels else 0
+    step = cell + SEPARATOR
+    width = label_w + (lead + tail) * step + SEPARATOR
+    sheet = Image.new("RGB", (width, len(rows) * step + SEPARATOR), _LINE)
+    draw = ImageDraw.Draw(sheet)
+    grey = Image.new("RGB", (cell, cell), GREY)
+    for r, row in enumerate(rows):
+        cells = [*row[:-tail], *[grey] * (lead - (len(row) - tail)), *row[-tail:]]
+        y = SEPARATOR + r * step
+        for c, im in enumerate(cells):
+            sheet.paste(_cell(im, cell), (label_w + SEPARATOR + c * step, y))
+        if labels:
+            draw.text((4, y + 2), labels[r], fill=(230, 230, 230), font=font)
+    return _atomic_write(Path(path), lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+def _cell(image: Image.Image, cell: int) -> Image.Image:
+    image = image.convert("RGB")
+    if image.size == (cell, cell):
+        return image
+    up = image.width <= cell and image.height <= cell
+    return image.resize((cell, cell), Image.Resampling.NEAREST if up else Image.Resampling.BOX)

@@ -1,0 +1,61 @@
+"""Image metrics for the toy-world evaluation: PSNR over a region.
+
+Images are arrays shaped (H, W, C) or (H, W): floats in [0, 1] or uint8 in [0, 255]
+(uint8 is divided by 255). A region is a bool array (H, W); True marks the pixels
+that count, over every channel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+PSNR_CAP = 100.0
+"""PSNR of identical images (and the most any pair scores): inf does not fit in JSON."""
+
+
+def to_float(image: np.ndarray | Image.Image) -> np.ndarray:
+    """An image as float64 in [0, 1]: PIL images are read as RGB, uint8 is divided by 255."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        return a.astype(np.float64) / 255.0
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"expected a float array in [0, 1] or uint8, got dtype {a.dtype}")
+    return a.astype(np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio in dB between ``a`` and ``b`` (peak 1.0).
+
+    ``10 * log10(1 / MSE)``, the MSE taken over the pixels where ``region`` (H, W) is
+    True and over all channels; all pixels when ``region`` is None. Identical pixels
+    give ``PSNR_CAP`` (100 dB) instead of inf; an empty region gives ``nan`` (there is
+    nothing to measure, and callers average with ``nanmean``). A shape mismatch, of the
+    two images or of the region against their (H, W), raises ValueError.
+
+    >>> a = np.zeros((4, 4, 3)); psnr(a, a + 0.1)  # uniform error 0.1: MSE 0.01
+    20.0
+    """
+    a, b = to_float(a), to_float(b)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: image shapes differ: {a.shape} vs {b.shape}")
+    if a.ndim not in (2, 3):
+        raise ValueError(f"psnr: expected images shaped (H, W) or (H, W, C), got {a.shape}")
+    err = (a - b) ** 2  # (H, W[, C])
+    if region is not None:
+        region = np.asarray(region)
+        if region.shape != a.shape[:2]:
+            raise ValueError(
+                f"psnr: region shape {region.shape} differs from the images' (H, W) {a.shape[:2]}"
+            )
+        err = err[region.astype(bool)]  # (N[, C]) the pixels inside the region
+    if err.size == 0:
+        return float("nan")
+    mse = float(err.mean())
+    if mse == 0.0:
+        return PSNR_CAP
+    return min(PSNR_CAP, 10.0 * math.log10(1.0 / mse))

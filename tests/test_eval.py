@@ -1,0 +1,298 @@
+"""ace.eval: PSNR against hand-computed values, the baselines on constructed cases, the
+contact sheet, and scripts/evaluate.py end to end on the tiny pipeline and the toy world."""
+
+import json
+import math
+import runpy
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ace.eval import METRICS, PSNR_CAP, EvalReport, contact_sheet, evaluate, psnr
+from ace.eval.harness import SEPARATOR
+from ace.lcu import LCU, ConditionUnit
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "evaluate.py"
+HAVE_TOY = (ROOT / "ace" / "data" / "toy.py").is_file()
+
+# ---------------------------------------------------------------------------------- psnr
+
+
+def test_psnr_hand_computed():
+    a = np.zeros((4, 4, 3))
+    assert psnr(a, a + 0.1) == pytest.approx(20.0)  # MSE 0.01
+    assert psnr(a, a + 0.5) == pytest.approx(10 * math.log10(4))  # MSE 0.25: 6.02 dB
+    # uint8 is divided by 255: an error of 51 is 0.2, MSE 0.04
+    z = np.zeros((2, 3, 3), np.uint8)
+    assert psnr(z, z + 51) == pytest.approx(10 * math.log10(25))
+    assert psnr(z, (z + 51) / 255.0) == pytest.approx(10 * math.log10(25))
+
+
+def test_psnr_over_a_region():
+    a = np.zeros((4, 4, 3))
+    b = np.full((4, 4, 3), 0.5)
+    b[:2, :2] = 0.1  # error 0.1 on the 4 top-left pixels, 0.5 on the other 12
+    region = np.zeros((4, 4), bool)
+    region[:2, :2] = True
+    assert psnr(a, b, region) == pytest.approx(20.0)
+    assert psnr(a, b, ~region) == pytest.approx(10 * math.log10(1 / 0.25))
+    whole = (4 * 0.01 + 12 * 0.25) / 16  # the mean over every pixel
+    assert psnr(a, b) == pytest.approx(10 * math.log10(1 / whole))
+    assert psnr(a, b, np.ones((4, 4), bool)) == psnr(a, b)
+    # grayscale images work too
+    assert psnr(a[..., 0], b[..., 0], region) == pytest.approx(20.0)
+
+
+def test_psnr_cap_nan_and_errors():
+    a = np.random.default_rng(0).random((8, 8, 3))
+    assert psnr(a, a) == PSNR_CAP == 100.0
+    assert psnr(a, a + 1e-9) == PSNR_CAP  # 180 dB, capped
+    assert math.isnan(psnr(a, a + 0.1, np.zeros((8, 8), bool)))
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(a, a[:4])
+    with pytest.raises(ValueError, match="region shape"):
+        psnr(a, a, np.ones((4, 8), bool))
+
+
+# ---------------------------------------------------------------------- constructed cases
+
+
+@dataclass
+class FakeSample:
+    lcu: LCU
+    change_mask: np.ndarray
+
+
+class EchoPipe:
+    """Returns the current turn's first input image unchanged (black without inputs)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, instruction, images=None, masks=None, history=None, **kwargs):
+        self.calls.append({"instruction": instruction, "images": images, "history": history, **kwargs})  # fmt: skip
+        size = (kwargs["width"], kwargs["height"])
+        return types.SimpleNamespace(images=[images[0] if images else Image.new("RGB", size)])
+
+
+def rgb(a: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
+
+
+def scene(seed: int, size: int = 16) -> np.ndarray:
+    return np.round(np.random.default_rng(seed).random((size, size, 3)) * 255) / 255
+
+
+def constructed_samples(size: int = 16) -> list[FakeSample]:
+    """keep: a square of the input changes; full: the whole input inverts; t2i: no input;
+    empty: nothing should change (the change region is empty)."""
+    out = []
+    for k in range(2):
+        x = scene(k, size)
+        y = x.copy()
+        y[4:8, 4:8] = 1 - y[4:8, 4:8]
+        m = np.zeros((size, size), bool)
+        m[4:8, 4:8] = True
+        lcu = LCU(ConditionUnit("edit {image}", [rgb(x)]), target=rgb(y), task="keep")
+        out.append(FakeSample(lcu, m))
+    for k in range(2):
+        x = scene(10 + k, size)
+        lcu = LCU(ConditionUnit("invert {image}", [rgb(x)]), target=rgb(1 - x), task="full")
+        out.append(FakeSample(lcu, np.ones((size, size), bool)))
+    for k in range(3):
+        lcu = LCU(ConditionUnit("a scene"), target=rgb(scene(20 + k, size)), task="t2i")
+        out.append(FakeSample(lcu, np.ones((size, size), bool)))
+    # a two-turn LCU: copy takes the history's image, the pipe echoes the current one
+    x, x2 = scene(30, size), scene(31, size)
+    lcu = LCU(
+        ConditionUnit("again {image}", [rgb(x2)]),
+        history=[ConditionUnit("edit {image}", [rgb(x)])],
+        target=rgb(x),
+        task="empty",
+    )
+    out.append(FakeSample(lcu, np.zeros((size, size), bool)))
+    return out
+
+
+@pytest.fixture
+def fake_toy(monkeypatch):
+    """Stand in for ace.data.toy with the constructed samples."""
+    samples = constructed_samples()
+    module = types.ModuleType("ace.data.toy")
+    module.TASKS = ("t2i", "keep", "full", "empty")
+    seen = {}
+
+    def sample_stream(n, seed, split="train", tasks=None, weights=None, size=64):
+        seen.update(n=n, seed=seed, split=split, tasks=tasks, size=size)
+        picked = [s for s in samples if tasks is None or s.lcu.task in tasks]
+        return iter(picked[:n])
+
+    module.sample_stream = sample_stream
+    monkeypatch.setitem(sys.modules, "ace.data.toy", module)
+    return types.SimpleNamespace(samples=samples, seen=seen)
+
+
+def test_baselines_on_constructed_cases(fake_toy):
+    pipe = EchoPipe()
+    report = evaluate(pipe, n=100, steps=3, seed=7, size=16, progress=False)
+    assert fake_toy.seen == {"n": 100, "seed": 7, "split": "eval", "tasks": None, "size": 16}
+    assert list(report.tasks) == ["t2i", "keep", "full", "empty"]  # the order of TASKS
+    # the pipe got the current turn, the history, the size and a seed per sample
+    assert [c["generator"].initial_seed() for c in pipe.calls] == [7 + i for i in range(8)]
+    assert all(c["height"] == c["width"] == 16 and c["num_inference_steps"] == 3 for c in pipe.calls)  # fmt: skip
+    assert pipe.calls[-1]["instruction"] == "again {image}" and len(pipe.calls[-1]["history"]) == 1
+    assert [c["task"] for c in pipe.calls] == [s.lcu.task for s in fake_toy.samples]
+
+    keep, full, t2i, empty = (report.tasks[t] for t in ("keep", "full", "t2i", "empty"))
+    # identity-like: copy == output, perfect where nothing should change, bad where it should
+    assert keep["copy_keep"] == keep["psnr_keep"] == 100.0
+    assert keep["copy_change"] == keep["psnr_change"] < 10.0
+    assert keep["n"] == 2 and keep["keep_is_whole"] is False
+    # a full change: copy scores badly everywhere, keep is the whole image and flagged
+    assert full["copy_change"] == full["copy_keep"] < 10.0 and full["keep_is_whole"] is True
+    # no input image: copy is mid-grey
+    targets = [np.asarray(s.lcu.target) / 255 for s in fake_toy.samples[4:7]]
+    grey = np.full_like(targets[0], 128 / 255)
+    assert t2i["copy_change"] == pytest.approx(np.mean([psnr(grey, t) for t in targets]))
+    # the mean baseline: each target against the per-pixel mean of the task's OTHER targets
+    loo = [
+        np.mean([u for j, u in enumerate(targets) if j != i], axis=0) for i in range(len(targets))
+    ]
+    assert t2i["mean_change"] == pytest.approx(np.mean([psnr(m, t) for m, t in zip(loo, targets)]))
+    assert t2i["mean_keep"] == t2i["mean_change"]
+    assert np.isfinite(t2i["mean_change"]) and t2i["mean_change"] < 100.0
+    a, b = (np.asarray(s.lcu.target) / 255 for s in fake_toy.samples[2:4])
+    assert full["mean_change"] == pytest.approx(
+        (psnr(b, a) + psnr(a, b)) / 2
+    )  # each against the other
+    # a task with one sample has no other target to average: no mean baseline
+    assert math.isnan(empty["mean_keep"])
+    # copy takes the first image of the LCU, history first (the target here), unlike the echo
+    assert empty["copy_keep"] == 100.0 and empty["psnr_keep"] < 100.0
+    assert math.isnan(empty["psnr_change"])  # nothing should change: no region
+
+    # overall: the mean over tasks, NaN ignored
+    for k in METRICS:
+        vals = [m[k] for m in report.tasks.values() if not math.isnan(m[k])]
+        assert report.overall[k] == pytest.approx(np.mean(vals))
+    assert report.overall["n"] == 8
+
+
+def test_report_json_and_save(fake_toy, tmp_path):
+    report = evaluate(EchoPipe(), n=8, steps=1, size=16, tasks="keep,empty", progress=False)
+    assert fake_toy.seen["tasks"] == ["keep", "empty"]
+    data = report.to_json()
+    assert set(data) == {"tasks", "overall", "config"}
+    assert set(data["tasks"]) == {"keep", "empty"}
+    for m in data["tasks"].values():
+        assert set(m) == {*METRICS, "n", "keep_is_whole"}
+        assert isinstance(m["n"], int)
+    assert data["tasks"]["empty"]["psnr_change"] is None  # NaN -> null: strict JSON
+    assert data["config"]["tasks"] == ["keep", "empty"] and data["config"]["split"] == "eval"
+    path = report.save(tmp_path / "sub" / "report.json")
+    assert json.loads(path.read_text()) == data
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temp file left
+
+
+def test_bad_arguments(fake_toy):
+    for kwargs, match in [
+        ({"tasks": "keep,nonsense"}, "unknown task.*nonsense"),
+        ({"n": 0}, "n must be"),
+        ({"size": 20}, "size must be"),
+        ({"steps": 0}, "steps must be"),
+        ({"seed": -1}, "seed must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            evaluate(EchoPipe(), progress=False, **kwargs)
+
+
+def test_contact_sheet_rows_and_padding(fake_toy, tmp_path):
+    report = evaluate(EchoPipe(), size=16, progress=False, max_rows=5)
+    # 5 rows, round-robin over the 4 tasks, in sample order
+    assert [label.split()[1] for label in report.labels] == ["keep", "keep", "full", "t2i", "empty"]  # fmt: skip
+    assert [len(r) for r in report.rows] == [3, 3, 3, 2, 4]  # inputs | output | target
+    cell = 16
+    path = contact_sheet(report.rows, tmp_path / "sheet.png", cell=cell)
+    sheet = np.asarray(Image.open(path))
+    step = cell + SEPARATOR
+    assert sheet.shape == (5 * step + SEPARATOR, 4 * step + SEPARATOR, 3)
+    # t2i (row 3) has no inputs: two grey cells, then output (black) and target
+    y = SEPARATOR + 3 * step
+    for c in range(2):
+        x = SEPARATOR + c * step
+        assert (sheet[y : y + cell, x : x + cell] == 128).all()
+    x = SEPARATOR + 3 * step
+    assert np.array_equal(sheet[y : y + cell, x : x + cell], np.asarray(report.rows[3][-1]))
+    # labels go in a column on the left; the height is unchanged
+    labelled = Image.open(contact_sheet(report.rows, tmp_path / "l.png", cell, report.labels))
+    assert labelled.height == sheet.shape[0] and labelled.width > sheet.shape[1]
+    with pytest.raises(ValueError):
+        contact_sheet([], tmp_path / "none.png")
+
+
+def test_report_is_plain_data():
+    r = EvalReport({"a": {"psnr_change": float("nan"), "n": 1}}, {"n": 1})
+    assert r.to_json() == {"tasks": {"a": {"psnr_change": None, "n": 1}}, "overall": {"n": 1}, "config": {}}  # fmt: skip
+
+
+# ------------------------------------------------------------------------ scripts/evaluate.py
+
+
+def script(argv, capsys):
+    """Run scripts/evaluate.py as __main__; return (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = [str(SCRIPT), *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--pipeline", "tiny", "--suite", "coco"], "unknown suite 'coco'"),
+        (["--pipeline", "tiny", "--suite", "toy", "--n", "0"], "--n must be >= 1"),
+        (["--pipeline", "no/such/dir", "--suite", "toy"], "not an ACEPipeline directory"),
+        (["--pipeline", "tiny", "--suite", "toy", "--n", "x"], "invalid int value"),
+        (["--pipeline", "tiny", "--suite", "toy", "--tasks", "nonsense"], "unknown task"),
+    ],
+)
+def test_script_bad_input(args, match, tmp_path, capsys, monkeypatch):
+    if not HAVE_TOY and "--tasks" in args:
+        pytest.skip("ace/data/toy.py is not there yet")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = script([*args, "--out", "tmp/report.json"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("evaluate.py: error: ") and err.count("\n") == 1 and match in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.skipif(not HAVE_TOY, reason="ace/data/toy.py is not there yet")
+def test_script_end_to_end_on_tiny(tmp_path, capsys, monkeypatch):
+    from ace.data.toy import sample_stream
+
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = script(["--pipeline", "tiny", "--suite", "toy", "--n", 6, "--steps", 2, "--quiet", "--out", "tmp/report.json"], capsys)  # fmt: skip
+    assert code == 0, out
+    data = json.loads((tmp_path / "tmp" / "report.json").read_text())
+    expected = {s.lcu.task for s in sample_stream(6, 0, split="eval", size=64)}
+    assert set(data["tasks"]) == expected
+    for name, m in data["tasks"].items():
+        assert set(m) == {*METRICS, "n", "keep_is_whole"} and m["n"] >= 1
+        assert name in out  # the table names every task
+        assert m["copy_keep"] is None or m["copy_keep"] > 0
+    assert sum(m["n"] for m in data["tasks"].values()) == data["overall"]["n"] == 6
+    assert data["config"]["pipeline"] == "tiny" and data["config"]["steps"] == 2
+    sheet = Image.open(tmp_path / "tmp" / "report.png")
+    assert sheet.height == 6 * (64 + SEPARATOR) + SEPARATOR  # one row per sample
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["report.json", "report.png"]
