@@ -33,6 +33,19 @@ def test_readme_python_examples_run_in_order(capsys):
     assert "'put the hat in {image1} on the dog'" in out
     assert "[2, 0, 1]" in out
     assert "[(4, 8, 8), (4, 6, 6)]" in out
+    assert "16 recolor " in out
+    assert "(64, 64) True" in out
+
+
+def test_readme_toy_data_and_evaluation_commands_run_as_written(tmp_path):
+    (block,) = [b for b in SHELL_BLOCKS if "make_toy_data.py" in b]
+    (tmp_path / "scripts").symlink_to(ROOT / "scripts")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "200 LCUs, all valid" in result.stdout
+    assert (tmp_path / "outputs" / "eval" / "report.json").is_file()
+    assert (tmp_path / "outputs" / "eval" / "report.png").is_file()
 
 
 def test_readme_infer_commands_run_as_written(tmp_path):
