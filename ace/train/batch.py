@@ -1,0 +1,101 @@
+"""From a list of training LCUs to one packed batch: the frozen encoders' part of a step.
+
+Shapes: B samples, T image tokens, T0 target tokens, Tt text tokens, C latent channels,
+p patch size, D = p*p*C values per target token.
+
+Every random choice of a step (condition dropout, VAE posterior samples) comes from
+the ``generator`` the trainer seeds with (seed, step, rank), so a resumed run draws
+exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ace.conditioning import ConditionTokenizer, downsample_mask, preprocess_image, preprocess_mask
+from ace.lcu import LCU
+from ace.packing import PackedBatch
+from ace.pipeline import prepare_lcu
+
+
+@dataclass
+class TrainBatch:
+    packed: PackedBatch
+    tokens: Tensor  # (T, (C+1)*p*p) patch tokens; the target frames' rows are overwritten per step
+    text: Tensor  # (Tt, E)
+    x0: Tensor  # (T0, D) clean target latents, ordered (row in patch, column in patch, channel)
+    target_mask: Tensor  # (T0, p*p) the target frame's mask values per token
+    num_samples: int
+    num_tokens: int  # image tokens of the batch, all frames (for throughput)
+
+
+def encode_batch(
+    lcus: list[LCU],
+    conditioner: ConditionTokenizer,
+    model,
+    max_seq_len: int,
+    cond_dropout: float,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> TrainBatch:
+    """Preprocess, encode (T5 once for every instruction of the batch, the VAE once per
+    image size) and pack a list of LCUs that each carry a target."""
+    frames, masks, texts, all_prompts, prompt_index = [], [], [], [], []
+    for i, lcu in enumerate(lcus):
+        if lcu.target is None:
+            raise ValueError(f"training LCU {i} has no target")
+        target = preprocess_image(lcu.target, max_seq_len)  # (3, H, W)
+        size = tuple(target.shape[1:])
+        prepared = prepare_lcu(lcu, max_seq_len, size)
+        tmask = (
+            preprocess_mask(lcu.target_mask, size)
+            if lcu.target_mask is not None
+            else prepared.target_mask
+        )
+        turns = lcu.instructions()
+        if torch.rand((), generator=generator).item() < cond_dropout:
+            turns = [
+                *turns[:-1],
+                "",
+            ]  # drop the current instruction, as the unconditional half sees it
+        offset = len(all_prompts)
+        all_prompts.extend(turns)
+        prompt_index.append([offset + t for t in lcu.frame_turns()])
+        frames.append([target, *prepared.images])
+        masks.append([tmask, *prepared.masks])
+    states = conditioner.encode_text(all_prompts)
+    texts = [[states[j].to(device) for j in idx] for idx in prompt_index]
+    flat = [x for fs in frames for x in fs]
+    latents = iter(conditioner.encode_images(flat, generator=generator))
+    lat = [[next(latents).to(device, dtype) for _ in fs] for fs in frames]
+    lmasks = [[downsample_mask(m).to(device, dtype) for m in ms] for ms in masks]
+    packed = model.pack(
+        [[tuple(x.shape[-2:]) for x in fs] for fs in lat],
+        [[t.shape[0] for t in ts] for ts in texts],
+    )
+    tokens = packed.pack_frames(lat, lmasks)
+    p = model.config.patch_size
+    x0 = torch.cat(
+        [rearrange(fs[0].float(), "c (h p) (w q) -> (h w) (p q c)", p=p, q=p) for fs in lat]
+    )
+    tmask = torch.cat(
+        [rearrange(ms[0], "c (h p) (w q) -> (h w) (c p q)", p=p, q=p) for ms in lmasks]
+    )
+    return TrainBatch(
+        packed, tokens, packed.pack_texts(texts), x0, tmask, len(lcus), packed.num_tokens
+    )
+
+
+def noisy_tokens(batch: TrainBatch, x_t: Tensor, patch_size: int) -> Tensor:
+    """Write noisy target latents (T0, D) into the batch's patch tokens (input layout)."""
+    p = patch_size
+    x_in = rearrange(x_t, "n (p q c) -> n c (p q)", p=p, q=p)  # (T0, C, p*p)
+    x_in = torch.cat([x_in.to(batch.tokens.dtype), batch.target_mask[:, None]], dim=1).flatten(
+        1
+    )  # (T0, (C+1)*p*p)
+    return batch.tokens.index_copy(0, batch.packed.target_index, x_in)

@@ -1,0 +1,164 @@
+"""Training configuration: dataclasses are the schema, YAML files and ``key=value`` override.
+
+    cfg = load_config("configs/toy.yaml", ["train.max_steps=8", "optim.lr=1e-4"])
+
+Unknown keys and wrong types are errors that name the key (OmegaConf structured
+configs), raised as ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """ACETransformer preset: "tiny", "ace-0.6b-512", "ace-0.6b-1024"."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ACETransformer arguments over the preset, e.g. {depth: 4}."""
+    pretrained: str | None = None
+    """An ACEPipeline directory to start from (all components, e.g. converted released weights)."""
+    text_encoder: str = "tiny"
+    """"tiny" (random, offline, for tests and the toy demo) or a local T5 directory."""
+    vae: str = "tiny"
+    """"tiny" (random), or a local diffusers AutoencoderKL directory."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    attention_backend: str = "auto"
+    """auto, sdpa, varlen, flex or dense."""
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "ddpm-eps"
+    """ddpm-eps (released) or rectified-flow."""
+    shift: float = 1.0
+    """Rectified flow: timestep shift (SD3); larger = noisier."""
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""
+    """A JSONL manifest (docs/DATA.md) or its directory."""
+    toy_n: int = 0
+    """If > 0 and the manifest is absent: generate this many toy LCUs there first."""
+    toy_seed: int = 0
+    """Seed of the generated toy split."""
+    toy_size: int = 64
+    """Side of the generated toy images."""
+    batch_size: int = 8
+    """LCUs per batch and process."""
+    max_seq_len: int | None = None
+    """Token budget per image (released: 1024 at 512 px); default: the model's rope_max_len."""
+    cond_dropout: float = 0.1
+    """Probability of replacing the current instruction with "" (for classifier-free guidance)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """AdamW learning rate (released: 1e-5)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-10
+    """AdamW eps (released: 1e-10)."""
+    weight_decay: float = 5e-4
+    """AdamW weight decay (released: 5e-4)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then constant."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 = off)."""
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    """Keep an exponential moving average; the exported weights are then the EMA weights."""
+    decay: float = 0.9999
+    """EMA decay."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps."""
+    output_dir: str = "outputs/run"
+    """Where checkpoints, metrics.jsonl and pipeline/ go."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N steps (and at the end)."""
+    keep_last: int = 3
+    """Keep the last K checkpoints."""
+    resume: str | None = None
+    """A checkpoint directory, or "latest" in output_dir."""
+    seed: int = 0
+    """Seed for weights, data order and noise."""
+    mixed_precision: str = "no"
+    """no, bf16 or fp16."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    log_every: int = 1
+    """Write a metrics.jsonl row every N steps."""
+    max_nonfinite: int = 5
+    """Stop after this many non-finite losses in a row (each one skips its step)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """The defaults, then the YAML file, then ``key=value`` overrides; unknown keys are errors."""
+    try:
+        cfg = OmegaConf.structured(Config)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ValueError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must look like key=value, got {bad}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        out = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ValueError(
+            f"bad config: {str(e).splitlines()[0]} (key: {getattr(e, 'full_key', '?')})"
+        ) from e
+    _check(out)
+    return out
+
+
+def _check(cfg: Config) -> None:
+    t, d = cfg.train, cfg.data
+    for name, value in (
+        ("train.max_steps", t.max_steps),
+        ("data.batch_size", d.batch_size),
+        ("train.grad_accum", t.grad_accum),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(
+            f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}"
+        )
+    if not 0 <= d.cond_dropout < 1:
+        raise ValueError(f"data.cond_dropout must be in [0, 1), got {d.cond_dropout}")
+    if not d.manifest:
+        raise ValueError("data.manifest is required (a JSONL manifest or its directory)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

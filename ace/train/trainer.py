@@ -1,0 +1,340 @@
+"""A thin trainer on accelerate: the same code on one CPU or many GPUs.
+
+    from ace.train import Trainer, load_config
+    Trainer(load_config("configs/toy.yaml", ["train.max_steps=8"])).train()
+
+Per step: take this rank's slice of the global batch, encode it with the frozen T5 and
+VAE, pack it, and let the objective draw timesteps and noise (``ace.diffusion``). All
+randomness of step s comes from a generator seeded with (seed, s, rank), and the data
+order from (seed, epoch), so resuming from a checkpoint replays exactly what an
+uninterrupted run would have done.
+
+Writes OUTPUT/metrics.jsonl, OUTPUT/checkpoint-STEP/ (accelerate state: model,
+optimizer, LR schedule, EMA, RNG; renamed into place only when complete) and, at the
+end, OUTPUT/pipeline/ (an ACEPipeline; EMA weights when EMA is on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ace.conditioning import ConditionTokenizer
+from ace.diffusion import make_objective
+from ace.train.batch import encode_batch, noisy_tokens
+from ace.train.config import Config, to_dict
+from ace.train.data import build_dataset, global_batch_indices
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of everything random in one step of one rank: a pure function of the three."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def build_components(cfg: Config):
+    """(tokenizer, text_encoder, vae, transformer) from the model config."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from ace import testing
+    from ace.models import ACETransformer
+
+    m = cfg.model
+    if m.pretrained:
+        from ace.pipeline import ACEPipeline
+
+        pipe = ACEPipeline.from_pretrained(m.pretrained)
+        return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer
+    if m.text_encoder == "tiny":
+        tokenizer, text_encoder = testing.tiny_text_encoder()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(m.text_encoder, local_files_only=True)
+        text_encoder = T5EncoderModel.from_pretrained(m.text_encoder, local_files_only=True)
+    vae = (
+        testing.tiny_vae()
+        if m.vae == "tiny"
+        else AutoencoderKL.from_pretrained(m.vae, local_files_only=True)
+    )
+    overrides = {"text_dim": text_encoder.config.d_model, **m.overrides}
+    return tokenizer, text_encoder, vae, ACETransformer.from_preset(m.preset, **overrides)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        t = cfg.train
+        cpu = not torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum
+        )
+        set_seed(t.seed)
+        self.out = Path(t.output_dir)
+        self.dataset = build_dataset(cfg.data, self.accelerator)
+        tokenizer, text_encoder, vae, transformer = build_components(cfg)
+        self.tokenizer = tokenizer
+        device = self.accelerator.device
+        self.conditioner = ConditionTokenizer(tokenizer, text_encoder.to(device), vae.to(device))
+        self.objective = make_objective(
+            cfg.objective.name,
+            **({"shift": cfg.objective.shift} if cfg.objective.name == "rectified-flow" else {}),
+        )
+        transformer.set_attention_backend(cfg.model.attention_backend)
+        if cfg.model.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(
+            transformer.parameters(),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+        )
+        warmup = max(o.warmup_steps, 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1))
+        )
+        self.model, self.optimizer, self.schedule = self.accelerator.prepare(
+            transformer, optimizer, schedule
+        )
+        self.ema = None
+        if cfg.ema.enabled:
+            self.ema = EMAModel(self.unwrapped.parameters(), decay=cfg.ema.decay)
+            self.ema.to(device)
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.step = 0
+        self.nonfinite = 0
+        self.skipped_samples = 0
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------------ one step
+
+    def forward_loss(self, step: int) -> tuple[torch.Tensor, int, int]:
+        cfg, acc = self.cfg, self.accelerator
+        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, acc.process_index))
+        idx = global_batch_indices(
+            len(self.dataset), cfg.data.batch_size * acc.num_processes, step, cfg.train.seed
+        )
+        mine = idx[acc.process_index :: acc.num_processes]
+        model = self.unwrapped
+        max_seq = cfg.data.max_seq_len or model.config.rope_max_len
+        lcus = [lcu for i in mine if (lcu := self.load(i)) is not None]
+        if not lcus:
+            raise ValueError(
+                f"step {step}: every sample of this rank's batch failed to load ({mine})"
+            )
+        batch = encode_batch(
+            lcus,
+            self.conditioner,
+            model,
+            max_seq,
+            cfg.data.cond_dropout,
+            g,
+            acc.device,
+            model.dtype,
+        )
+        indicators = self.indicators
+
+        def model_fn(x_t, t):
+            tokens = noisy_tokens(batch, x_t, model.config.patch_size)
+            return self.model(
+                tokens, batch.text, t.to(acc.device), batch.packed, indicators
+            ).float()
+
+        loss = self.objective.loss(
+            model_fn, batch.x0, batch.packed.target_sample, batch.num_samples, generator=g
+        )
+        return loss, batch.num_tokens, batch.num_samples
+
+    def load(self, index: int):
+        """One LCU, or None (with a warning, counted in ``skipped_samples``) when its files are
+        missing or corrupt: a bad sample never stops a run."""
+        try:
+            return self.dataset[index]
+        except ValueError as e:
+            self.skipped_samples += 1
+            warnings.warn(f"skipping sample {index}: {e}", stacklevel=2)
+            return None
+
+    def train_step(self) -> dict:
+        acc, cfg = self.accelerator, self.cfg
+        start = time.perf_counter()
+        with acc.accumulate(self.model):
+            loss, tokens, samples = self.forward_loss(self.step)
+            # one small all-reduce per step: the mean loss for the log, the batch size, and
+            # whether EVERY rank's loss is finite (all ranks must skip a step together, or
+            # DDP's gradient all-reduce would wait forever for the rank that skipped)
+            stats = torch.tensor(
+                [float(loss.detach()), tokens, samples, float(torch.isfinite(loss).all())],
+                device=acc.device,
+            )
+            if acc.num_processes > 1:
+                stats = acc.reduce(stats, reduction="sum")
+            finite = int(stats[3].item()) == acc.num_processes
+            if finite:
+                acc.backward(loss)
+                if cfg.optim.grad_clip > 0 and acc.sync_gradients:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            self.nonfinite += 1
+            if self.nonfinite >= cfg.train.max_nonfinite:
+                raise RuntimeError(
+                    f"{self.nonfinite} non-finite losses in a row at step {self.step}: stopping "
+                    "(lower optim.lr, or use train.mixed_precision=bf16 instead of fp16)"
+                )
+        else:
+            self.nonfinite = 0
+            if self.ema is not None and acc.sync_gradients:
+                self.ema.step(self.unwrapped.parameters())
+        self.step += 1
+        seconds = time.perf_counter() - start
+        return {
+            "step": self.step,
+            "loss": stats[0].item() / acc.num_processes,
+            "lr": self.schedule.get_last_lr()[0],
+            "tokens": int(stats[1].item()),
+            "samples/s": stats[2].item() / seconds,
+            "world_size": acc.num_processes,
+            "skipped_step": not finite,
+            "skipped_samples": self.skipped_samples,
+        }
+
+    # ------------------------------------------------------------------------ the loop
+
+    def train(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.train.resume:
+            self.resume(cfg.train.resume)
+        if acc.is_main_process:
+            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        self.indicators = None
+        with torch.no_grad():
+            self.indicators = self.conditioner.indicator_table().to(acc.device)
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=self.step,
+            disable=not acc.is_local_main_process,
+            desc="train",
+        )
+        metrics = (self.out / "metrics.jsonl").open("a") if acc.is_main_process else None
+        try:
+            while self.step < cfg.train.max_steps:
+                row = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if metrics and (
+                    self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
+                ):
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+        self.check_ranks_in_sync()
+        return self.export()
+
+    def check_ranks_in_sync(self) -> bool:
+        """Every rank's weight checksum, written to OUTPUT/ranks.json: DDP must keep them equal."""
+        acc = self.accelerator
+        with torch.no_grad():
+            local = torch.stack([p.double().sum() for p in self.unwrapped.parameters()]).sum()
+        sums = acc.gather(local.reshape(1).to(acc.device)).tolist()
+        in_sync = len(set(sums)) == 1
+        if acc.is_main_process:
+            (self.out / "ranks.json").write_text(
+                json.dumps({"checksums": sums, "in_sync": in_sync})
+            )
+        return in_sync
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """accelerate save_state into a temporary directory, renamed into place when complete."""
+        acc = self.accelerator
+        final = self.out / f"checkpoint-{self.step}"
+        tmp = self.out / f".tmp-checkpoint-{self.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(
+                json.dumps({"step": self.step, "nonfinite": self.nonfinite})
+            )
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(self.checkpoints())[: -self.cfg.train.keep_last]:
+                shutil.rmtree(self.out / f"checkpoint-{old}", ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def checkpoints(self) -> list[int]:
+        if not self.out.is_dir():
+            return []
+        steps = [int(m[1]) for p in self.out.iterdir() if (m := CHECKPOINT.match(p.name))]
+        return [s for s in steps if (self.out / f"checkpoint-{s}" / "trainer_state.json").is_file()]
+
+    def resume(self, where: str) -> None:
+        if where == "latest":
+            steps = self.checkpoints()
+            if not steps:
+                raise ValueError(f"train.resume=latest but {self.out} holds no complete checkpoint")
+            path = self.out / f"checkpoint-{max(steps)}"
+        else:
+            path = Path(where)
+            if not (path / "trainer_state.json").is_file():
+                raise ValueError(f"train.resume: {path} is not a complete checkpoint directory")
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.nonfinite = state["step"], state["nonfinite"]
+
+    def export(self) -> Path:
+        """OUTPUT/pipeline: an ACEPipeline with the trained (EMA) weights and the objective's sampler."""
+        from ace.pipeline import ACEPipeline
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        target = self.out / "pipeline"
+        if acc.is_main_process:
+            model = self.unwrapped
+            if self.ema is not None:
+                self.ema.store(model.parameters())
+                self.ema.copy_to(model.parameters())
+            pipe = ACEPipeline(
+                model.eval(), self.conditioner.vae, self.conditioner.text_encoder, self.tokenizer,
+                self.objective.make_scheduler(),
+            )  # fmt: skip
+            tmp = self.out / ".tmp-pipeline"
+            shutil.rmtree(tmp, ignore_errors=True)
+            pipe.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            if self.ema is not None:
+                self.ema.restore(model.parameters())
+            model.train()
+        acc.wait_for_everyone()
+        return target

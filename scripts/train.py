@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Train ACE: one process on a CPU, or many through torchrun / accelerate launch.
+
+    python scripts/train.py --config configs/toy.yaml
+    python scripts/train.py --config configs/toy.yaml train.max_steps=8 train.output_dir=outputs/try
+    python scripts/train.py --config configs/toy.yaml train.resume=latest
+    torchrun --nproc_per_node 2 scripts/train.py --config configs/toy.yaml   # 2 CPU processes (gloo)
+    accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py --config ...
+
+Every key of ace/train/config.py can be set as key=value after --config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", required=True, help="a YAML file of overrides of the config dataclasses"
+    )
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    args = p.parse_args(argv)
+    from ace.train import Trainer, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg)
+        out = trainer.train()
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    if trainer.accelerator.is_main_process:
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Training on CPU: exact resume, real 2-process DDP, overfitting, crash safety, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ace.data.manifest import write_manifest
+from ace.lcu import LCU, ConditionUnit
+from ace.pipeline import ACEPipeline
+from ace.train import Trainer, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "toy.yaml"
+COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+
+
+def solid_lcus(n):
+    """Small LCUs made by hand: text-to-image and one-image edits of solid colours."""
+    for i in range(n):
+        a = Image.new("RGB", (64, 64), COLORS[i % 4])
+        b = Image.new("RGB", (64, 64), COLORS[(i + 1) % 4])
+        if i % 2:
+            yield LCU(ConditionUnit("make {image} the next colour", [a]), target=b, task="recolor")
+        else:
+            yield LCU(
+                ConditionUnit(f"a plain colour number {i % 4}"), target=a, task="text_to_image"
+            )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "set"
+    write_manifest(solid_lcus(16), root, progress=False)
+    return root
+
+
+def args(data, out, steps, *extra):
+    return [
+        f"data.manifest={data}", f"train.output_dir={out}", f"train.max_steps={steps}",
+        "train.checkpoint_every=5", "data.batch_size=4", *extra,
+    ]  # fmt: skip
+
+
+def losses(out):
+    return [
+        json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def weights(out):
+    return load_file(Path(out) / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_resume_is_exact(data, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(load_config(CONFIG, args(data, straight, 8))).train()
+    Trainer(load_config(CONFIG, args(data, split, 5))).train()
+    Trainer(load_config(CONFIG, [*args(data, split, 8), "train.resume=latest"])).train()
+    assert losses(straight) == losses(split)  # bitwise: 8 rows each
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and rows[0]["world_size"] == 1
+    assert {"loss", "lr", "tokens", "samples/s", "world_size"} <= rows[0].keys()
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-8"]
+    pipe = ACEPipeline.from_pretrained(straight / "pipeline")  # the export loads and runs
+    assert pipe("a plain colour number 1", height=64, width=64, num_inference_steps=2).images[
+        0
+    ].size == (64, 64)
+
+
+def test_overfits_a_tiny_fixed_dataset(tmp_path):
+    root = tmp_path / "two"
+    write_manifest(list(solid_lcus(2)), root, progress=False)
+    extra = ["optim.lr=2e-3", "optim.warmup_steps=0", "data.cond_dropout=0", "data.batch_size=2"]
+    Trainer(
+        load_config(CONFIG, args(root, tmp_path / "run", 80, *extra, "train.checkpoint_every=1000"))
+    ).train()
+    loss = losses(tmp_path / "run")
+    first, last = np.mean(loss[:10]), np.mean(loss[-10:])
+    assert first / last > 4, (first, last)
+
+
+def test_two_process_ddp_on_cpu(data, tmp_path):
+    """torchrun starts two real processes; accelerate picks them up (gloo on CPU)."""
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        str(ROOT / "scripts" / "train.py"), "--config", str(CONFIG), *args(data, out, 4, "data.batch_size=2"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["world_size"] == 2 for r in rows)
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert len(ranks["checksums"]) == 2 and ranks["in_sync"]
+    ACEPipeline.from_pretrained(out / "pipeline")
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import accelerate
+    from ace.train import Trainer, load_config
+
+    original = accelerate.Accelerator.save_state
+    def save_then_die(self, output_dir=None, **kw):
+        if "checkpoint-10" in str(output_dir):  # the second checkpoint: die half-way through it
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, output_dir, **kw)
+    accelerate.Accelerator.save_state = save_then_die
+    Trainer(load_config(sys.argv[1], sys.argv[2:])).train()
+    """
+)
+
+
+def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_resumable(data, tmp_path):
+    out = tmp_path / "crash"
+    cmd = [sys.executable, "-c", KILLER, str(CONFIG), *args(data, out, 12)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL
+    assert (out / "checkpoint-5" / "trainer_state.json").is_file()
+    assert not (out / "checkpoint-10").exists()  # the half-written one never got its final name
+    trainer = Trainer(load_config(CONFIG, [*args(data, out, 12), "train.resume=latest"]))
+    trainer.train()
+    assert trainer.step == 12
+    straight = tmp_path / "straight"
+    Trainer(load_config(CONFIG, args(data, straight, 12))).train()
+    a, b = weights(straight), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the crash cost time, not correctness
+
+
+def test_non_finite_losses_skip_steps_then_stop(data, tmp_path, monkeypatch):
+    trainer = Trainer(
+        load_config(CONFIG, args(data, tmp_path / "nan", 10, "train.max_nonfinite=3"))
+    )
+    monkeypatch.setattr(
+        trainer.objective, "loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+    )
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        trainer.train()
+    assert all(
+        torch.equal(before[n], p) for n, p in trainer.unwrapped.named_parameters()
+    )  # never stepped
+
+
+def test_bad_samples_are_skipped_and_counted(data, tmp_path):
+    broken = tmp_path / "broken"
+    write_manifest(solid_lcus(8), broken, progress=False)
+    first = json.loads((broken / "manifest.jsonl").read_text().splitlines()[0])
+    (broken / first["target"]).write_bytes(b"not a png")  # a corrupt image
+    second = json.loads((broken / "manifest.jsonl").read_text().splitlines()[1])
+    (broken / second["turns"][0]["images"][0]).unlink()  # a missing image
+    trainer = Trainer(load_config(CONFIG, args(broken, tmp_path / "run", 6)))
+    with pytest.warns(UserWarning, match="skipping sample"):
+        trainer.train()
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows[-1]["skipped_samples"] >= 2 and len(rows) == 6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.max_stepz=3"], "max_stepz"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["train.max_steps"], "key=value"),
+        (["data.cond_dropout=1.5"], "cond_dropout"),
+    ],
+)
+def test_bad_config_names_the_key(data, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIG, [f"data.manifest={data}", *overrides])
+
+
+def test_missing_manifest_and_script_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no manifest at"):
+        Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", "data.toy_n=0"]))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(CONFIG), "train.bogus=1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ},
+    )  # fmt: skip
+    assert (
+        result.returncode == 2 and "train.py: error:" in result.stderr and "bogus" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
