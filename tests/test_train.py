@@ -199,3 +199,14 @@ def test_missing_manifest_and_script_errors(tmp_path, capsys):
         result.returncode == 2 and "train.py: error:" in result.stderr and "bogus" in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_tensorboard_tracker_receives_the_logged_rows(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    Trainer(load_config(CONFIG, [*args(data, out, 3), "train.trackers=[tensorboard]"])).train()
+    events = EventAccumulator(str(out / "logs" / "ace"))  # the run's scalars (hparams go below it)
+    events.Reload()
+    loss = [e.value for e in events.Scalars("loss")]
+    assert loss == pytest.approx(losses(out), rel=1e-6)

@@ -106,6 +106,8 @@ class TrainConfig:
     """Write a metrics.jsonl row every N steps."""
     max_nonfinite: int = 5
     """Stop after this many non-finite losses in a row (each one skips its step)."""
+    trackers: list[str] = field(default_factory=list)
+    """accelerate trackers fed with every logged row, e.g. [tensorboard] (logs in output_dir/logs)."""
 
 
 @dataclass

@@ -79,7 +79,11 @@ class Trainer:
         t = cfg.train
         cpu = not torch.cuda.is_available()
         self.accelerator = Accelerator(
-            cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum
+            cpu=cpu,
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.grad_accum,
+            log_with=list(t.trackers) or None,
+            project_dir=str(Path(t.output_dir) / "logs"),
         )
         set_seed(t.seed)
         self.out = Path(t.output_dir)
@@ -228,6 +232,8 @@ class Trainer:
             self.resume(cfg.train.resume)
         if acc.is_main_process:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        if cfg.train.trackers:
+            acc.init_trackers("ace", config={"lr": cfg.optim.lr, "batch_size": cfg.data.batch_size})
         self.indicators = None
         with torch.no_grad():
             self.indicators = self.conditioner.indicator_table().to(acc.device)
@@ -243,17 +249,22 @@ class Trainer:
                 row = self.train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if metrics and (
-                    self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
-                ):
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    if metrics:
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                    if cfg.train.trackers:
+                        acc.log(
+                            {k: float(v) for k, v in row.items() if k != "step"}, step=self.step
+                        )
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
                     self.save_checkpoint()
         finally:
             bar.close()
             if metrics:
                 metrics.close()
+            if cfg.train.trackers:
+                acc.end_training()
         self.check_ranks_in_sync()
         return self.export()
 
