@@ -330,13 +330,22 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         target = self.out / "pipeline"
+        model = self.unwrapped
+        if self.ema is not None:
+            self.ema.store(model.parameters())
+            self.ema.copy_to(model.parameters())
+        state = acc.get_state_dict(
+            self.model
+        )  # every rank takes part: FSDP gathers the shards here
+        if self.ema is not None:
+            self.ema.restore(model.parameters())
         if acc.is_main_process:
-            model = self.unwrapped
-            if self.ema is not None:
-                self.ema.store(model.parameters())
-                self.ema.copy_to(model.parameters())
+            from ace.models import ACETransformer
+
+            export = ACETransformer.from_config(model.config)
+            export.load_state_dict(state, strict=True)
             pipe = ACEPipeline(
-                model.eval(), self.conditioner.vae, self.conditioner.text_encoder, self.tokenizer,
+                export.eval(), self.conditioner.vae, self.conditioner.text_encoder, self.tokenizer,
                 self.objective.make_scheduler(),
             )  # fmt: skip
             tmp = self.out / ".tmp-pipeline"
@@ -344,8 +353,5 @@ class Trainer:
             pipe.save_pretrained(tmp)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-            if self.ema is not None:
-                self.ema.restore(model.parameters())
-            model.train()
         acc.wait_for_everyone()
         return target
