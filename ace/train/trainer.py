@@ -334,11 +334,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.store(model.parameters())
             self.ema.copy_to(model.parameters())
-        state = acc.get_state_dict(
-            self.model
-        )  # every rank takes part: FSDP gathers the shards here
-        if self.ema is not None:
-            self.ema.restore(model.parameters())
+        # every rank takes part: FSDP gathers the shards here
+        state = acc.get_state_dict(self.model)
         if acc.is_main_process:
             from ace.models import ACETransformer
 
@@ -353,5 +350,7 @@ class Trainer:
             pipe.save_pretrained(tmp)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
+        if self.ema is not None:  # after saving: the state dict shares the parameters' storage
+            self.ema.restore(model.parameters())
         acc.wait_for_everyone()
         return target
