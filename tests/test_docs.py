@@ -41,11 +41,27 @@ def test_readme_toy_data_and_evaluation_commands_run_as_written(tmp_path):
     (block,) = [b for b in SHELL_BLOCKS if "make_toy_data.py" in b]
     (tmp_path / "scripts").symlink_to(ROOT / "scripts")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "200 LCUs, all valid" in result.stdout
     assert (tmp_path / "outputs" / "eval" / "report.json").is_file()
     assert (tmp_path / "outputs" / "eval" / "report.png").is_file()
+
+
+def test_readme_training_commands_run_as_written(tmp_path):
+    (block,) = [b for b in SHELL_BLOCKS if "train.resume=latest" in b]
+    for name in ("scripts", "configs"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (tmp_path / "outputs" / "try" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 40
+    assert (tmp_path / "outputs" / "try" / "pipeline" / "model_index.json").is_file()
 
 
 def test_readme_infer_commands_run_as_written(tmp_path):
