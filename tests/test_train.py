@@ -214,11 +214,14 @@ def test_tensorboard_tracker_receives_the_logged_rows(data, tmp_path):
 
 def test_ema_weights_are_exported(data, tmp_path):
     out = tmp_path / "ema"
-    trainer = Trainer(load_config(CONFIG, [*args(data, out, 4), "ema.enabled=true", "ema.decay=0.5"]))
+    trainer = Trainer(
+        load_config(CONFIG, [*args(data, out, 4), "ema.enabled=true", "ema.decay=0.5"])
+    )
     trainer.train()
     exported = weights(out)
     names = [n for n, _ in trainer.unwrapped.named_parameters()]
     shadow = dict(zip(names, trainer.ema.shadow_params))
     live = dict(trainer.unwrapped.named_parameters())
-    assert all(torch.equal(exported[n], shadow[n]) for n in names)  # the export is the EMA
-    assert any(not torch.equal(exported[n], live[n].detach()) for n in names)  # not the live weights
+    # the export is the EMA, not the live weights
+    assert all(torch.equal(exported[n], shadow[n]) for n in names)
+    assert any(not torch.equal(exported[n], live[n].detach()) for n in names)
