@@ -1,0 +1,376 @@
+"""WebDataset shards of LCUs: round trip, rank/worker splits, URLs, corrupt samples, resume."""
+
+import io
+import itertools
+import json
+import runpy
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ace.data import shards as sh
+from ace.data.manifest import LCUManifest, write_manifest
+from ace.data.shards import ShardStream, sample_to_lcu, write_shards
+from ace.data.toy import sample_stream
+from ace.lcu import LCU, ConditionUnit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def numbered(n: int) -> list[LCU]:
+    """LCUs named by their instruction ("lcu 7"), with and without inputs, masks, history."""
+    out = []
+    for i in range(n):
+        im = Image.new("RGB", (16 + 8 * (i % 3), 16), (10 * i % 256, 0, 0))
+        mask = Image.new("L", im.size, 255 * (i % 2))
+        if i % 3 == 0:
+            lcu = LCU(ConditionUnit(f"lcu {i}"), target=im, task="text_to_image")
+        elif i % 3 == 1:
+            lcu = LCU(ConditionUnit(f"lcu {i} {{image}}", [im], [mask]), target=im, task="edit")
+        else:
+            lcu = LCU(
+                ConditionUnit(f"lcu {i} {{image}}", [im], [None]),
+                history=[ConditionUnit("before"), ConditionUnit("then {image}", [im])],
+                target=im,
+                target_mask=mask,
+                task="multi_turn",
+            )
+        out.append(lcu)
+    return out
+
+
+def name(lcu: LCU) -> str:
+    return lcu.current.instruction.split(" {")[0]
+
+
+def assert_same_lcu(a: LCU, b: LCU) -> None:
+    assert a.task == b.task and a.instructions() == b.instructions()
+    frames_a = [a.target, a.target_mask, *a.images, *a.masks]
+    frames_b = [b.target, b.target_mask, *b.images, *b.masks]
+    assert len(frames_a) == len(frames_b)
+    for x, y in zip(frames_a, frames_b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.mode == y.mode and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture
+def shard_dir(tmp_path) -> Path:
+    """12 numbered LCUs in 6 shards of 2."""
+    write_manifest(numbered(12), tmp_path / "ds", progress=False)
+    write_shards(tmp_path / "ds", tmp_path / "shards", samples_per_shard=2, progress=False)
+    return tmp_path / "shards"
+
+
+def pattern(shard_dir: Path, n: int = 6) -> str:
+    return f"{shard_dir}/shard-{{000000..{n - 1:06d}}}.tar"
+
+
+def names(it) -> list[str]:
+    return [name(lcu) for lcu in it]
+
+
+def write_tar(path: Path, samples: list[dict]) -> None:
+    with wds.TarWriter(str(path), encoder=False) as w:
+        for s in samples:
+            w.write(s)
+
+
+def png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def test_round_trip_in_order_equals_the_manifest(tmp_path):
+    lcus = [s.lcu for s in sample_stream(9, seed=0)] + numbered(3)
+    write_manifest(lcus, tmp_path / "ds", progress=False)
+    paths = write_shards(tmp_path / "ds", tmp_path / "out", samples_per_shard=5, progress=False)
+    assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    ds = LCUManifest(tmp_path / "ds")
+    got = list(ShardStream([str(p) for p in paths]))
+    assert len(got) == len(ds) == 12
+    for i, lcu in enumerate(got):
+        assert_same_lcu(ds[i], lcu)
+
+
+def test_sample_layout(tmp_path):
+    write_manifest(numbered(3), tmp_path / "ds", progress=False)
+    lines = (tmp_path / "ds" / "manifest.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({**json.loads(lines[2]), "meta": {"source": "hand"}})
+    (tmp_path / "ds" / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (path,) = write_shards(tmp_path / "ds", tmp_path / "out", progress=False)
+    with tarfile.open(path) as tar:
+        members = tar.getnames()
+        record = json.loads(tar.extractfile("000000002.json").read())
+    assert members[:2] == ["000000000.json", "000000000.target.png"]
+    assert set(members) >= {
+        "000000002.t1_i0.png",
+        "000000002.t2_i0.png",
+        "000000002.target_mask.png",
+    }
+    assert record == {
+        "turns": [
+            {"instruction": "before", "images": [], "masks": []},
+            {"instruction": "then {image}", "images": ["t1_i0.png"], "masks": [None]},
+            {"instruction": "lcu 2 {image}", "images": ["t2_i0.png"], "masks": [None]},
+        ],
+        "target": "target.png",
+        "target_mask": "target_mask.png",
+        "task": "multi_turn",
+        "meta": {"source": "hand"},
+    }
+
+
+def test_same_manifest_gives_byte_identical_shards(tmp_path):
+    write_manifest(numbered(5), tmp_path / "ds", progress=False)
+    a = write_shards(tmp_path / "ds", tmp_path / "a", samples_per_shard=2, progress=False)
+    b = write_shards(tmp_path / "ds", tmp_path / "b", samples_per_shard=2, progress=False)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_existing_shards_need_overwrite_which_replaces_the_set(tmp_path, shard_dir):
+    with pytest.raises(ValueError, match="already holds shards"):
+        write_shards(tmp_path / "ds", shard_dir, progress=False)
+    paths = write_shards(
+        tmp_path / "ds", shard_dir, samples_per_shard=5, overwrite=True, progress=False
+    )
+    assert sorted(shard_dir.iterdir()) == paths and len(paths) == 3
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    write_manifest(numbered(6), tmp_path / "ds", progress=False)
+    real, calls = sh._shard_sample, []
+
+    def flaky(ds, i):
+        calls.append(i)
+        if i == 4:
+            raise KeyboardInterrupt
+        return real(ds, i)
+
+    monkeypatch.setattr(sh, "_shard_sample", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(tmp_path / "ds", tmp_path / "new" / "out", samples_per_shard=2, progress=False)
+    assert calls == [0, 1, 2, 3, 4] and not (tmp_path / "new").exists()
+
+
+def test_bad_record_is_an_error_naming_the_line(tmp_path):
+    write_manifest(numbered(3), tmp_path / "ds", progress=False)
+    (tmp_path / "ds" / "images" / "000001_target.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"line 2: target: unreadable image"):
+        write_shards(tmp_path / "ds", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------- streaming
+
+
+def test_urls_brace_patterns_lists_and_pipes(shard_dir):
+    everything = [f"lcu {i}" for i in range(12)]
+    assert names(ShardStream(pattern(shard_dir))) == everything
+    paths = sorted(str(p) for p in shard_dir.glob("shard-*.tar"))
+    assert names(ShardStream([Path(p) for p in paths])) == everything
+    assert names(ShardStream([f"pipe:cat {p}" for p in paths])) == everything
+    assert (
+        names(ShardStream(f"pipe:cat {shard_dir}/shard-{{000000..000002}}.tar")) == everything[:6]
+    )
+    assert names(ShardStream(f"{paths[5]}::{paths[0]}")) == ["lcu 10", "lcu 11", "lcu 0", "lcu 1"]
+
+
+def test_shuffling_is_deterministic_and_reshuffles_per_epoch(shard_dir):
+    s = ShardStream(pattern(shard_dir), seed=3, shuffle_buffer=4)
+    epoch0, epoch1 = names(s), names(s)  # each pass is the next epoch
+    again = ShardStream(pattern(shard_dir), seed=3, shuffle_buffer=4)
+    other = ShardStream(pattern(shard_dir), seed=4, shuffle_buffer=4)
+    assert names(again) == epoch0 and names(other) != epoch0 and epoch1 != epoch0
+    assert sorted(epoch0) == sorted(epoch1) == sorted(f"lcu {i}" for i in range(12))
+    again.set_epoch(0)
+    assert names(again) == epoch0
+    endless = ShardStream(pattern(shard_dir), seed=3, shuffle_buffer=4, repeat=True)
+    assert names(itertools.islice(endless, 24)) == epoch0 + epoch1
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 5])
+def test_ranks_read_disjoint_shards_that_cover_everything(shard_dir, shuffle_buffer):
+    ranks = [
+        names(ShardStream(pattern(shard_dir), 0, shuffle_buffer, rank=r, world_size=2))
+        for r in range(2)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == 6 and not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(f"lcu {i}" for i in range(12))
+    with pytest.raises(ValueError, match="6 shard"):
+        list(ShardStream(pattern(shard_dir), rank=0, world_size=7))
+
+
+def test_dataloader_workers_split_shards(shard_dir):
+    everything = sorted(f"lcu {i}" for i in range(12))
+    s = ShardStream(pattern(shard_dir), rank=1, world_size=2)
+    plain = names(DataLoader(s, batch_size=None, num_workers=2))
+    assert sorted(plain) == sorted(names(s)) and len(plain) == 6  # rank 1's half, once
+    s = ShardStream(pattern(shard_dir), seed=1, shuffle_buffer=3)
+    tracked = names(s.loader(num_workers=2))
+    assert sorted(tracked) == everything
+    assert s.worker_shards(0, 0, 2) != s.worker_shards(0, 1, 2)
+    assert names(ShardStream(pattern(shard_dir, 1)).loader(num_workers=2)) == ["lcu 0", "lcu 1"]
+
+
+def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path, shard_dir):
+    im, good = Image.new("RGB", (16, 16)), numbered(1)
+    record = {
+        "turns": [{"instruction": "x {image}", "images": ["a.png"]}],
+        "target": "t.png",
+        "task": "",
+    }
+    ok = {"json": json.dumps(record).encode(), "a.png": png(im), "t.png": png(im)}
+    write_tar(
+        tmp_path / "bad.tar",
+        [
+            {"__key__": "000000000", **ok},
+            {"__key__": "000000001", **ok, "a.png": b"\x89PNG broken"},
+            {"__key__": "000000002", **ok, "json": b"{not json"},
+            {"__key__": "000000003", **ok, "json": json.dumps({**record, "task": 3}).encode()},
+            {"__key__": "000000004", **{k: v for k, v in ok.items() if k != "t.png"}},
+            {"__key__": "000000005", **ok, "json": ok["json"].replace(b"{image}", b"{image1}")},
+            {"__key__": "000000006", **ok},
+        ],
+    )
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes((shard_dir / "shard-000000.tar").read_bytes()[:3000])
+    missing = [str(tmp_path / "missing.tar"), f"pipe:cat {tmp_path / 'missing.tar'}"]
+    urls = [str(tmp_path / "bad.tar"), *missing, str(truncated)]
+    s = ShardStream(urls)
+    with pytest.warns(UserWarning, match="ShardStream: skipping") as caught:
+        got = list(s)
+    assert len(got) == 2 + 1 and all(isinstance(x, LCU) for x in got)
+    assert_same_lcu(got[2], good[0])  # the truncated shard's first sample is whole
+    # 5 corrupt samples, 2 missing shards, the truncated shard, the sample cut by truncation
+    assert s.skipped == 5 + 2 + 1 + 1 and len(caught) >= 9
+    with pytest.raises(ValueError, match=r"unreadable image 'a\.png'"):
+        sample_to_lcu({"__key__": "k", **ok, "a.png": b"junk"})
+
+
+def test_sample_to_lcu_reads_what_the_manifest_reads(tmp_path):
+    lcus = [s.lcu for s in sample_stream(6, seed=1)]
+    write_manifest(lcus, tmp_path / "ds", progress=False)
+    (path,) = write_shards(tmp_path / "ds", tmp_path / "out", progress=False)
+    samples = wds.tarfile_samples(iter([{"url": str(path)}]))
+    for i, sample in enumerate(samples):
+        assert_same_lcu(LCUManifest(tmp_path / "ds")[i], sample_to_lcu(sample))
+
+
+# ---------------------------------------------------------------------------------- resume
+
+
+def resumed(make, k: int, workers: int) -> tuple[list[str], list[str]]:
+    """(first k names, the rest after saving and loading the state into a fresh stream)."""
+    s = make()
+    it = iter(s.loader(workers))
+    first = [name(next(it)) for _ in range(k)]
+    state = json.loads(json.dumps(s.state_dict()))  # it survives JSON
+    del it
+    fresh = make()
+    fresh.load_state_dict(state)
+    return first, names(fresh.loader(workers))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_yields_exactly_the_rest(shard_dir, workers):
+    def make():
+        return ShardStream(pattern(shard_dir), seed=2, shuffle_buffer=3)
+
+    full = names(make().loader(workers))
+    for k in (0, 1, 5, 11, 12):
+        first, rest = resumed(make, k, workers)
+        assert first + rest == full, k
+
+
+def test_resume_of_an_endless_stream_across_epochs(shard_dir):
+    def make():
+        return ShardStream(pattern(shard_dir), seed=2, shuffle_buffer=3, repeat=True)
+
+    full = names(itertools.islice(make().loader(2), 40))
+    s = make()
+    it = iter(s.loader(2))
+    first = [name(next(it)) for _ in range(17)]
+    state = s.state_dict()
+    del it
+    assert [e for e, _ in state["positions"]] == [1, 1]  # both workers in epoch 1
+    fresh = make()
+    fresh.load_state_dict(state)
+    assert first + names(itertools.islice(fresh.loader(2), 23)) == full
+
+
+def test_resume_needs_the_same_seed_world_and_workers(shard_dir):
+    s = ShardStream(pattern(shard_dir), seed=2)
+    it = iter(s.loader(2))
+    next(it)
+    state = s.state_dict()
+    del it
+    with pytest.raises(ValueError, match="does not fit"):
+        ShardStream(pattern(shard_dir), seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="does not fit"):
+        ShardStream(pattern(shard_dir), seed=2, rank=1, world_size=2).load_state_dict(state)
+    fresh = ShardStream(pattern(shard_dir), seed=2)
+    fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match="2 worker"):
+        list(fresh)
+
+
+# ---------------------------------------------------------------------------------- script
+
+
+def make_shards(argv) -> int:
+    return runpy.run_path(str(ROOT / "scripts" / "make_shards.py"))["main"]([*map(str, argv)])
+
+
+def test_make_shards_script(tmp_path, capsys):
+    write_manifest(numbered(5), tmp_path / "ds", progress=False)
+    out = tmp_path / "out"
+    assert (
+        make_shards(
+            ["--manifest", tmp_path / "ds", "--out", out, "--samples-per-shard", 2, "--quiet"]
+        )
+        == 0
+    )
+    assert "wrote 3 shard(s)" in capsys.readouterr().out
+    assert names(ShardStream(pattern(out, 3))) == [f"lcu {i}" for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--manifest", "nowhere"], "no LCU manifest"),
+        (["--manifest", "ds", "--samples-per-shard", "0"], "samples_per_shard"),
+        (["--manifest", "ds", "--out", "taken"], "already holds shards"),
+    ],
+)
+def test_make_shards_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    write_manifest(numbered(2), tmp_path / "ds", progress=False)
+    write_shards(tmp_path / "ds", tmp_path / "taken", progress=False)
+    args = [str(tmp_path / a) if a in ("nowhere", "ds", "taken") else a for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "new")]
+    assert make_shards([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("make_shards.py: error:") and message in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_rank_and_world_size_default_to_torch_distributed(shard_dir, monkeypatch):
+    monkeypatch.setattr(sh.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sh.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(sh.dist, "get_world_size", lambda: 3)
+    s = ShardStream(pattern(shard_dir))
+    assert names(s) == ["lcu 2", "lcu 3", "lcu 8", "lcu 9"]  # shards 1 and 4 of 6
+    assert s.state_dict()["rank"] == 1 and s.state_dict()["world_size"] == 3
