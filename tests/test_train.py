@@ -225,3 +225,24 @@ def test_ema_weights_are_exported(data, tmp_path):
     # the export is the EMA, not the live weights
     assert all(torch.equal(exported[n], shadow[n]) for n in names)
     assert any(not torch.equal(exported[n], live[n].detach()) for n in names)
+
+
+@pytest.mark.parametrize("mode", ["max_tokens", "shards"])
+def test_token_budget_and_shard_streams_resume_exactly(data, tmp_path, mode):
+    extra = ["data.max_tokens=40"]  # 16 tokens per 64 px frame: 1-2 LCUs per batch
+    if mode == "shards":
+        from ace.data.shards import write_shards
+
+        write_shards(data, tmp_path / "shards", samples_per_shard=4, progress=False)
+        extra = [
+            f"data.shards={tmp_path / 'shards' / 'shard-{000000..000003}.tar'}",
+            "data.shuffle_buffer=4",
+        ]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(load_config(CONFIG, args(data, straight, 8, *extra))).train()
+    Trainer(load_config(CONFIG, args(data, split, 5, *extra))).train()
+    Trainer(load_config(CONFIG, [*args(data, split, 8, *extra), "train.resume=latest"])).train()
+    assert losses(straight) == losses(split)
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    if mode == "max_tokens":
+        assert all(r["tokens"] <= 40 for r in rows) and len({r["tokens"] for r in rows}) > 1

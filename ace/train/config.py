@@ -53,7 +53,16 @@ class DataConfig:
     toy_size: int = 64
     """Side of the generated toy images."""
     batch_size: int = 8
-    """LCUs per batch and process."""
+    """LCUs per batch and process (with max_tokens: at most this many)."""
+    max_tokens: int = 0
+    """If > 0: fill each batch of each process up to this many image tokens (all frames),
+    no padding, instead of a fixed number of LCUs."""
+    shards: str = ""
+    """WebDataset shards to stream instead of the manifest: a path, brace pattern or pipe: URL."""
+    shuffle_buffer: int = 0
+    """Shards: the sample shuffle buffer (0 = the written order)."""
+    num_workers: int = 0
+    """Shards: DataLoader workers that read and decode."""
     max_seq_len: int | None = None
     """Token budget per image (released: 1024 at 512 px); default: the model's rope_max_len."""
     cond_dropout: float = 0.1
@@ -158,8 +167,10 @@ def _check(cfg: Config) -> None:
         )
     if not 0 <= d.cond_dropout < 1:
         raise ValueError(f"data.cond_dropout must be in [0, 1), got {d.cond_dropout}")
-    if not d.manifest:
-        raise ValueError("data.manifest is required (a JSONL manifest or its directory)")
+    if not d.manifest and not d.shards:
+        raise ValueError("set data.manifest (a JSONL manifest or its directory) or data.shards")
+    if d.max_tokens < 0:
+        raise ValueError(f"data.max_tokens must be >= 0, got {d.max_tokens}")
 
 
 def to_dict(cfg: Config) -> dict:

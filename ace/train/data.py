@@ -1,8 +1,18 @@
-"""Training data: the LCU manifest (docs/DATA.md), made from the toy world when asked, and
-a deterministic global batch order that a resumed run can recompute from the step alone."""
+"""Training data: where each step's LCUs come from.
+
+- a manifest (docs/DATA.md), made from the toy world first when asked; the global batch
+  order is a pure function of (seed, step): fixed-size batches from per-epoch
+  permutations, or token-budget batches (``data.max_tokens``) from per-epoch packings;
+- or WebDataset shards, streamed and split across ranks and workers; their position is
+  saved with every checkpoint.
+
+Either way ``batches.take(step)`` gives this rank's LCUs for a step, and a resumed run
+takes exactly what the uninterrupted run took.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +56,126 @@ def global_batch_indices(n: int, global_batch: int, step: int, seed: int) -> lis
         order = np.random.default_rng([seed, epoch]).permutation(n)
         out.extend(order[offset : offset + global_batch - len(out)].tolist())
     return out
+
+
+class ManifestBatches:
+    """Map-style batches of a manifest; bad samples are skipped with a warning and counted."""
+
+    def __init__(
+        self, dataset, cfg: DataConfig, seed: int, rank: int, world: int, max_seq_len: int
+    ):
+        self.dataset, self.cfg, self.seed, self.rank, self.world = dataset, cfg, seed, rank, world
+        self.skipped = 0
+        self._epochs: list[list[list[int]]] = []  # token-budget mode: the batches of each epoch
+        if cfg.max_tokens:
+            from ace.data.batching import dataset_costs
+
+            self.costs = dataset_costs(dataset, max_seq_len)
+
+    def indices(self, step: int) -> list[int]:
+        if not self.cfg.max_tokens:
+            idx = global_batch_indices(
+                len(self.dataset), self.cfg.batch_size * self.world, step, self.seed
+            )
+            return idx[self.rank :: self.world]
+        # token budget: global step s takes batches s*world .. s*world + world - 1 of the
+        # epochs' packings read back to back; rank r takes the r-th of them
+        from ace.data.batching import budget_batches
+
+        want, seen = step * self.world + self.rank, 0
+        for epoch in range(10**9):
+            if epoch == len(self._epochs):
+                self._epochs.append(
+                    budget_batches(
+                        self.costs,
+                        self.cfg.max_tokens,
+                        self.seed,
+                        epoch,
+                        max_samples=self.cfg.batch_size,
+                    )
+                )
+            if not self._epochs[epoch]:
+                raise ValueError("data.max_tokens: no sample fits a batch (every cost unknown)")
+            if want < seen + len(self._epochs[epoch]):
+                return self._epochs[epoch][want - seen]
+            seen += len(self._epochs[epoch])
+        raise AssertionError("unreachable")
+
+    def take(self, step: int) -> list:
+        out = []
+        for i in self.indices(step):
+            try:
+                out.append(self.dataset[i])
+            except ValueError as e:
+                self.skipped += 1
+                warnings.warn(f"skipping sample {i}: {e}", stacklevel=2)
+        return out
+
+
+class ShardBatches:
+    """Batches streamed from WebDataset shards; ``state_dict`` makes a checkpoint resume exactly."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, max_seq_len: int):
+        from ace.data.batching import TokenBudgetBatcher
+        from ace.data.shards import ShardStream
+
+        self.stream = ShardStream(
+            cfg.shards,
+            seed=seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            rank=rank,
+            world_size=world,
+            repeat=True,
+        )
+        self.loader = self.stream.loader(cfg.num_workers)
+        if cfg.max_tokens:
+            self.source = TokenBudgetBatcher(
+                self.loader, cfg.max_tokens, max_seq_len, max_samples=cfg.batch_size
+            )
+        else:
+            self.source = _Chunks(self.loader, cfg.batch_size)
+        self._it = None
+
+    @property
+    def skipped(self) -> int:
+        return self.stream.skipped
+
+    def take(self, step: int) -> list:
+        if self._it is None:
+            self._it = iter(self.source)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+        self._it = None
+
+
+class _Chunks:
+    """Fixed-size batches of a resumable stream (positions saved at batch boundaries)."""
+
+    def __init__(self, loader, size: int):
+        self.loader, self.size = loader, size
+
+    def __iter__(self):
+        batch = []
+        for lcu in self.loader:
+            batch.append(lcu)
+            if len(batch) == self.size:
+                yield batch
+                batch = []
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def make_batches(cfg: DataConfig, accelerator, seed: int, max_seq_len: int):
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.shards:
+        return ShardBatches(cfg, seed, rank, world, max_seq_len)
+    return ManifestBatches(build_dataset(cfg, accelerator), cfg, seed, rank, world, max_seq_len)

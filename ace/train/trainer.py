@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from ace.conditioning import ConditionTokenizer
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.config import Config, to_dict
-from ace.train.data import build_dataset, global_batch_indices
+from ace.train.data import make_batches
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -87,7 +86,6 @@ class Trainer:
         )
         set_seed(t.seed)
         self.out = Path(t.output_dir)
-        self.dataset = build_dataset(cfg.data, self.accelerator)
         tokenizer, text_encoder, vae, transformer = build_components(cfg)
         self.tokenizer = tokenizer
         device = self.accelerator.device
@@ -96,6 +94,8 @@ class Trainer:
             cfg.objective.name,
             **({"shift": cfg.objective.shift} if cfg.objective.name == "rectified-flow" else {}),
         )
+        self.max_seq_len = cfg.data.max_seq_len or transformer.config.rope_max_len
+        self.batches = make_batches(cfg.data, self.accelerator, t.seed, self.max_seq_len)
         transformer.set_attention_backend(cfg.model.attention_backend)
         if cfg.model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -120,9 +120,10 @@ class Trainer:
             self.ema = EMAModel(self.unwrapped.parameters(), decay=cfg.ema.decay)
             self.ema.to(device)
             self.accelerator.register_for_checkpointing(self.ema)
+        if hasattr(self.batches, "state_dict"):  # a stream: its position goes into every checkpoint
+            self.accelerator.register_for_checkpointing(self.batches)
         self.step = 0
         self.nonfinite = 0
-        self.skipped_samples = 0
 
     @property
     def unwrapped(self):
@@ -133,22 +134,15 @@ class Trainer:
     def forward_loss(self, step: int) -> tuple[torch.Tensor, int, int]:
         cfg, acc = self.cfg, self.accelerator
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, acc.process_index))
-        idx = global_batch_indices(
-            len(self.dataset), cfg.data.batch_size * acc.num_processes, step, cfg.train.seed
-        )
-        mine = idx[acc.process_index :: acc.num_processes]
-        model = self.unwrapped
-        max_seq = cfg.data.max_seq_len or model.config.rope_max_len
-        lcus = [lcu for i in mine if (lcu := self.load(i)) is not None]
+        lcus = self.batches.take(step)
         if not lcus:
-            raise ValueError(
-                f"step {step}: every sample of this rank's batch failed to load ({mine})"
-            )
+            raise ValueError(f"step {step}: every sample of this rank's batch failed to load")
+        model = self.unwrapped
         batch = encode_batch(
             lcus,
             self.conditioner,
             model,
-            max_seq,
+            self.max_seq_len,
             cfg.data.cond_dropout,
             g,
             acc.device,
@@ -166,16 +160,6 @@ class Trainer:
             model_fn, batch.x0, batch.packed.target_sample, batch.num_samples, generator=g
         )
         return loss, batch.num_tokens, batch.num_samples
-
-    def load(self, index: int):
-        """One LCU, or None (with a warning, counted in ``skipped_samples``) when its files are
-        missing or corrupt: a bad sample never stops a run."""
-        try:
-            return self.dataset[index]
-        except ValueError as e:
-            self.skipped_samples += 1
-            warnings.warn(f"skipping sample {index}: {e}", stacklevel=2)
-            return None
 
     def train_step(self) -> dict:
         acc, cfg = self.accelerator, self.cfg
@@ -220,7 +204,7 @@ class Trainer:
             "samples/s": stats[2].item() / seconds,
             "world_size": acc.num_processes,
             "skipped_step": not finite,
-            "skipped_samples": self.skipped_samples,
+            "skipped_samples": self.batches.skipped,
         }
 
     # ------------------------------------------------------------------------ the loop

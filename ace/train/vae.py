@@ -1,0 +1,358 @@
+"""Train a small ``AutoencoderKL`` on toy images: the latent space of the CPU demo.
+
+A random VAE cannot reconstruct anything, so the demo first fits one on the images of
+toy LCUs (inputs and targets). The geometry is the released one, 4 levels that
+downsample by 8 (64 px -> 8 x 8 latents), with more latent channels (16, not 4) so that
+an 8 x 8 code can hold a toy scene; the DiT then reads it with ``in_channels=16,
+patch_size=1``.
+
+    from ace.train.vae import reconstruction_psnr, toy_images, train_vae
+    vae = train_vae(toy_images(4096, seed=0), steps=1500)
+    reconstruction_psnr(vae, toy_images(256, seed=0, split="eval"))  # dB
+
+The loop is plain and seeded: AdamW, a linear warmup then a cosine decay to zero, and
+the loss ``l1_weight * |x - y| + mse_weight * (x - y)^2`` (means over pixels) plus
+``kl_weight`` times the KL of the posterior summed over its elements and divided by the
+number of pixel values, which is the LDM normalisation (their f8 VAEs use 1e-6). No GAN,
+no perceptual loss. At the end ``scaling_factor`` is set to 1 / std of posterior samples
+of training images, so the DiT sees unit-variance latents (SD's 0.18215 does the same).
+
+Shapes: B batch, H x W pixels, C latent channels, h x w = H / 8 x W / 8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from tqdm.auto import tqdm
+
+ImageSource = torch.Tensor | str | Path | Iterable[Any]
+"""What ``train_vae`` and ``reconstruction_psnr`` read: a tensor (N, 3, H, W) (uint8, or
+float in [0, 1]), an LCU manifest (its directory or file), or an iterable of RGB PIL
+images, float tensors (3, H, W) in [0, 1], LCUs or toy samples (their input images and
+target)."""
+
+Callback = Callable[[int, AutoencoderKL, dict[str, float]], None]
+"""``callback(step, vae, logs)`` after each optimizer step (1-based); ``logs`` holds
+``loss``, ``l1``, ``mse``, ``kl`` and ``lr``. The model is in train mode; a callback that
+evaluates it must put it back."""
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def toy_vae_config(latent_channels: int = 16) -> dict[str, Any]:
+    """``AutoencoderKL`` config of the demo VAE: 4 levels, factor 8, 64 px images.
+
+    Channels (32, 64, 64, 64) with one ResNet per level (two per decoder level) are the
+    measured trade-off on a 2-core CPU (``BENCHMARKS.md``): the 64 px level dominates
+    the cost, so it stays narrow, and the 8 x 8 level with the mid-block attention is
+    where a toy scene is laid out.
+    """
+    if isinstance(latent_channels, bool) or not isinstance(latent_channels, int):
+        raise ValueError(f"latent_channels must be an int, got {latent_channels!r}")
+    if latent_channels < 1:
+        raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=1.0,  # set from the latents' std after training
+    )
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+
+
+def _image_uint8(x: Any, where: str) -> torch.Tensor:
+    """One image -> uint8 (3, H, W)."""
+    if isinstance(x, Image.Image):
+        if x.mode != "RGB":
+            raise ValueError(f"{where}: expected an RGB PIL image, got mode {x.mode!r}")
+        return torch.from_numpy(np.asarray(x, dtype=np.uint8).copy()).permute(2, 0, 1)
+    if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[0] == 3:
+        if x.dtype == torch.uint8:
+            return x.cpu()
+        if x.is_floating_point():
+            return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    got = f"a tensor {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x)
+    raise ValueError(
+        f"{where}: expected an RGB PIL image or a tensor (3, H, W) (uint8, or float in [0, 1]), "
+        f"got {got}"
+    )
+
+
+def _expand(item: Any) -> list[Any]:
+    """An LCU or toy sample -> its input images and target; anything else -> itself."""
+    lcu = getattr(item, "lcu", item)  # ToySample -> LCU
+    if hasattr(lcu, "images") and hasattr(lcu, "target") and not isinstance(lcu, torch.Tensor):
+        return [*lcu.images, *([] if lcu.target is None else [lcu.target])]
+    return [item]
+
+
+def load_images(source: ImageSource, limit: int | None = None) -> torch.Tensor:
+    """Every image of ``source`` (at most ``limit``) as one uint8 tensor (N, 3, H, W).
+
+    All images must share one size, a multiple of 8 (ValueError otherwise, as for an
+    empty source or an item that is not an image).
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if isinstance(source, torch.Tensor):
+        if source.ndim != 4 or source.shape[1] != 3:
+            raise ValueError(f"an image tensor must be (N, 3, H, W), got {tuple(source.shape)}")
+        images = [_image_uint8(x, f"images[{i}]") for i, x in enumerate(source[:limit])]
+    else:
+        if isinstance(source, (str, Path)):
+            from ace.data.manifest import LCUManifest
+
+            source = LCUManifest(source)  # FileNotFoundError / ValueError name the problem
+        images = []
+        for i, item in enumerate(source):
+            for x in _expand(item):
+                images.append(_image_uint8(x, f"item {i}"))
+                if limit is not None and len(images) >= limit:
+                    break
+            if limit is not None and len(images) >= limit:
+                break
+    if not images:
+        raise ValueError("no images to train on: the source is empty")
+    sizes = sorted({tuple(x.shape[1:]) for x in images})
+    if len(sizes) > 1:
+        raise ValueError(f"all images must share one size, got sizes (H, W) {sizes[:5]}")
+    h, w = sizes[0]
+    if h % 8 or w % 8:
+        raise ValueError(f"image size {h} x {w} is not a multiple of 8 (the VAE's factor)")
+    return torch.stack(images)  # (N, 3, H, W) uint8
+
+
+def toy_images(n: int, seed: int = 0, split: str = "train", size: int = 64) -> torch.Tensor:
+    """The first ``n`` images (inputs, then target, LCU after LCU) of the toy stream,
+    uint8 (n, 3, size, size)."""
+    from ace.data.toy import sample_stream
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    # An LCU holds at least one image (its target), so n LCUs give at least n images.
+    return load_images(sample_stream(n, seed, split=split, size=size), limit=n)
+
+
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1.0)  # uint8 [0, 255] -> float [-1, 1]
+
+
+# ---------------------------------------------------------------------------
+# Loss and training
+# ---------------------------------------------------------------------------
+
+
+def vae_loss(
+    vae: AutoencoderKL,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    l1_weight: float = 1.0,
+    mse_weight: float = 1.0,
+    kl_weight: float = 1e-6,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction + KL loss of a batch ``x`` (B, 3, H, W) in [-1, 1]; (loss, logs)."""
+    posterior = vae.encode(x).latent_dist  # mean, std: (B, C, h, w)
+    z = posterior.sample(generator=generator)  # (B, C, h, w)
+    y = vae.decode(z).sample  # (B, 3, H, W)
+    err = y.float() - x.float()
+    l1, mse = err.abs().mean(), err.square().mean()
+    kl = posterior.kl().sum() / x.numel()  # summed over latent values, per pixel value (LDM)
+    loss = l1_weight * l1 + mse_weight * mse + kl_weight * kl
+    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+
+def _check_positive(value: Any, name: str, kind: type = int) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def _check_weight(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``steps`` (0-based)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def train_vae(
+    images: ImageSource,
+    steps: int = 1500,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    seed: int = 0,
+    kl_weight: float = 1e-6,
+    l1_weight: float = 1.0,
+    mse_weight: float = 1.0,
+    weight_decay: float = 0.0,
+    warmup: int = 50,
+    grad_clip: float = 1.0,
+    config: dict[str, Any] | None = None,
+    vae: AutoencoderKL | None = None,
+    scale_images: int = 256,
+    callback: Callback | None = None,
+    progress: bool = True,
+) -> AutoencoderKL:
+    """Fit an ``AutoencoderKL`` to ``images`` (see ``ImageSource``) and return it in eval mode.
+
+    The model is ``AutoencoderKL(**config)`` (default ``toy_vae_config()``), built under
+    ``seed``, or ``vae`` itself when given (trained in place; not both). Batches are
+    drawn without replacement, epoch after epoch, in an order fixed by ``seed``, as are
+    the posterior samples: the same arguments give the same weights. Steps whose loss is
+    not finite raise ValueError. At the end ``scaling_factor`` is set to 1 / std of the
+    posterior samples of the first ``scale_images`` training images.
+    """
+    _check_positive(steps, "steps")
+    _check_positive(batch_size, "batch_size")
+    _check_positive(lr, "lr", float)
+    _check_positive(scale_images, "scale_images")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    for name, value in [
+        ("kl_weight", kl_weight),
+        ("l1_weight", l1_weight),
+        ("mse_weight", mse_weight),
+        ("weight_decay", weight_decay),
+        ("grad_clip", grad_clip),
+    ]:
+        _check_weight(value, name)
+    if l1_weight == 0 and mse_weight == 0:
+        raise ValueError("l1_weight and mse_weight are both 0: nothing to reconstruct")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    if config is not None and vae is not None:
+        raise ValueError("give config or vae, not both")
+    data = load_images(images)  # (N, 3, H, W) uint8
+
+    if vae is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderKL(**(config if config is not None else toy_vae_config()))
+    vae.train().requires_grad_(True)
+    device = vae.device
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed)  # batch order and posterior samples
+
+    order, pos = torch.randperm(len(data), generator=gen), 0
+    bar = tqdm(range(steps), disable=not progress, desc="vae", unit="step")
+    for step in bar:
+        idx = []
+        while len(idx) < batch_size:  # without replacement, then a fresh epoch
+            if pos == len(order):
+                order, pos = torch.randperm(len(data), generator=gen), 0
+            take = order[pos : pos + batch_size - len(idx)]
+            idx.extend(take.tolist())
+            pos += len(take)
+        x = _as_float(data[idx]).to(device, vae.dtype)  # (B, 3, H, W)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, min(warmup, steps))
+        loss, logs = vae_loss(vae, x, gen, l1_weight, mse_weight, kl_weight)
+        if not torch.isfinite(loss):
+            raise ValueError(f"non-finite VAE loss {loss.item()} at step {step + 1}; lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        logs["lr"] = opt.param_groups[0]["lr"]
+        if progress:
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        if callback is not None:
+            callback(step + 1, vae, logs)
+    bar.close()
+
+    vae.eval().requires_grad_(False)
+    set_scaling_factor(vae, data[:scale_images], generator=gen)
+    return vae
+
+
+# ---------------------------------------------------------------------------
+# Scaling and measuring
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def latent_std(
+    vae: AutoencoderKL,
+    images: ImageSource,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+) -> float:
+    """The std over all values of the posterior samples of ``images`` (unscaled latents)."""
+    data = load_images(images)
+    zs = []
+    for i in range(0, len(data), batch_size):
+        x = _as_float(data[i : i + batch_size]).to(vae.device, vae.dtype)  # (B, 3, H, W)
+        zs.append(vae.encode(x).latent_dist.sample(generator=generator).float().flatten())
+    return torch.cat(zs).std().item()
+
+
+def set_scaling_factor(
+    vae: AutoencoderKL, images: ImageSource, generator: torch.Generator | None = None
+) -> float:
+    """Set ``vae.config.scaling_factor`` to 1 / ``latent_std`` of ``images``; return it."""
+    std = latent_std(vae, images, generator=generator)
+    if not math.isfinite(std) or std <= 0:
+        raise ValueError(f"the latents' std is {std}: the VAE cannot be scaled")
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return 1.0 / std
+
+
+@torch.no_grad()
+def reconstructions(
+    vae: AutoencoderKL, images: ImageSource, batch_size: int = 64, sample: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(originals, reconstructions), float (N, 3, H, W) in [0, 1], through the posterior
+    mean (``sample=False``) or a posterior sample drawn from a generator seeded with 0."""
+    data = load_images(images)
+    gen = torch.Generator(vae.device).manual_seed(0)
+    training = vae.training
+    vae.eval()
+    out = []
+    for i in range(0, len(data), batch_size):
+        x = _as_float(data[i : i + batch_size]).to(vae.device, vae.dtype)  # (B, 3, H, W)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=gen) if sample else posterior.mode()  # (B, C, h, w)
+        out.append(vae.decode(z).sample.float().cpu())  # (B, 3, H, W)
+    vae.train(training)
+    recon = torch.cat(out).add(1).div(2).clamp(0, 1)
+    return data.float() / 255, recon
+
+
+def reconstruction_psnr(
+    vae: AutoencoderKL, images: ImageSource, batch_size: int = 64, sample: bool = False
+) -> float:
+    """PSNR in dB of the reconstructions of ``images`` (values in [0, 1], peak 1), from
+    the mean squared error over the whole set (so one perfect image cannot make it inf)."""
+    x, y = reconstructions(vae, images, batch_size, sample)
+    mse = (x - y).square().mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
