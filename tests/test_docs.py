@@ -62,6 +62,11 @@ def test_readme_training_commands_run_as_written(tmp_path):
     rows = (tmp_path / "outputs" / "try" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 40
     assert (tmp_path / "outputs" / "try" / "pipeline" / "model_index.json").is_file()
+    # then the shards block, on the toy data the config generated
+    (shards,) = [b for b in SHELL_BLOCKS if "make_shards.py" in b]
+    result = subprocess.run(["bash", "-ec", shards], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len((tmp_path / "outputs" / "sharded" / "metrics.jsonl").read_text().splitlines()) == 10
 
 
 def test_readme_infer_commands_run_as_written(tmp_path):
