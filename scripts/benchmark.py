@@ -186,6 +186,9 @@ def bench_config(name: str, args) -> dict:
         ace_ms = median_ms(make(ours), device, args.repeats, args.warmup)
         row[f"{kind}_ref_ms"], row[f"{kind}_ace_ms"] = ref_ms, ace_ms
         row[f"{kind}_speedup"] = ref_ms / ace_ms
+    # training throughput of the DiT step (forward + backward), image tokens of all frames
+    row["train_tokens_per_s_ace"] = row["tokens"] / (row["fwd_bwd_ace_ms"] / 1e3)
+    row["train_tokens_per_s_ref"] = row["tokens"] / (row["fwd_bwd_ref_ms"] / 1e3)
     return row
 
 
@@ -259,6 +262,11 @@ def main(argv=None) -> int:
                 f"{r[f'{k}_ref_ms']:>14.1f} / {r[f'{k}_ace_ms']:<9.1f}{r[f'{k}_speedup']:>8.2f}x"
             )
         print(line)
+    for r in rows:
+        print(
+            f"{r['config']}: training throughput {r['train_tokens_per_s_ace']:.0f} image tokens/s "
+            f"(reference {r['train_tokens_per_s_ref']:.0f})"
+        )
     if pipeline:
         print(
             f"{pipeline['config']} at {pipeline['size']} px, {pipeline['steps']} steps: "
