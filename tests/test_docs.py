@@ -37,45 +37,39 @@ def test_readme_python_examples_run_in_order(capsys):
     assert "(64, 64) True" in out
 
 
-def test_readme_toy_data_and_evaluation_commands_run_as_written(tmp_path):
-    (block,) = [b for b in SHELL_BLOCKS if "make_toy_data.py" in b]
-    (tmp_path / "scripts").symlink_to(ROOT / "scripts")
+def run_block(marker: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the README shell block that contains ``marker`` with bash -e in ``cwd``, where
+    ``scripts/`` and ``configs/`` link to the repository's; it must succeed."""
+    (block,) = [b for b in SHELL_BLOCKS if marker in b]
+    for name in ("scripts", "configs"):
+        if not (cwd / name).exists():
+            (cwd / name).symlink_to(ROOT / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        ["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True
+        ["bash", "-ec", block], cwd=cwd, env=env, capture_output=True, text=True
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_readme_toy_data_and_evaluation_commands_run_as_written(tmp_path):
+    result = run_block("make_toy_data.py", tmp_path)
     assert "200 LCUs, all valid" in result.stdout
     assert (tmp_path / "outputs" / "eval" / "report.json").is_file()
     assert (tmp_path / "outputs" / "eval" / "report.png").is_file()
 
 
 def test_readme_training_commands_run_as_written(tmp_path):
-    (block,) = [b for b in SHELL_BLOCKS if "train.resume=latest" in b]
-    for name in ("scripts", "configs"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(
-        ["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_block("train.resume=latest", tmp_path)
     rows = (tmp_path / "outputs" / "try" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 40
     assert (tmp_path / "outputs" / "try" / "pipeline" / "model_index.json").is_file()
     # then the shards block, on the toy data the config generated
-    (shards,) = [b for b in SHELL_BLOCKS if "make_shards.py" in b]
-    result = subprocess.run(["bash", "-ec", shards], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_block("make_shards.py", tmp_path)
     assert len((tmp_path / "outputs" / "sharded" / "metrics.jsonl").read_text().splitlines()) == 10
 
 
 def test_readme_infer_commands_run_as_written(tmp_path):
-    (block,) = [b for b in SHELL_BLOCKS if "outputs/tiny-pipeline" in b]
-    (tmp_path / "scripts").symlink_to(ROOT / "scripts")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(
-        ["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
+    run_block("outputs/tiny-pipeline", tmp_path)
     assert Image.open(tmp_path / "outputs" / "circle.png").size == (64, 64)
     assert Image.open(tmp_path / "outputs" / "blue.png").size == (64, 64)
