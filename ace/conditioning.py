@@ -29,6 +29,7 @@ import ftfy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ace.lcu import _IMAGE_EXPECTED, _MASK_EXPECTED, INDICATOR_NAMES, ImageLike, MaskLike, _describe
@@ -246,14 +247,11 @@ class ConditionTokenizer:
         return hidden[:, 0]  # (10, E)
 
     @torch.no_grad()
-    def encode_images(
-        self,
-        images: list[torch.Tensor],
-        generator: torch.Generator | None = None,
-        sample: bool = True,
-    ) -> list[torch.Tensor]:
-        """Images (3, H, W) in [-1, 1] -> latents (C, h, w) = scaling_factor * posterior sample
-        (``sample=False``: the posterior mode). Equal-size images share one VAE call."""
+    def encode_posteriors(
+        self, images: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Images (3, H, W) in [-1, 1] -> per image the VAE posterior (mean, std), each
+        (C, h, w), unscaled. Equal-size images share one VAE call."""
         if not isinstance(images, (list, tuple)) or len(images) == 0:
             raise _expected("images", "a non-empty list of tensors (3, H, W)", images)
         f = 2 ** (len(self.vae.config.block_out_channels) - 1)  # 8 for the SD VAE
@@ -264,15 +262,52 @@ class ConditionTokenizer:
             if x.shape[1] % f or x.shape[2] % f:
                 raise ValueError(f"images[{i}]: size {tuple(x.shape[1:])} is not divisible by {f}")
             groups.setdefault(tuple(x.shape[1:]), []).append(i)
-        scale = self.vae.config.scaling_factor
-        latents: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(
+            images
+        )
         for idx in groups.values():
             x = torch.stack([images[i] for i in idx])  # (B, 3, H, W)
             dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
-            z = dist.sample(generator=generator) if sample else dist.mode()  # (B, C, h, w)
-            for i, zi in zip(idx, z * scale):
+            for i, mean, std in zip(idx, dist.mean, dist.std):  # (C, h, w) each
+                out[i] = (mean, std)
+        return out
+
+    def sample_latents(
+        self,
+        posteriors: list[tuple[torch.Tensor, torch.Tensor]],
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+    ) -> list[torch.Tensor]:
+        """Posteriors (mean, std) -> latents (C, h, w) = scaling_factor * (mean + std * noise)
+        (``sample=False``: the mean). Equal shapes draw their noise in one call, in order of
+        first appearance, exactly as diffusers' ``latent_dist.sample`` on the stacked batch."""
+        scale = self.vae.config.scaling_factor
+        if not sample:
+            return [mean * scale for mean, _ in posteriors]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (mean, _) in enumerate(posteriors):
+            groups.setdefault(tuple(mean.shape), []).append(i)
+        latents: list[torch.Tensor] = [torch.empty(0)] * len(posteriors)
+        for idx in groups.values():
+            mean = torch.stack([posteriors[i][0] for i in idx])  # (B, C, h, w)
+            std = torch.stack([posteriors[i][1] for i in idx])  # (B, C, h, w)
+            noise = randn_tensor(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
+            for i, zi in zip(idx, (mean + std * noise) * scale):
                 latents[i] = zi
         return latents
+
+    @torch.no_grad()
+    def encode_images(
+        self,
+        images: list[torch.Tensor],
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+    ) -> list[torch.Tensor]:
+        """Images (3, H, W) in [-1, 1] -> latents (C, h, w) = scaling_factor * posterior sample
+        (``sample=False``: the posterior mode). Equal-size images share one VAE call."""
+        return self.sample_latents(self.encode_posteriors(images), generator, sample)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -246,3 +246,15 @@ def test_token_budget_and_shard_streams_resume_exactly(data, tmp_path, mode):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     if mode == "max_tokens":
         assert all(r["tokens"] <= 40 for r in rows) and len({r["tokens"] for r in rows}) > 1
+
+
+def test_embedding_cache_trains_like_the_encoders(data, tmp_path):
+    """data.cache: built on first use, then the same losses as encoding every step."""
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    Trainer(load_config(CONFIG, args(data, live, 4))).train()
+    cache = tmp_path / "emb"
+    Trainer(load_config(CONFIG, [*args(data, cached, 4), f"data.cache={cache}"])).train()
+    assert (cache / "cache.json").is_file()
+    np.testing.assert_allclose(losses(cached), losses(live), rtol=1e-4)
+    with pytest.raises(ValueError, match="data.shards"):
+        load_config(CONFIG, [*args(data, cached, 4), f"data.cache={cache}", "data.shards=x.tar"])

@@ -33,8 +33,35 @@ class TrainBatch:
     num_tokens: int  # image tokens of the batch, all frames (for throughput)
 
 
+@dataclass
+class PreparedLCU:
+    """One training LCU, preprocessed: its frames (target first), masks and instructions."""
+
+    frames: list[Tensor]  # per frame (3, H, W) in [-1, 1]
+    masks: list[Tensor]  # per frame (1, H, W) in {0, 1}
+    turns: list[str]  # instructions, oldest turn first, the current one last
+    frame_turns: list[int]  # per frame: the turn whose text it reads
+
+
+def prepare_training_lcu(lcu: LCU, max_seq_len: int) -> PreparedLCU:
+    """Resize and crop an LCU that carries a target as the released trainer does."""
+    if lcu.target is None:
+        raise ValueError("a training LCU needs a target")
+    target = preprocess_image(lcu.target, max_seq_len)  # (3, H, W)
+    size = tuple(target.shape[1:])
+    prepared = prepare_lcu(lcu, max_seq_len, size)
+    tmask = (
+        preprocess_mask(lcu.target_mask, size)
+        if lcu.target_mask is not None
+        else prepared.target_mask
+    )
+    return PreparedLCU(
+        [target, *prepared.images], [tmask, *prepared.masks], lcu.instructions(), lcu.frame_turns()
+    )
+
+
 def encode_batch(
-    lcus: list[LCU],
+    lcus: list,
     conditioner: ConditionTokenizer,
     model,
     max_seq_len: int,
@@ -44,36 +71,59 @@ def encode_batch(
     dtype: torch.dtype,
 ) -> TrainBatch:
     """Preprocess, encode (T5 once for every instruction of the batch, the VAE once per
-    image size) and pack a list of LCUs that each carry a target."""
-    frames, masks, texts, all_prompts, prompt_index = [], [], [], [], []
+    image size) and pack a list of LCUs that each carry a target; or pack a list of
+    ``EncodedLCU`` read from an embedding cache (``ace.train.cache``), which skips both
+    encoders. With the same generator the two give the same batch (up to float rounding
+    of batched encoder calls): the same dropout draws, then the same posterior noise."""
+    from ace.train.cache import EncodedLCU
+
+    if lcus and all(isinstance(x, EncodedLCU) for x in lcus):
+        return _encode_cached(lcus, conditioner, model, cond_dropout, generator, device, dtype)
+    items = []
     for i, lcu in enumerate(lcus):
-        if lcu.target is None:
+        if getattr(lcu, "target", None) is None:
             raise ValueError(f"training LCU {i} has no target")
-        target = preprocess_image(lcu.target, max_seq_len)  # (3, H, W)
-        size = tuple(target.shape[1:])
-        prepared = prepare_lcu(lcu, max_seq_len, size)
-        tmask = (
-            preprocess_mask(lcu.target_mask, size)
-            if lcu.target_mask is not None
-            else prepared.target_mask
-        )
-        turns = lcu.instructions()
-        if torch.rand((), generator=generator).item() < cond_dropout:
-            turns = [
-                *turns[:-1],
-                "",
-            ]  # drop the current instruction, as the unconditional half sees it
-        offset = len(all_prompts)
+        items.append(prepare_training_lcu(lcu, max_seq_len))
+    all_prompts, prompt_index = [], []
+    for item in items:
+        turns = list(item.turns)
+        if _drop(generator, cond_dropout):
+            turns[-1] = ""  # drop the current instruction, as the unconditional half sees it
+        prompt_index.append([len(all_prompts) + t for t in item.frame_turns])
         all_prompts.extend(turns)
-        prompt_index.append([offset + t for t in lcu.frame_turns()])
-        frames.append([target, *prepared.images])
-        masks.append([tmask, *prepared.masks])
     states = conditioner.encode_text(all_prompts)
     texts = [[states[j].to(device) for j in idx] for idx in prompt_index]
-    flat = [x for fs in frames for x in fs]
+    flat = [x for item in items for x in item.frames]
     latents = iter(conditioner.encode_images(flat, generator=generator))
-    lat = [[next(latents).to(device, dtype) for _ in fs] for fs in frames]
-    lmasks = [[downsample_mask(m).to(device, dtype) for m in ms] for ms in masks]
+    lat = [[next(latents).to(device, dtype) for _ in item.frames] for item in items]
+    lmasks = [[downsample_mask(m).to(device, dtype) for m in item.masks] for item in items]
+    return pack_batch(lat, lmasks, texts, model)
+
+
+def _drop(generator: torch.Generator, cond_dropout: float) -> bool:
+    """One draw per LCU, in batch order: drop its current instruction?"""
+    return torch.rand((), generator=generator).item() < cond_dropout
+
+
+def _encode_cached(items, conditioner, model, cond_dropout, generator, device, dtype):
+    texts = []
+    for item in items:
+        turns = list(item.texts)
+        if _drop(generator, cond_dropout):
+            turns[-1] = item.empty_text
+        texts.append([turns[t].to(device) for t in item.frame_turns])
+    flat = [(m, s) for item in items for m, s in zip(item.means, item.stds)]
+    latents = iter(conditioner.sample_latents(flat, generator=generator))
+    lat = [[next(latents).to(device, dtype) for _ in item.means] for item in items]
+    lmasks = [[m.to(device, dtype) for m in item.masks] for item in items]
+    return pack_batch(lat, lmasks, texts, model)
+
+
+def pack_batch(
+    lat: list[list[Tensor]], lmasks: list[list[Tensor]], texts: list[list[Tensor]], model
+) -> TrainBatch:
+    """Per sample its frames' latents (C, h, w) (target first), latent masks (1, h, w) and
+    per-frame texts (L, E) -> one packed ``TrainBatch``."""
     packed = model.pack(
         [[tuple(x.shape[-2:]) for x in fs] for fs in lat],
         [[t.shape[0] for t in ts] for ts in texts],
@@ -87,7 +137,7 @@ def encode_batch(
         [rearrange(ms[0], "c (h p) (w q) -> (h w) (c p q)", p=p, q=p) for ms in lmasks]
     )
     return TrainBatch(
-        packed, tokens, packed.pack_texts(texts), x0, tmask, len(lcus), packed.num_tokens
+        packed, tokens, packed.pack_texts(texts), x0, tmask, len(lat), packed.num_tokens
     )
 
 

@@ -67,6 +67,11 @@ class DataConfig:
     """Token budget per image (released: 1024 at 512 px); default: the model's rope_max_len."""
     cond_dropout: float = 0.1
     """Probability of replacing the current instruction with "" (for classifier-free guidance)."""
+    cache: str = ""
+    """A directory for the embedding cache (ace.train.cache): T5 states and VAE posteriors of
+    the manifest, built there on first use and read instead of running the encoders."""
+    cache_shard_size: int = 1024
+    """LCUs per embedding-cache shard."""
 
 
 @dataclass
@@ -158,6 +163,7 @@ def _check(cfg: Config) -> None:
         ("train.max_steps", t.max_steps),
         ("data.batch_size", d.batch_size),
         ("train.grad_accum", t.grad_accum),
+        ("data.cache_shard_size", d.cache_shard_size),
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -171,6 +177,11 @@ def _check(cfg: Config) -> None:
         raise ValueError("set data.manifest (a JSONL manifest or its directory) or data.shards")
     if d.max_tokens < 0:
         raise ValueError(f"data.max_tokens must be >= 0, got {d.max_tokens}")
+    if d.cache and d.shards:
+        raise ValueError(
+            "data.cache caches a manifest; it cannot be combined with data.shards "
+            "(streamed shards are encoded on the fly)"
+        )
 
 
 def to_dict(cfg: Config) -> dict:

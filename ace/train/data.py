@@ -66,6 +66,7 @@ class ManifestBatches:
     ):
         self.dataset, self.cfg, self.seed, self.rank, self.world = dataset, cfg, seed, rank, world
         self.skipped = 0
+        self.items = dataset  # what take() reads: the manifest, or an embedding cache of it
         self._epochs: list[list[list[int]]] = []  # token-budget mode: the batches of each epoch
         if cfg.max_tokens:
             from ace.data.batching import dataset_costs
@@ -105,7 +106,7 @@ class ManifestBatches:
         out = []
         for i in self.indices(step):
             try:
-                out.append(self.dataset[i])
+                out.append(self.items[i])
             except ValueError as e:
                 self.skipped += 1
                 warnings.warn(f"skipping sample {i}: {e}", stacklevel=2)

@@ -96,6 +96,17 @@ class Trainer:
         )
         self.max_seq_len = cfg.data.max_seq_len or transformer.config.rope_max_len
         self.batches = make_batches(cfg.data, self.accelerator, t.seed, self.max_seq_len)
+        if cfg.data.cache:  # read T5 states and VAE posteriors instead of running the encoders
+            from ace.train.cache import build_cache
+
+            self.batches.items = build_cache(
+                self.batches.dataset,
+                self.conditioner,
+                cfg.data.cache,
+                self.max_seq_len,
+                cfg.data.cache_shard_size,
+                self.accelerator,
+            )
         transformer.set_attention_backend(cfg.model.attention_backend)
         if cfg.model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()

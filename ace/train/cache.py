@@ -1,0 +1,307 @@
+"""An embedding cache: the frozen encoders' outputs of a manifest, computed once.
+
+T5 and the VAE are frozen, so for a long run (or many epochs of a small set) their
+outputs can be computed once and read back every step. Set ``data.cache=DIR`` and the
+trainer builds DIR on first use (every process takes its share of the shards) and then
+reads it instead of running either encoder:
+
+    python scripts/train.py --config configs/toy.yaml data.cache=outputs/toy-cache
+
+or build it ahead of time (``build_cache`` is what the trainer calls):
+
+    from ace.train.cache import EmbeddingCache, build_cache
+    build_cache(manifest, conditioner, "cache/", max_seq_len=1024)
+    cache = EmbeddingCache("cache/", fingerprint=cache_fingerprint(manifest, conditioner, 1024))
+    cache[0].texts, cache[0].means  # T5 states per turn; VAE posterior means per frame
+
+What is stored, per LCU: the T5 states of each instruction (valid tokens only, as
+``ConditionTokenizer.encode_text`` gives them), the VAE posterior (mean and std, unscaled)
+and the latent-resolution mask of each frame (target first), and which turn each frame
+reads. The posterior, not one sample of it, is stored, so every step still draws fresh
+latent noise, from the step's generator exactly as the uncached path does. Files:
+
+    DIR/shard-00000.safetensors   tensors "{i}/text/{turn}", "{i}/mean/{frame}",
+                                  "{i}/std/{frame}", "{i}/mask/{frame}", plus "empty_text";
+                                  metadata "samples": {i: {turns, frame_turns}, or null
+                                  if it failed to load}
+    DIR/cache.json                written last: the fingerprint, shard size and counts
+
+A shard is written to a temporary file and renamed, so an interrupted build leaves whole
+shards, and the next build skips them. ``cache.json`` holds a fingerprint of the manifest
+(its size and the hashes of its first and last MiB), the encoders (their configs and a
+checksum of their weights), the token budget and the text length; a cache whose
+fingerprint differs from the run's is refused with a ValueError that names what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ace.conditioning import downsample_mask
+from ace.train.batch import prepare_training_lcu
+
+CACHE_FILE = "cache.json"
+CHUNK = 32  # LCUs per encoder call while building
+
+
+@dataclass
+class EncodedLCU:
+    """One LCU as the encoders saw it; ``encode_batch`` packs a list of these."""
+
+    texts: list[Tensor]  # per turn (L, E): T5 states of its instruction, oldest first
+    empty_text: Tensor  # (L0, E): the states of "", what a dropped instruction reads
+    frame_turns: list[int]  # per frame (target first): the turn whose text it reads
+    means: list[Tensor]  # per frame (C, h, w): VAE posterior mean, unscaled
+    stds: list[Tensor]  # per frame (C, h, w): VAE posterior std
+    masks: list[Tensor]  # per frame (1, h, w): the mask at latent resolution
+
+
+# ---------------------------------------------------------------------------
+# Fingerprint
+# ---------------------------------------------------------------------------
+
+
+def _module_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's config and of (name, shape, dtype, sum, sum of |x|) per tensor."""
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        h.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            x = t.detach().double()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}{x.sum().item():.10e}".encode())
+            h.update(f"{x.abs().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's size and its first and last MiB (cheap for huge manifests)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def cache_fingerprint(dataset, conditioner, max_seq_len: int) -> dict[str, Any]:
+    """What a cache must agree with to be reused: manifest, encoders, token budget, text length."""
+    return {
+        "manifest": _file_digest(Path(dataset.path)),
+        "num_samples": len(dataset),
+        "text_encoder": _module_digest(conditioner.text_encoder),
+        "vae": _module_digest(conditioner.vae),
+        "scaling_factor": float(conditioner.vae.config.scaling_factor),
+        "max_seq_len": int(max_seq_len),
+        "max_length": int(conditioner.max_length),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------
+
+
+def num_shards(num_samples: int, shard_size: int) -> int:
+    return math.ceil(num_samples / shard_size)
+
+
+def shard_path(root: Path, shard: int) -> Path:
+    return root / f"shard-{shard:05d}.safetensors"
+
+
+def build_shards(
+    dataset,
+    conditioner,
+    root: str | os.PathLike,
+    max_seq_len: int,
+    shard_size: int = 1024,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> int:
+    """Write this rank's missing shards (shard s belongs to rank s % world_size); returns
+    the number of samples skipped because they failed to load (each warned about)."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    todo = [
+        s
+        for s in range(num_shards(len(dataset), shard_size))
+        if s % world_size == rank and not shard_path(root, s).is_file()
+    ]
+    empty = conditioner.encode_text([""])[0].float().cpu().contiguous()  # (L0, E)
+    skipped = 0
+    bar = tqdm(
+        total=sum(min(shard_size, len(dataset) - s * shard_size) for s in todo),
+        desc="embedding cache",
+        unit="LCU",
+        disable=not progress,
+    )
+    for s in todo:
+        tensors: dict[str, Tensor] = {"empty_text": empty}
+        samples: dict[str, dict | None] = {}
+        indices = range(s * shard_size, min(len(dataset), (s + 1) * shard_size))
+        for start in range(indices.start, indices.stop, CHUNK):
+            chunk = []
+            for i in range(start, min(indices.stop, start + CHUNK)):
+                try:
+                    chunk.append((i, prepare_training_lcu(dataset[i], max_seq_len)))
+                except ValueError as e:
+                    skipped += 1
+                    samples[str(i)] = None
+                    warnings.warn(f"embedding cache: skipping sample {i}: {e}", stacklevel=2)
+            if chunk:
+                _encode_chunk(chunk, conditioner, tensors, samples)
+            bar.update(min(indices.stop, start + CHUNK) - start)
+        path = shard_path(root, s)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            save_file(tensors, tmp, metadata={"samples": json.dumps(samples)})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    bar.close()
+    return skipped
+
+
+def _encode_chunk(chunk, conditioner, tensors: dict, samples: dict) -> None:
+    """Encode the prepared LCUs of a chunk: one T5 call, one VAE call per image size."""
+    prompts = [t for _, item in chunk for t in item.turns]
+    states = iter(conditioner.encode_text(prompts))
+    posteriors = iter(conditioner.encode_posteriors([f for _, item in chunk for f in item.frames]))
+    for i, item in chunk:
+        for t in range(len(item.turns)):
+            tensors[f"{i}/text/{t}"] = next(states).float().cpu().contiguous()
+        for f, mask in enumerate(item.masks):
+            mean, std = next(posteriors)
+            tensors[f"{i}/mean/{f}"] = mean.cpu().contiguous()
+            tensors[f"{i}/std/{f}"] = std.cpu().contiguous()
+            tensors[f"{i}/mask/{f}"] = downsample_mask(mask).float().cpu().contiguous()
+        samples[str(i)] = {"turns": len(item.turns), "frame_turns": list(item.frame_turns)}
+
+
+def build_cache(
+    dataset,
+    conditioner,
+    root: str | os.PathLike,
+    max_seq_len: int,
+    shard_size: int = 1024,
+    accelerator=None,
+    progress: bool = True,
+) -> EmbeddingCache:
+    """Build (or finish) the cache of ``dataset`` in ``root`` and open it.
+
+    With an ``accelerator`` every process writes its share of the shards and the main
+    process writes ``cache.json`` once all are there. An existing complete cache is
+    opened as is, after its fingerprint is checked against this run's.
+    """
+    root = Path(root)
+    fingerprint = cache_fingerprint(dataset, conditioner, max_seq_len)
+    if (root / CACHE_FILE).is_file():
+        return EmbeddingCache(root, fingerprint)
+    rank = 0 if accelerator is None else accelerator.process_index
+    world = 1 if accelerator is None else accelerator.num_processes
+    is_main = rank == 0
+    skipped = build_shards(
+        dataset, conditioner, root, max_seq_len, shard_size, rank, world, progress and is_main
+    )
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if is_main:
+        info = {
+            "fingerprint": fingerprint,
+            "shard_size": shard_size,
+            "num_shards": num_shards(len(dataset), shard_size),
+            "skipped_by_rank0": skipped,
+        }
+        tmp = root / f".{CACHE_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, root / CACHE_FILE)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return EmbeddingCache(root, fingerprint)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+class EmbeddingCache:
+    """Map-style access to a built cache: ``cache[i]`` is the ``EncodedLCU`` of sample i.
+
+    A sample that was skipped while building raises ValueError (the trainer counts and
+    skips it, as it does a corrupt image). ``fingerprint``, when given, must equal the
+    stored one (ValueError naming the fields that differ).
+    """
+
+    def __init__(self, root: str | os.PathLike, fingerprint: dict[str, Any] | None = None):
+        self.root = Path(root)
+        info_path = self.root / CACHE_FILE
+        if not info_path.is_file():
+            raise ValueError(f"{self.root} is not a built embedding cache (no {CACHE_FILE})")
+        self.info = json.loads(info_path.read_text())
+        stored = self.info["fingerprint"]
+        if fingerprint is not None and stored != fingerprint:
+            changed = sorted(
+                k for k in {*stored, *fingerprint} if stored.get(k) != fingerprint.get(k)
+            )
+            raise ValueError(
+                f"embedding cache {self.root} was built for a different {', '.join(changed)}; "
+                "delete it, or point data.cache at a new directory"
+            )
+        self.shard_size = int(self.info["shard_size"])
+        self._n = int(stored["num_samples"])
+        for s in range(int(self.info["num_shards"])):
+            if not shard_path(self.root, s).is_file():
+                raise ValueError(
+                    f"embedding cache {self.root}: {shard_path(self.root, s).name} is missing"
+                )
+        self._open: dict[int, tuple[Any, dict]] = {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _shard(self, s: int):
+        if s not in self._open:
+            f = safe_open(str(shard_path(self.root, s)), framework="pt")
+            self._open[s] = (f, json.loads(f.metadata()["samples"]))
+        return self._open[s]
+
+    def __getitem__(self, i: int) -> EncodedLCU:
+        if not 0 <= i < self._n:
+            raise IndexError(f"sample {i} out of range for a cache of {self._n}")
+        f, samples = self._shard(i // self.shard_size)
+        meta = samples.get(str(i))
+        if meta is None:
+            raise ValueError(f"sample {i} failed to load when the cache was built")
+        frame_turns, num_turns = meta["frame_turns"], meta["turns"]
+        num_frames = len(frame_turns)
+        get = f.get_tensor
+        return EncodedLCU(
+            texts=[get(f"{i}/text/{t}") for t in range(num_turns)],
+            empty_text=get("empty_text"),
+            frame_turns=frame_turns,
+            means=[get(f"{i}/mean/{k}") for k in range(num_frames)],
+            stds=[get(f"{i}/std/{k}") for k in range(num_frames)],
+            masks=[get(f"{i}/mask/{k}") for k in range(num_frames)],
+        )

@@ -1,0 +1,127 @@
+"""The embedding cache (ace.train.cache): the same batches as the encoders, fewer encoder calls."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from ace.conditioning import ConditionTokenizer
+from ace.data.manifest import LCUManifest, write_manifest
+from ace.data.toy import sample_stream
+from ace.testing import tiny_text_encoder, tiny_transformer, tiny_vae
+from ace.train.batch import encode_batch
+from ace.train.cache import EmbeddingCache, EncodedLCU, build_cache, shard_path
+
+MAX_SEQ_LEN = 1024
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    tokenizer, text_encoder = tiny_text_encoder()
+    return ConditionTokenizer(tokenizer, text_encoder, tiny_vae()), tiny_transformer()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache") / "data"
+    write_manifest((s.lcu for s in sample_stream(10, seed=3, size=32)), root, progress=False)
+    return LCUManifest(root)
+
+
+@pytest.fixture(scope="module")
+def cache(manifest, parts, tmp_path_factory):
+    conditioner, _ = parts
+    root = tmp_path_factory.mktemp("cache") / "emb"
+    return build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
+
+
+def batch(items, parts, seed, dropout=0.5):
+    conditioner, model = parts
+    g = torch.Generator().manual_seed(seed)
+    cpu = torch.device("cpu")
+    return encode_batch(items, conditioner, model, MAX_SEQ_LEN, dropout, g, cpu, torch.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_batches_equal_the_encoders(manifest, cache, parts, seed):
+    """Same generator -> same dropout draws and same posterior noise, so the same batch."""
+    idx = [7, 0, 3, 9, 4]
+    live = batch([manifest[i] for i in idx], parts, seed)
+    cached = batch([cache[i] for i in idx], parts, seed)
+    assert all(isinstance(cache[i], EncodedLCU) for i in idx)
+    assert live.packed.frame_sizes == cached.packed.frame_sizes
+    assert live.packed.text_lengths == cached.packed.text_lengths  # the same texts were dropped
+    for name in ("tokens", "text", "x0", "target_mask"):
+        torch.testing.assert_close(
+            getattr(cached, name), getattr(live, name), rtol=1e-5, atol=1e-5, msg=name
+        )
+
+
+def test_cache_layout_and_every_sample(cache, manifest):
+    info = json.loads((cache.root / "cache.json").read_text())
+    assert info["num_shards"] == 3 and len(cache) == len(manifest) == 10
+    assert sorted(p.name for p in cache.root.iterdir()) == [
+        "cache.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
+    for i in range(len(cache)):
+        item, lcu = cache[i], manifest[i]
+        assert len(item.texts) == len(lcu.instructions())
+        assert item.frame_turns == lcu.frame_turns()
+        assert len(item.means) == len(item.stds) == len(item.masks) == 1 + len(lcu.images)
+        assert item.means[0].shape == (4, 4, 4)  # tiny VAE: 32 px -> 4 x 4, 4 channels
+    with pytest.raises(IndexError):
+        cache[10]
+
+
+def test_reopening_checks_the_fingerprint(cache, manifest, parts):
+    conditioner, _ = parts
+    again = build_cache(manifest, conditioner, cache.root, MAX_SEQ_LEN, shard_size=4)
+    assert again.info == cache.info  # an existing cache is opened, not rebuilt
+    other_vae = tiny_vae()  # other random weights
+    with torch.no_grad():
+        for p in other_vae.parameters():
+            p.add_(0.01)
+    other = ConditionTokenizer(conditioner.tokenizer, conditioner.text_encoder, other_vae)
+    with pytest.raises(ValueError, match="different vae"):
+        build_cache(manifest, other, cache.root, MAX_SEQ_LEN, shard_size=4)
+    with pytest.raises(ValueError, match="different max_seq_len"):
+        build_cache(manifest, conditioner, cache.root, 256, shard_size=4)
+    with pytest.raises(ValueError, match="not a built embedding cache"):
+        EmbeddingCache(cache.root / "nowhere")
+
+
+def test_an_interrupted_build_keeps_whole_shards_and_finishes(manifest, parts, tmp_path, cache):
+    conditioner, _ = parts
+    root = tmp_path / "emb"
+    build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
+    # as if killed after shard 0: shards 1 and 2 and cache.json never landed
+    (root / "cache.json").unlink()
+    for s in (1, 2):
+        shard_path(root, s).unlink()
+    kept = os.stat(shard_path(root, 0)).st_mtime_ns
+    finished = build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
+    assert os.stat(shard_path(root, 0)).st_mtime_ns == kept  # not rewritten
+    for i in range(len(manifest)):
+        a, b = finished[i], cache[i]
+        assert all(torch.equal(x, y) for x, y in zip(a.means + a.texts, b.means + b.texts))
+
+
+def test_a_broken_sample_is_skipped_and_named(parts, tmp_path):
+    conditioner, _ = parts
+    root = tmp_path / "data"
+    write_manifest((s.lcu for s in sample_stream(4, seed=5, size=32)), root, progress=False)
+    first = json.loads((root / "manifest.jsonl").read_text().splitlines()[0])
+    (root / first["target"]).write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipping sample 0"):
+        cache = build_cache(
+            LCUManifest(root), conditioner, tmp_path / "emb", MAX_SEQ_LEN, progress=False
+        )
+    with pytest.raises(ValueError, match="sample 0 failed to load"):
+        cache[0]
+    assert isinstance(cache[1], EncodedLCU)
+    assert not list((tmp_path / "emb").glob(".*tmp*"))  # no temporary files left
