@@ -223,6 +223,11 @@ class ConditionTokenizer:
         self.vae = vae.eval().requires_grad_(False)
         self.max_length = max_length
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent pixel along each side: 8 for the released (SD) VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """One tokenizer call, one encoder call: hidden (B, N, E) and attention mask (B, N)."""
         kw = {"padding": "max_length", "max_length": self.max_length, "truncation": True}
@@ -254,7 +259,7 @@ class ConditionTokenizer:
         (C, h, w), unscaled. Equal-size images share one VAE call."""
         if not isinstance(images, (list, tuple)) or len(images) == 0:
             raise _expected("images", "a non-empty list of tensors (3, H, W)", images)
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)  # 8 for the SD VAE
+        f = self.vae_factor
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(images):
             if not _is_tensor(x, 3, 3):

@@ -234,10 +234,11 @@ class ACEPipeline(DiffusionPipeline):
         if height is not None or width is not None or not lcu.images:
             size = (height or self.default_size, width or self.default_size)
         prepared = prepare_lcu(lcu, self.max_seq_len, size)
-        h, w = prepared.target_size[0] // 8, prepared.target_size[1] // 8
+        conditioner = self.conditioner
+        f = conditioner.vae_factor  # 8 for the released VAE
+        h, w = prepared.target_size[0] // f, prepared.target_size[1] // f
 
         # 3. encode: T5 once for every instruction (and the negative prompt), VAE once
-        conditioner = self.conditioner
         turns = lcu.instructions()
         states = conditioner.encode_text([*turns, negative_prompt] if cfg else turns)
         frame_turns = lcu.frame_turns()
@@ -250,8 +251,8 @@ class ACEPipeline(DiffusionPipeline):
             if prepared.images
             else []
         )
-        cond_masks = [downsample_mask(m) for m in prepared.masks]
-        target_mask = downsample_mask(prepared.target_mask).to(device, dtype)  # (1, h, w)
+        cond_masks = [downsample_mask(m, f) for m in prepared.masks]
+        target_mask = downsample_mask(prepared.target_mask, f).to(device, dtype)  # (1, h, w)
 
         # 4. prepare the target's initial noise
         C = self.transformer.config.in_channels
@@ -260,7 +261,7 @@ class ACEPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(
-                f"latents shape {tuple(latents.shape)}, expected {shape} for a {h * 8}x{w * 8} target"
+                f"latents shape {tuple(latents.shape)}, expected {shape} for a {h * f}x{w * f} target"
             )
         latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):

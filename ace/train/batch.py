@@ -96,7 +96,8 @@ def encode_batch(
     flat = [x for item in items for x in item.frames]
     latents = iter(conditioner.encode_images(flat, generator=generator))
     lat = [[next(latents).to(device, dtype) for _ in item.frames] for item in items]
-    lmasks = [[downsample_mask(m).to(device, dtype) for m in item.masks] for item in items]
+    f = conditioner.vae_factor
+    lmasks = [[downsample_mask(m, f).to(device, dtype) for m in item.masks] for item in items]
     return pack_batch(lat, lmasks, texts, model)
 
 

@@ -55,6 +55,7 @@ from ace.conditioning import downsample_mask
 from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
+FORMAT = 1  # bump when what a shard holds changes
 CHUNK = 32  # LCUs per encoder call while building
 
 
@@ -104,6 +105,7 @@ def _file_digest(path: Path) -> str:
 def cache_fingerprint(dataset, conditioner, max_seq_len: int) -> dict[str, Any]:
     """What a cache must agree with to be reused: manifest, encoders, token budget, text length."""
     return {
+        "format": FORMAT,
         "manifest": _file_digest(Path(dataset.path)),
         "num_samples": len(dataset),
         "text_encoder": _module_digest(conditioner.text_encoder),
@@ -195,7 +197,8 @@ def _encode_chunk(chunk, conditioner, tensors: dict, samples: dict) -> None:
             mean, std = next(posteriors)
             tensors[f"{i}/mean/{f}"] = mean.cpu().contiguous()
             tensors[f"{i}/std/{f}"] = std.cpu().contiguous()
-            tensors[f"{i}/mask/{f}"] = downsample_mask(mask).float().cpu().contiguous()
+            lmask = downsample_mask(mask, conditioner.vae_factor)  # (1, h, w)
+            tensors[f"{i}/mask/{f}"] = lmask.float().cpu().contiguous()
         samples[str(i)] = {"turns": len(item.turns), "frame_turns": list(item.frame_turns)}
 
 
