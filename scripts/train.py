@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Train ACE: one process on a CPU, or many through torchrun / accelerate launch.
 
-    python scripts/train.py --config configs/toy.yaml
-    python scripts/train.py --config configs/toy.yaml train.max_steps=8 train.output_dir=outputs/try
-    python scripts/train.py --config configs/toy.yaml train.resume=latest
-    torchrun --nproc_per_node 2 scripts/train.py --config configs/toy.yaml   # 2 CPU processes (gloo)
+    python scripts/train.py --config configs/toy.yaml    # the demo's model (~15 min on 2 cores)
+    python scripts/train.py --config configs/tiny.yaml train.max_steps=8 train.output_dir=outputs/try
+    python scripts/train.py --config configs/tiny.yaml train.output_dir=outputs/try train.resume=latest
+    torchrun --nproc_per_node 2 scripts/train.py --config configs/tiny.yaml   # 2 CPU processes (gloo)
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py --config ...
 
 Every key of ace/train/config.py can be set as key=value after --config.

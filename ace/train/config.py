@@ -1,6 +1,6 @@
 """Training configuration: dataclasses are the schema, YAML files and ``key=value`` override.
 
-    cfg = load_config("configs/toy.yaml", ["train.max_steps=8", "optim.lr=1e-4"])
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=8", "optim.lr=1e-4"])
 
 Unknown keys and wrong types are errors that name the key (OmegaConf structured
 configs), raised as ``ValueError``.
@@ -28,6 +28,9 @@ class ModelConfig:
     """"tiny" (random, offline, for tests and the toy demo) or a local T5 directory."""
     vae: str = "tiny"
     """"tiny" (random), or a local diffusers AutoencoderKL directory."""
+    vae_toy_steps: int = 0
+    """If > 0 and model.vae is a directory that does not exist yet: first train the toy VAE
+    (ace.train.vae) there for this many steps on toy-world images."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
     attention_backend: str = "auto"
@@ -67,7 +70,7 @@ class DataConfig:
     """Token budget per image (released: 1024 at 512 px); default: the model's rope_max_len."""
     cond_dropout: float = 0.1
     """Probability of replacing the current instruction with "" (for classifier-free guidance)."""
-    cache: str = ""
+    cache: str | None = None
     """A directory for the embedding cache (ace.train.cache): T5 states and VAE posteriors of
     the manifest, built there on first use and read instead of running the encoders."""
     cache_shard_size: int = 1024
@@ -85,7 +88,9 @@ class OptimConfig:
     weight_decay: float = 5e-4
     """AdamW weight decay (released: 5e-4)."""
     warmup_steps: int = 0
-    """Linear warm-up steps, then constant."""
+    """Linear warm-up steps."""
+    decay: str = "constant"
+    """After warm-up: "constant" (released) or "cosine" (to 0 at train.max_steps)."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
 
@@ -177,6 +182,10 @@ def _check(cfg: Config) -> None:
         raise ValueError("set data.manifest (a JSONL manifest or its directory) or data.shards")
     if d.max_tokens < 0:
         raise ValueError(f"data.max_tokens must be >= 0, got {d.max_tokens}")
+    if cfg.optim.decay not in ("constant", "cosine"):
+        raise ValueError(f"optim.decay must be constant or cosine, got {cfg.optim.decay!r}")
+    if cfg.model.vae_toy_steps < 0:
+        raise ValueError(f"model.vae_toy_steps must be >= 0, got {cfg.model.vae_toy_steps}")
     if d.cache and d.shards:
         raise ValueError(
             "data.cache caches a manifest; it cannot be combined with data.shards "

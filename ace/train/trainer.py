@@ -1,7 +1,7 @@
 """A thin trainer on accelerate: the same code on one CPU or many GPUs.
 
     from ace.train import Trainer, load_config
-    Trainer(load_config("configs/toy.yaml", ["train.max_steps=8"])).train()
+    Trainer(load_config("configs/tiny.yaml", ["train.max_steps=8"])).train()
 
 Per step: take this rank's slice of the global batch, encode it with the frozen T5 and
 VAE, pack it, and let the objective draw timesteps and noise (``ace.diffusion``). All
@@ -17,10 +17,12 @@ end, OUTPUT/pipeline/ (an ACEPipeline; EMA weights when EMA is on).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,31 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of everything random in one step of one rank: a pure function of the three."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
+    """The learning rate of ``step`` (0-based) over the base rate: linear warm-up over
+    ``warmup`` steps, then constant, or a cosine that reaches 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ensure_vae(cfg: Config, accelerator) -> None:
+    """Train the toy VAE into ``model.vae`` first when asked and it is not there yet
+    (the main process trains; the others wait)."""
+    m = cfg.model
+    if m.vae == "tiny" or m.pretrained or m.vae_toy_steps <= 0 or Path(m.vae).exists():
+        return
+    if accelerator.is_main_process:
+        from ace.train.vae import train_toy_vae
+
+        with torch.random.fork_rng(devices=[]):
+            train_toy_vae(m.vae, steps=m.vae_toy_steps, seed=cfg.train.seed)
+    accelerator.wait_for_everyone()
 
 
 def build_components(cfg: Config):
@@ -84,6 +111,7 @@ class Trainer:
             log_with=list(t.trackers) or None,
             project_dir=str(Path(t.output_dir) / "logs"),
         )
+        ensure_vae(cfg, self.accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
         tokenizer, text_encoder, vae, transformer = build_components(cfg)
@@ -121,7 +149,7 @@ class Trainer:
         )
         warmup = max(o.warmup_steps, 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1))
+            optimizer, partial(lr_factor, warmup=warmup, decay=o.decay, total=t.max_steps)
         )
         self.model, self.optimizer, self.schedule = self.accelerator.prepare(
             transformer, optimizer, schedule

@@ -1,14 +1,16 @@
 """Train a small ``AutoencoderKL`` on toy images: the latent space of the CPU demo.
 
 A random VAE cannot reconstruct anything, so the demo first fits one on the images of
-toy LCUs (inputs and targets). The geometry is the released one, 4 levels that
-downsample by 8 (64 px -> 8 x 8 latents), with more latent channels (16, not 4) so that
-an 8 x 8 code can hold a toy scene; the DiT then reads it with ``in_channels=16,
-patch_size=1``.
+toy LCUs (inputs and targets). It downsamples by 2 into 8 channels (64 px -> 32 x 32
+latents): what a 2-core CPU can fit in minutes (see ``toy_vae_config``); the DiT's
+``toy`` preset reads it with ``in_channels=8, patch_size=4``.
 
     from ace.train.vae import reconstruction_psnr, toy_images, train_vae
     vae = train_vae(toy_images(4096, seed=0), steps=1500)
     reconstruction_psnr(vae, toy_images(256, seed=0, split="eval"))  # dB
+
+``train_toy_vae(path, steps)`` does all of it and saves the result where a training
+config's ``model.vae`` points (``model.vae_toy_steps``).
 
 The loop is plain and seeded: AdamW, a linear warmup then a cosine decay to zero, and
 the loss ``l1_weight * |x - y| + mse_weight * (x - y)^2`` (means over pixels) plus
@@ -17,12 +19,17 @@ number of pixel values, which is the LDM normalisation (their f8 VAEs use 1e-6).
 no perceptual loss. At the end ``scaling_factor`` is set to 1 / std of posterior samples
 of training images, so the DiT sees unit-variance latents (SD's 0.18215 does the same).
 
-Shapes: B batch, H x W pixels, C latent channels, h x w = H / 8 x W / 8.
+Shapes: B batch, H x W pixels, C latent channels, h x w = H / f x W / f (f the factor).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -50,13 +57,16 @@ evaluates it must put it back."""
 # ---------------------------------------------------------------------------
 
 
-def toy_vae_config(latent_channels: int = 16) -> dict[str, Any]:
-    """``AutoencoderKL`` config of the demo VAE: 4 levels, factor 8, 64 px images.
+def toy_vae_config(latent_channels: int = 8) -> dict[str, Any]:
+    """``AutoencoderKL`` config of the demo VAE: 2 levels (factor 2), 64 px images.
 
-    Channels (32, 64, 64, 64) with one ResNet per level (two per decoder level) are the
-    measured trade-off on a 2-core CPU (``BENCHMARKS.md``): the 64 px level dominates
-    the cost, so it stays narrow, and the 8 x 8 level with the mid-block attention is
-    where a toy scene is laid out.
+    Measured on a 2-core CPU (``BENCHMARKS.md``): the cost of a step is the 64 px level,
+    whatever the depth below it, and in a few minutes a factor-8 VAE (the released
+    geometry) with 16 channels reaches about 16 dB on toy scenes, a factor-4 one about
+    19.5 dB, a factor-2 one over 21 dB. The DiT then reads 4 x 4 latent patches
+    (``patch_size=4``), so a 64 px frame is still 8 x 8 = 64 tokens, as with the
+    released factor 8 and patch 2 at 128 px. No mid-block attention: the toy world needs
+    none, and without it the VAE is convolutional.
     """
     if isinstance(latent_channels, bool) or not isinstance(latent_channels, int):
         raise ValueError(f"latent_channels must be an int, got {latent_channels!r}")
@@ -65,12 +75,13 @@ def toy_vae_config(latent_channels: int = 16) -> dict[str, Any]:
     return dict(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=16,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
         sample_size=64,
         scaling_factor=1.0,  # set from the latents' std after training
     )
@@ -163,6 +174,24 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def init_posterior_(vae: AutoencoderKL, logvar: float = -10.0) -> AutoencoderKL:
+    """Start the posterior nearly deterministic: log-variance ``logvar`` everywhere.
+
+    A fresh ``AutoencoderKL`` starts with log-variances near 0, so its posterior samples
+    are unit noise over latent means of about 0.1, and the decoder learns from noise
+    until the encoder has pushed them down. Zeroing the log-variance rows of
+    ``quant_conv`` (the 1x1 conv that emits mean and log-variance) and setting their
+    bias removes that phase; they stay trainable.
+    """
+    if vae.quant_conv is None:
+        raise ValueError("init_posterior_ needs an AutoencoderKL with use_quant_conv=True")
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[c:].zero_()  # (2C, 2C, 1, 1): rows C.. are the log-variances
+    vae.quant_conv.bias[c:].fill_(logvar)
+    return vae
+
+
 def vae_loss(
     vae: AutoencoderKL,
     x: torch.Tensor,
@@ -217,6 +246,8 @@ def train_vae(
     grad_clip: float = 1.0,
     config: dict[str, Any] | None = None,
     vae: AutoencoderKL | None = None,
+    init_logvar: float | None = -10.0,
+    crop: int | None = None,
     scale_images: int = 256,
     callback: Callback | None = None,
     progress: bool = True,
@@ -226,7 +257,8 @@ def train_vae(
     The model is ``AutoencoderKL(**config)`` (default ``toy_vae_config()``), built under
     ``seed``, or ``vae`` itself when given (trained in place; not both). Batches are
     drawn without replacement, epoch after epoch, in an order fixed by ``seed``, as are
-    the posterior samples: the same arguments give the same weights. Steps whose loss is
+    the posterior samples: the same arguments give the same weights. A fresh model
+    starts from ``init_posterior_(vae, init_logvar)`` unless ``init_logvar`` is None. Steps whose loss is
     not finite raise ValueError. At the end ``scaling_factor`` is set to 1 / std of the
     posterior samples of the first ``scale_images`` training images.
     """
@@ -256,6 +288,8 @@ def train_vae(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vae = AutoencoderKL(**(config if config is not None else toy_vae_config()))
+        if init_logvar is not None:
+            init_posterior_(vae, init_logvar)
     vae.train().requires_grad_(True)
     device = vae.device
     params = [p for p in vae.parameters() if p.requires_grad]
@@ -272,7 +306,12 @@ def train_vae(
             take = order[pos : pos + batch_size - len(idx)]
             idx.extend(take.tolist())
             pos += len(take)
-        x = _as_float(data[idx]).to(device, vae.dtype)  # (B, 3, H, W)
+        batch = data[idx]  # (B, 3, H, W) uint8
+        if crop is not None:  # one window per batch, on the latent grid
+            top = 8 * int(torch.randint(0, (data.shape[2] - crop) // 8 + 1, (), generator=gen))
+            left = 8 * int(torch.randint(0, (data.shape[3] - crop) // 8 + 1, (), generator=gen))
+            batch = batch[:, :, top : top + crop, left : left + crop]  # (B, 3, crop, crop)
+        x = _as_float(batch).to(device, vae.dtype)  # (B, 3, H, W)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(warmup, steps))
         loss, logs = vae_loss(vae, x, gen, l1_weight, mse_weight, kl_weight)
@@ -356,3 +395,73 @@ def reconstruction_psnr(
     x, y = reconstructions(vae, images, batch_size, sample)
     mse = (x - y).square().mean().item()
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+# ---------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------
+
+
+def save_vae(vae: AutoencoderKL, out: str | Path, info: dict | None = None) -> Path:
+    """``vae.save_pretrained`` (+ ``training.json`` from ``info``) into a temporary sibling
+    of ``out``, then renamed into place: ``out`` is complete or absent, never half-written.
+    An existing ``out`` is moved aside first and removed last."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
+    try:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        if info is not None:
+            (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def train_toy_vae(
+    out: str | Path,
+    steps: int = 1000,
+    n_images: int = 4096,
+    eval_images: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    latent_channels: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the demo VAE on the first ``n_images`` toy images (at most ``steps *
+    batch_size``: what the run can see), score it on ``eval_images`` held-out ones and
+    save it to ``out`` (``save_vae``); returns what ``training.json`` holds."""
+    # no more images than the run will see (a short run need not render thousands)
+    images = toy_images(min(n_images, steps * batch_size), seed=seed, split="train")
+    held_out = toy_images(eval_images, seed=seed, split="eval")
+    start = time.perf_counter()
+    vae = train_vae(
+        images,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        config=toy_vae_config(latent_channels),
+        progress=progress,
+    )
+    info = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_images": len(images),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+        "eval_images": len(held_out),
+        "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
+        "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
+        "scaling_factor": vae.config.scaling_factor,
+    }
+    save_vae(vae, out, info)
+    return info

@@ -1,0 +1,236 @@
+"""ace.train.vae and scripts/train_vae.py on tiny configs and a few toy images."""
+
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from ace.data.manifest import write_manifest
+from ace.data.toy import sample_stream
+from ace.train.vae import (
+    load_images,
+    reconstruction_psnr,
+    reconstructions,
+    toy_images,
+    toy_vae_config,
+    train_vae,
+)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_vae.py"
+
+
+def tiny_config(latent_channels: int = 4) -> dict:
+    return {
+        **toy_vae_config(latent_channels),
+        "block_out_channels": (8, 16),
+        "norm_num_groups": 4,
+        "sample_size": 32,
+    }
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return toy_images(8, seed=0, size=32)  # (8, 3, 32, 32) uint8
+
+
+@pytest.fixture(scope="module")
+def trained(images):
+    """A tiny VAE overfitted on 8 images, with the loss of every step."""
+    losses = []
+    vae = train_vae(
+        images, steps=60, batch_size=8, lr=3e-3, warmup=5, config=tiny_config(),
+        callback=lambda step, vae, logs: losses.append(logs["loss"]), progress=False,
+    )  # fmt: skip
+    return vae, losses
+
+
+def test_toy_vae_config_downsamples_by_2_into_8_channels():
+    vae = AutoencoderKL(**toy_vae_config())
+    z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+    assert z.shape == (1, 8, 32, 32)
+    assert toy_vae_config(4)["latent_channels"] == 4
+
+
+def test_loss_falls_by_a_large_factor(trained):
+    vae, losses = trained
+    assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < losses[0] / 4, (losses[0], losses[-5:])
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+
+
+def test_scaling_factor_gives_unit_std_latents(trained, images):
+    vae, _ = trained
+    x = images.float() / 127.5 - 1  # (8, 3, 32, 32) in [-1, 1]
+    gen = torch.Generator().manual_seed(1)
+    z = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+    assert 0.9 < z.std().item() < 1.1
+    assert vae.config.scaling_factor != 1.0
+
+
+def test_same_seed_same_weights_other_seed_other_weights(images):
+    def run(seed):
+        vae = train_vae(images, steps=2, batch_size=3, seed=seed, config=tiny_config(), progress=False)  # fmt: skip
+        return torch.cat([p.flatten() for p in vae.parameters()])
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_psnr_matches_a_direct_computation(trained, images):
+    vae, _ = trained
+    x = images.float() / 127.5 - 1
+    y = vae.decode(vae.encode(x).latent_dist.mode()).sample.add(1).div(2).clamp(0, 1)
+    mse = (y - images.float() / 255).square().mean().item()
+    assert reconstruction_psnr(vae, images, batch_size=3) == pytest.approx(-10 * math.log10(mse))
+    originals, recon = reconstructions(vae, images)
+    assert torch.allclose(recon, y, atol=1e-6) and torch.equal(originals, images.float() / 255)
+
+
+def test_save_load_round_trip_decodes_identically(trained, tmp_path):
+    vae, _ = trained
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    assert loaded.config.scaling_factor == vae.config.scaling_factor
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z).sample, vae.decode(z).sample)
+
+
+def test_load_images_reads_lcus_and_manifests_in_the_same_order(tmp_path):
+    lcus = [s.lcu for s in sample_stream(3, seed=0, size=32)]
+    write_manifest(lcus, tmp_path / "set", progress=False)
+    from_manifest = load_images(tmp_path / "set")
+    assert torch.equal(from_manifest, load_images(lcus))
+    assert len(from_manifest) == sum(len(lcu.images) + 1 for lcu in lcus)
+    assert torch.equal(load_images(lcus, limit=2), from_manifest[:2])
+    assert torch.equal(toy_images(4, seed=0, size=32), from_manifest[:4])
+    floats = load_images([from_manifest[0].float() / 255])  # (3, H, W) in [0, 1]
+    assert torch.equal(floats[0], from_manifest[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": 0}, "steps"),
+        ({"batch_size": 1.5}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"seed": -1}, "seed"),
+        ({"kl_weight": -1e-6}, "kl_weight"),
+        ({"l1_weight": 0, "mse_weight": 0}, "both 0"),
+        ({"warmup": -1}, "warmup"),
+        ({"config": {}, "vae": "x"}, "not both"),
+    ],
+)
+def test_train_vae_rejects_bad_arguments(images, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train_vae(images, **{"config": tiny_config(), "progress": False, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "source, match",
+    [
+        ([], "empty"),
+        (["not an image"], "item 0"),
+        ([torch.zeros(3, 32, 32), torch.zeros(3, 64, 64)], "one size"),
+        ([torch.zeros(3, 36, 36)], "multiple of 8"),
+        (torch.zeros(2, 1, 32, 32), r"\(N, 3, H, W\)"),
+    ],
+)
+def test_load_images_rejects_bad_sources(source, match):
+    with pytest.raises(ValueError, match=match):
+        load_images(source)
+
+
+def test_bad_config_values_raise():
+    with pytest.raises(ValueError, match="latent_channels"):
+        toy_vae_config(0)
+    with pytest.raises(FileNotFoundError):
+        load_images("/nonexistent/manifest")
+
+
+# ---------------------------------------------------------------------------- the script
+
+
+def script(argv, capsys):
+    """Run scripts/train_vae.py as __main__; return (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = [str(SCRIPT), *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_script_trains_scores_and_saves(tmp_path, capsys):
+    out = tmp_path / "vae"
+    argv = ["--out", out, "--steps", 2, "--batch-size", 2, "--n-images", 4, "--eval-images", 2, "--quiet"]  # fmt: skip
+    code, stdout, _ = script(argv, capsys)
+    assert code == 0 and "PSNR on 2 held-out toy images" in stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "training.json",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["vae"]  # no temporary left
+    info = json.loads((out / "training.json").read_text())
+    vae = AutoencoderKL.from_pretrained(out)
+    assert vae.config.latent_channels == 8 and vae.config.scaling_factor == info["scaling_factor"]
+    assert info["train_images"] == 4 and math.isfinite(info["psnr_db"])
+
+    code, _, err = script(argv, capsys)  # --out is not empty now
+    assert code == 2 and "--overwrite" in err and err.count("\n") == 1
+    code, _, _ = script([*argv, "--overwrite", "--data", _manifest(tmp_path)], capsys)
+    assert code == 0 and json.loads((out / "training.json").read_text())["data"]
+
+
+def _manifest(tmp_path: Path) -> Path:
+    lcus = [s.lcu for s in sample_stream(2, seed=0)]
+    return write_manifest(lcus, tmp_path / "data", progress=False).parent
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--steps", 0], "--steps must be at least 1"),
+        (["--batch-size", -2], "--batch-size"),
+        (["--lr", "0"], "--lr"),
+        (["--n-images", 0], "--n-images"),
+        (["--seed", -1], "--seed"),
+        (["--data", "/nonexistent/data"], "does not exist"),
+    ],
+)
+def test_script_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, extra, match):
+    out = tmp_path / "vae"
+    code, _, err = script(["--out", out, "--steps", 1, *extra], capsys)
+    assert code == 2 and match in err and err.startswith("train_vae.py: error:")
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_script_bad_manifest_exits_2(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text("{not json\n")
+    code, _, err = script(["--out", tmp_path / "vae", "--data", data], capsys)
+    assert code == 2 and "invalid JSON" in err and not (tmp_path / "vae").exists()
+
+
+def test_script_failing_save_leaves_nothing(tmp_path, capsys, monkeypatch):
+    def broken(self, path, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "config.json").write_text("{")  # half-written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", broken)
+    argv = ["--out", tmp_path / "vae", "--steps", 1, "--batch-size", 1, "--n-images", 1, "--eval-images", 1, "--quiet"]  # fmt: skip
+    with pytest.raises(OSError, match="disk full"):
+        script(argv, capsys)
+    assert list(tmp_path.iterdir()) == []
