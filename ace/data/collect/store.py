@@ -1,0 +1,86 @@
+"""Feature shards on disk: the format ``features`` writes and ``pairing`` reads.
+
+    DIR/features-00000.safetensors   tensor "features" (N, D) float32 or float16, one
+                                     row per image; metadata "ids": JSON list of N image
+                                     ids (str, e.g. paths relative to the image root)
+    DIR/features-00001.safetensors   ...
+
+Shards are numbered from 0, written to a temporary name and renamed, so a shard on disk
+is always complete; a reader takes every ``features-*.safetensors`` in name order.
+
+    save_feature_shard(DIR / shard_name(0), ["a.png", "b.png"], np.zeros((2, 768)))
+    ids, feats = load_features(DIR)   # list[str], float32 (N, D)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+PATTERN = "features-*.safetensors"
+
+
+def shard_name(index: int) -> str:
+    return f"features-{index:05d}.safetensors"
+
+
+def save_feature_shard(path: str | os.PathLike, ids: list[str], features) -> Path:
+    """Write one shard atomically: ``ids`` (N str) and ``features`` (N, D) float."""
+    path = Path(path)
+    x = torch.as_tensor(
+        np.asarray(features) if not isinstance(features, torch.Tensor) else features
+    )
+    if x.ndim != 2 or not x.is_floating_point():
+        raise ValueError(f"features must be a float array (N, D), got {tuple(x.shape)} {x.dtype}")
+    if len(ids) != x.shape[0]:
+        raise ValueError(f"{len(ids)} ids for {x.shape[0]} feature rows")
+    if not all(isinstance(i, str) for i in ids):
+        raise ValueError("image ids must be str")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save_file({"features": x.contiguous()}, tmp, metadata={"ids": json.dumps(list(ids))})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_feature_shard(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 (N, D)) of one shard; ValueError naming the file if it is unreadable."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            ids = json.loads((f.metadata() or {})["ids"])
+            x = f.get_tensor("features").float().numpy()
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ValueError(f"unreadable feature shard {path}: {e}") from e
+    if x.ndim != 2 or len(ids) != x.shape[0]:
+        raise ValueError(f"feature shard {path}: {len(ids)} ids for features {x.shape}")
+    return ids, x
+
+
+def load_features(root: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Every shard of ``root`` in name order: (ids, float32 (N, D))."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"no feature directory at {root}")
+    paths = sorted(root.glob(PATTERN))
+    if not paths:
+        raise ValueError(f"no feature shards ({PATTERN}) in {root}")
+    ids, parts = [], []
+    for path in paths:
+        shard_ids, x = read_feature_shard(path)
+        ids.extend(shard_ids)
+        parts.append(x)
+    dims = {x.shape[1] for x in parts}
+    if len(dims) > 1:
+        raise ValueError(f"feature shards in {root} disagree on the dimension: {sorted(dims)}")
+    return ids, np.concatenate(parts)

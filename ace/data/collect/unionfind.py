@@ -1,0 +1,116 @@
+"""The two union-find turns of pair mining: connected components of thresholded pairs.
+
+A union-find over the edges "similarity >= t" gives the connected components of that
+graph; ``scipy.sparse.csgraph.connected_components`` computes the same partition in C.
+Turn 1 thresholds feature cosines, computed in tiles so that memory stays bounded in a
+large cluster; turn 2 thresholds any ``PairScorer`` over every pair of a turn-1 set.
+
+>>> import numpy as np
+>>> x = np.array([[1.0, 0.0], [0.99, 0.141], [0.0, 1.0]], np.float32)
+>>> similarity_components(x, 0.9).tolist()
+[0, 0, 1]
+>>> score_components(["a", "b", "c"], lambda i, j: float({i, j} == {"b", "c"}), 0.5).tolist()
+[0, 1, 1]
+>>> set_pairs(3).tolist()
+[[0, 1], [0, 2], [1, 2]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from ace.data.collect.scorers import PairScorer, score_pairs
+
+# Letters: M nodes (images of one cluster or set), D feature dim, P pairs.
+
+
+def groups(labels: np.ndarray) -> list[np.ndarray]:
+    """Indices of each label, labels ascending, indices ascending within a group."""
+    order = np.argsort(labels, kind="stable")
+    cuts = np.flatnonzero(np.diff(labels[order])) + 1
+    return np.split(order, cuts) if len(order) else []
+
+
+def components(m: int, rows: list[np.ndarray], cols: list[np.ndarray]) -> np.ndarray:
+    """(M,) int64 connected-component label of each node of an undirected edge list."""
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(m, m)).tocsr()
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def star_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A spanning forest of the components: each node to the first node of its component."""
+    first = np.full(labels.max() + 1, -1, np.int64)
+    first[labels[::-1]] = np.arange(len(labels))[::-1]  # the last write wins: the smallest
+    rep = first[labels]
+    keep = rep != np.arange(len(labels))
+    return rep[keep], np.flatnonzero(keep)
+
+
+def similarity_components(
+    x: np.ndarray, t: float, block: int = 2048, max_edges: int | None = None
+) -> np.ndarray:
+    """Turn 1: (M,) int64 connected components of the graph "cosine >= t" of unit rows (M, D).
+
+    Tiles of ``block`` x ``block`` similarities; when the edges found exceed ``max_edges``
+    (default 4 M + 1e6) they are replaced by a spanning forest, so memory stays
+    O(M + block^2) however dense the cluster.
+    """
+    m = len(x)
+    max_edges = 4 * m + 1_000_000 if max_edges is None else max_edges
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    n_edges = 0
+    for i0 in range(0, m, block):
+        xi = x[i0 : i0 + block]  # (b, D)
+        for j0 in range(i0, m, block):
+            s = xi @ x[j0 : j0 + block].T  # (b, b') cosines
+            a, b = np.nonzero(s >= t)
+            a, b = a + i0, b + j0
+            keep = a < b
+            rows.append(a[keep])
+            cols.append(b[keep])
+            n_edges += int(keep.sum())
+        if n_edges > max_edges:
+            r, c = star_edges(components(m, rows, cols))
+            rows, cols, n_edges = [r], [c], len(r)
+    return components(m, rows, cols)
+
+
+def pairs_from_linear(m: int, lin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair (i, j), i < j, at row-major position ``lin`` of the upper triangle of M x M."""
+    i_all = np.arange(m, dtype=np.int64)
+    starts = i_all * m - i_all * (i_all + 1) // 2  # (M,) first position of row i
+    i = np.searchsorted(starts, lin, side="right") - 1
+    return i, lin - starts[i] + i + 1
+
+
+def score_components(
+    ids: Sequence[str], scorer: PairScorer, t: float, chunk: int = 65536
+) -> np.ndarray:
+    """Turn 2: (M,) int64 connected components of the graph "score >= t" over all pairs."""
+    m = len(ids)
+    total = m * (m - 1) // 2
+    rows, cols = [], []
+    for s0 in range(0, total, chunk):
+        a, b = pairs_from_linear(m, np.arange(s0, min(s0 + chunk, total), dtype=np.int64))
+        keep = score_pairs(scorer, [ids[i] for i in a], [ids[i] for i in b]) >= t
+        rows.append(a[keep])
+        cols.append(b[keep])
+    return components(m, rows, cols)
+
+
+def set_pairs(m: int, cap: int | None = None, seed: Sequence[int] = (0,)) -> np.ndarray:
+    """(P, 2) int64 pairs (i, j), i < j, of a set of ``m``: all, or ``cap`` of them drawn
+    with ``np.random.default_rng(seed)`` (row-major order either way)."""
+    total = m * (m - 1) // 2
+    if cap is None or cap >= total:
+        lin = np.arange(total, dtype=np.int64)
+    else:
+        lin = np.sort(np.random.default_rng(list(seed)).choice(total, size=cap, replace=False))
+    return np.stack(pairs_from_linear(m, lin), axis=1)
