@@ -263,7 +263,10 @@ class ACEPipeline(DiffusionPipeline):
             raise ValueError(
                 f"latents shape {tuple(latents.shape)}, expected {shape} for a {h * f}x{w * f} target"
             )
-        latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
+        # DDIM scales the initial noise (by 1); flow-matching schedulers have no such factor
+        latents = latents.to(device, torch.float32) * getattr(
+            self.scheduler, "init_noise_sigma", 1.0
+        )
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
             # sigmas from 1 to 1/n, shifted once by the scheduler, as in training (and Flux)
             sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
@@ -287,7 +290,11 @@ class ACEPipeline(DiffusionPipeline):
 
         # 6. denoise
         for t in self.progress_bar(self.scheduler.timesteps):
-            x_t = self.scheduler.scale_model_input(latents, t)
+            x_t = (
+                self.scheduler.scale_model_input(latents, t)
+                if hasattr(self.scheduler, "scale_model_input")
+                else latents
+            )
             target = patchify(torch.cat([x_t[0].to(dtype), target_mask]), p)  # (n, (C+1)*p*p)
             tokens = tokens.index_copy(0, packed.target_index, target.repeat(n_samples, 1))
             timesteps = t.reshape(1).expand(n_samples).to(device)

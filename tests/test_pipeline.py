@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from ace.conditioning import ConditionTokenizer, downsample_mask, preprocess_image
+from ace.diffusion import RectifiedFlow
 from ace.lcu import ConditionUnit
 from ace.pipeline import ACEPipeline
 from ace.testing import tiny_pipeline
@@ -208,4 +209,30 @@ def test_pipeline_equals_an_obvious_denoising_loop(pipe):
         a_prev = abar[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0, dtype=torch.float64)
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_pipeline_equals_an_obvious_euler_loop():
+    """A rectified-flow pipeline: sigmas 1 .. 1/n, shifted once, x += (s' - s) * v, guided."""
+    pipe = tiny_pipeline(seed=1, objective="rectified-flow")
+    steps, scale, shift = 4, 2.0, 3.0
+    pipe.scheduler = RectifiedFlow(shift=shift).make_scheduler()
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    got = pipe(
+        "a red square", height=32, width=32, num_inference_steps=steps, guidance_scale=scale,
+        guidance_rescale=0.0, latents=noise, output_type="latent",
+    ).images  # fmt: skip
+
+    enc = ConditionTokenizer(pipe.tokenizer, pipe.text_encoder, pipe.vae)
+    t_cur, t_neg = enc.encode_text(["a red square", ""])
+    ind, ones = pipe.indicators.table, torch.ones(1, 4, 4)
+    sigmas = [shift * s / (1 + (shift - 1) * s) for s in np.linspace(1.0, 1.0 / steps, steps)]
+    x = noise.double()
+    for i, s in enumerate(sigmas):
+        tt = torch.tensor([s * 1000.0], dtype=torch.float32)
+        with torch.no_grad():
+            c = pipe.transformer.predict([[x[0].float()]], [[ones]], [[t_cur]], tt, ind)[0]
+            u = pipe.transformer.predict([[x[0].float()]], [[ones]], [[t_neg]], tt, ind)[0]
+        v = u.double() + scale * (c.double() - u.double())
+        x = x + ((sigmas[i + 1] if i + 1 < steps else 0.0) - s) * v
     torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
