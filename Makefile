@@ -1,4 +1,4 @@
-# ace: make test (install + tests), make lint, make bench. `make demo` arrives with issue #5.
+# ace: make demo (train a toy ACE, evaluate it, edit with it), make test, make lint, make bench.
 PYTHON ?= python3
 # The CPU wheel of PyTorch that this machine keeps on disk; a torch that is already
 # installed (a CUDA build, say) is left alone.
@@ -20,6 +20,5 @@ lint: install
 bench: install
 	$(PYTHON) scripts/benchmark.py
 
-demo:
-	@echo "make demo (train a toy model, evaluate it, edit images) arrives with the training issue (#5)." >&2
-	@exit 2
+demo: install
+	$(PYTHON) scripts/demo.py

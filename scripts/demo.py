@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""The README demo (``make demo``): train a small ACE on the toy world, score it, edit with it.
+
+    python scripts/demo.py                  # about 20 minutes on 2 CPU cores
+    python scripts/demo.py --out outputs/demo --quick   # a smoke run of every step (about a minute)
+
+It runs the user-facing commands one after the other, each as its own process:
+
+1. ``scripts/train.py --config configs/toy.yaml``: makes 2048 toy LCUs, trains the toy
+   VAE, builds the embedding cache, trains the DiT, exports ``OUT/train/pipeline``;
+2. ``scripts/evaluate.py --suite toy``: scores the pipeline on held-out toy LCUs
+   against the copy and mean baselines (``OUT/report.json``, ``OUT/report.png``);
+3. ``scripts/infer.py``: a few edits of held-out toy images (``OUT/edits/``);
+
+then writes ``OUT/summary.md``: the per-task table, whether each task family beats its
+baseline on the pixels that should change (editing families: copy; text-to-image and the
+analysis tasks: mean; controllable generation: the stronger of the two), and the time of
+every step. Everything lands under OUT.
+A step that fails stops the demo with its exit status. A rerun retrains the DiT and
+keeps OUT's toy data, VAE and embedding cache (they are deterministic; ``--fresh``
+remakes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "toy.yaml"
+
+# The baselines each family must beat on the pixels that should change. Text-to-image
+# and analysis (image -> map) make a whole new image, so copying the input is no baseline
+# at all: they face the mean of the other targets. Controllable generation (map -> image)
+# faces both. Every other family edits, and faces copy.
+JUDGED_BY = {
+    "text_to_image": ("mean",),
+    "edge_map": ("mean",),
+    "segmentation_map": ("mean",),
+    "edge_to_image": ("copy", "mean"),
+    "segmentation_to_image": ("copy", "mean"),
+}
+
+# (name, toy task, seed of the held-out sample): the edits step 3 makes
+EDITS = (
+    ("recolor", "recolor", 0),
+    ("remove", "remove", 0),
+    ("add", "add", 0),
+    ("edge-map", "edge_map", 0),
+)
+
+QUICK = [  # every step runs, on almost nothing
+    "data.toy_n=16",
+    "model.vae_toy_steps=2",
+    "train.max_steps=2",
+    "train.checkpoint_every=2",
+    "data.batch_size=4",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo", help="where all goes")
+    p.add_argument("--n", type=int, default=64, help="held-out LCUs to evaluate (default 64)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: every step, tiny sizes")
+    p.add_argument(
+        "--fresh", action="store_true", help="also remake the toy data, VAE and cache of OUT"
+    )
+    return p.parse_args(argv)
+
+
+def run(name: str, cmd: list[str], timings: dict) -> None:
+    print(f"\n== {name}: {' '.join(map(str, cmd))}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.call([sys.executable, *map(str, cmd)], cwd=ROOT)
+    timings[name] = round(time.perf_counter() - start, 1)
+    if code != 0:
+        print(f"demo.py: {name} failed with exit status {code}", file=sys.stderr)
+        sys.exit(code)
+
+
+def write_edit_inputs(out: Path) -> list[dict]:
+    """The held-out toy LCUs of ``EDITS``: their input images on disk, for infer.py."""
+    from ace.data.toy import sample_stream
+
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for name, task, seed in EDITS:
+        lcu = next(sample_stream(1, seed, split="eval", tasks=task)).lcu
+        job = {
+            "name": name,
+            "instruction": lcu.instruction,
+            "images": [],
+            "output": out / f"{name}.png",
+        }
+        for k, image in enumerate(lcu.images):
+            path = out / f"{name}-input{k}.png"
+            image.save(path)
+            job["images"].append(path)
+        lcu.target.save(out / f"{name}-target.png")
+        jobs.append(job)
+    return jobs
+
+
+def verdicts(report: dict) -> list[dict]:
+    """Per task: the model's and the baseline's PSNR on the judged region, and the verdict."""
+    rows = []
+    for task, m in report["tasks"].items():
+        # the stronger of the baselines this family faces
+        theirs, baseline = max((m[f"{b}_change"], b) for b in JUDGED_BY.get(task, ("copy",)))
+        ours = m["psnr_change"]
+        rows.append(
+            {"task": task, "n": m["n"], "model": ours, "baseline": baseline, "baseline_psnr": theirs,
+             "beats": ours > theirs, "keep": m["psnr_keep"]}
+        )  # fmt: skip
+    return rows
+
+
+def summary(rows: list[dict], timings: dict, info: dict) -> str:
+    lines = [
+        "# ace demo",
+        "",
+        f"Machine: {info['machine']}; total {sum(timings.values()):.0f} s.",
+        "",
+        "| task | n | model PSNR (change) | baseline | baseline PSNR | beats it | model PSNR (keep) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['n']} | {r['model']:.2f} | {r['baseline']} | "
+            f"{r['baseline_psnr']:.2f} | {'yes' if r['beats'] else 'NO'} | {r['keep']:.2f} |"
+        )
+    lines += ["", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out.absolute()
+    # a rerun retrains the DiT; the data, VAE and cache are deterministic and kept
+    # (--fresh remakes them too)
+    for name in ["train", "edits", *(["data", "vae", "cache"] if args.fresh else [])]:
+        shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    overrides = [
+        f"data.manifest={out / 'data'}",
+        f"data.cache={out / 'cache'}",
+        f"model.vae={out / 'vae'}",
+        f"train.output_dir={out / 'train'}",
+        *(QUICK if args.quick else []),
+    ]
+    n, steps = (4, 2) if args.quick else (args.n, args.steps)
+
+    # 1. train (toy data, toy VAE, embedding cache, DiT; each made only if absent)
+    run("train", ["scripts/train.py", "--config", CONFIG, *overrides], timings)
+    pipeline = out / "train" / "pipeline"
+
+    # 2. evaluate on held-out toy LCUs
+    report_path = out / "report.json"
+    run(
+        "evaluate",
+        ["scripts/evaluate.py", "--pipeline", pipeline, "--suite", "toy", "--n", n,
+         "--steps", steps, "--quiet", "--out", report_path],
+        timings,
+    )  # fmt: skip
+
+    # 3. a few edits through infer.py
+    start = time.perf_counter()
+    jobs = write_edit_inputs(out / "edits")
+    timings["edit inputs"] = round(time.perf_counter() - start, 1)
+    for job in jobs:
+        cmd = ["scripts/infer.py", "--pipeline", pipeline, "--instruction", job["instruction"],
+               "--steps", steps, "--output", job["output"]]  # fmt: skip
+        for image in job["images"]:
+            cmd += ["--image", image]
+        if not job["images"]:
+            cmd += ["--height", 64, "--width", 64]
+        run(f"edit {job['name']}", cmd, timings)
+
+    # 4. the summary
+    import platform
+
+    report = json.loads(report_path.read_text())
+    rows = verdicts(report)
+    info = {"machine": f"{platform.processor() or platform.machine()}, {_cores()} cores"}
+    text = summary(rows, timings, info)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"tasks": rows, "seconds": timings}, indent=2))
+    print("\n" + text)
+    print(f"wrote {out}: report.json, report.png (inputs | output | target), edits/, summary.md")
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

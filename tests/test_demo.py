@@ -1,0 +1,67 @@
+"""scripts/demo.py (make demo): every step on tiny sizes, and how it judges the report."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "demo.py"
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_demo_runs_every_step(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 1. train made its data, VAE and cache, then the pipeline
+    assert (out / "data" / "manifest.jsonl").is_file()
+    vae = json.loads((out / "vae" / "training.json").read_text())
+    assert vae["steps"] == 2 and vae["train_images"] == 16  # at most steps x batch images
+    assert (out / "cache" / "cache.json").is_file()
+    index = json.loads((out / "train" / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "ACEPipeline"
+    # 2. the evaluation, 3. the edits, 4. the summary
+    assert set(json.loads((out / "report.json").read_text())["tasks"])
+    assert (out / "report.png").is_file()
+    for name in ("recolor", "remove", "add", "edge-map"):
+        assert Image.open(out / "edits" / f"{name}.png").size == (64, 64)
+        assert (out / "edits" / f"{name}-target.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"train", "evaluate", "edit recolor"} <= summary["seconds"].keys()
+    assert "| task | n |" in (out / "summary.md").read_text()
+
+
+def test_verdicts_use_the_baseline_each_family_faces():
+    demo = load_demo()
+
+    def task(model, copy, mean):
+        return {"psnr_change": model, "copy_change": copy, "mean_change": mean,
+                "psnr_keep": 30.0, "n": 4}  # fmt: skip
+
+    report = {
+        "tasks": {
+            "recolor": task(20.0, 15.0, 25.0),  # an edit: copy only, so it beats it
+            "text_to_image": task(12.0, 5.0, 13.0),  # mean: loses
+            "edge_map": task(14.0, 20.0, 13.0),  # mean: beats it, whatever copy is
+            "edge_to_image": task(16.0, 17.0, 10.0),  # the stronger of both: copy wins
+        }
+    }
+    rows = {r["task"]: r for r in demo.verdicts(report)}
+    assert (rows["recolor"]["baseline"], rows["recolor"]["beats"]) == ("copy", True)
+    assert (rows["text_to_image"]["baseline"], rows["text_to_image"]["beats"]) == ("mean", False)
+    assert (rows["edge_map"]["baseline"], rows["edge_map"]["beats"]) == ("mean", True)
+    assert rows["edge_to_image"]["baseline"] == "copy"
+    assert rows["edge_to_image"]["baseline_psnr"] == 17.0 and not rows["edge_to_image"]["beats"]
