@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -97,11 +98,11 @@ def write_edit_inputs(out: Path) -> list[dict]:
         lcu = next(sample_stream(1, seed, split="eval", tasks=task)).lcu
         job = {
             "name": name,
-            "instruction": lcu.instruction,
+            "instruction": lcu.current.instruction,
             "images": [],
             "output": out / f"{name}.png",
         }
-        for k, image in enumerate(lcu.images):
+        for k, image in enumerate(lcu.current.images):
             path = out / f"{name}-input{k}.png"
             image.save(path)
             job["images"].append(path)
@@ -111,17 +112,29 @@ def write_edit_inputs(out: Path) -> list[dict]:
 
 
 def verdicts(report: dict) -> list[dict]:
-    """Per task: the model's and the baseline's PSNR on the judged region, and the verdict."""
+    """Per task: the model's and the baseline's PSNR on the judged region, and the verdict.
+
+    A metric the report leaves out (null: NaN, e.g. the mean baseline of a task with one
+    sample) is skipped; with no baseline left the verdict is None (n/a)."""
     rows = []
     for task, m in report["tasks"].items():
-        # the stronger of the baselines this family faces
-        theirs, baseline = max((m[f"{b}_change"], b) for b in JUDGED_BY.get(task, ("copy",)))
-        ours = m["psnr_change"]
+        ours = _number(m["psnr_change"])
+        faced = [(_number(m[f"{b}_change"]), b) for b in JUDGED_BY.get(task, ("copy",))]
+        faced = [(v, b) for v, b in faced if math.isfinite(v)]
+        theirs, baseline = max(faced) if faced else (math.nan, "n/a")  # the stronger one
+        beats = (ours > theirs) if faced and math.isfinite(ours) else None
         rows.append(
             {"task": task, "n": m["n"], "model": ours, "baseline": baseline, "baseline_psnr": theirs,
-             "beats": ours > theirs, "keep": m["psnr_keep"]}
+             "beats": beats, "keep": _number(m["psnr_keep"])}
         )  # fmt: skip
     return rows
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+VERDICT = {True: "yes", False: "NO", None: "n/a"}
 
 
 def summary(rows: list[dict], timings: dict, info: dict) -> str:
@@ -136,7 +149,7 @@ def summary(rows: list[dict], timings: dict, info: dict) -> str:
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['n']} | {r['model']:.2f} | {r['baseline']} | "
-            f"{r['baseline_psnr']:.2f} | {'yes' if r['beats'] else 'NO'} | {r['keep']:.2f} |"
+            f"{r['baseline_psnr']:.2f} | {VERDICT[r['beats']]} | {r['keep']:.2f} |"
         )
     lines += ["", "| step | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
@@ -195,7 +208,11 @@ def main(argv=None) -> int:
     info = {"machine": f"{platform.processor() or platform.machine()}, {_cores()} cores"}
     text = summary(rows, timings, info)
     (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"tasks": rows, "seconds": timings}, indent=2))
+    clean = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+        for r in rows
+    ]
+    (out / "summary.json").write_text(json.dumps({"tasks": clean, "seconds": timings}, indent=2))
     print("\n" + text)
     print(f"wrote {out}: report.json, report.png (inputs | output | target), edits/, summary.md")
     return 0

@@ -65,3 +65,17 @@ def test_verdicts_use_the_baseline_each_family_faces():
     assert (rows["edge_map"]["baseline"], rows["edge_map"]["beats"]) == ("mean", True)
     assert rows["edge_to_image"]["baseline"] == "copy"
     assert rows["edge_to_image"]["baseline_psnr"] == 17.0 and not rows["edge_to_image"]["beats"]
+
+
+def test_verdicts_skip_missing_baselines():
+    demo = load_demo()
+    report = {"tasks": {
+        "grayscale": {"psnr_change": 12.0, "copy_change": None, "mean_change": None, "psnr_keep": 1.0, "n": 1},
+        "edge_to_image": {"psnr_change": 12.0, "copy_change": 3.0, "mean_change": None, "psnr_keep": 1.0, "n": 1},
+    }}  # fmt: skip
+    rows = {r["task"]: r for r in demo.verdicts(report)}
+    assert rows["grayscale"]["beats"] is None and rows["grayscale"]["baseline"] == "n/a"
+    assert (rows["edge_to_image"]["baseline"], rows["edge_to_image"]["beats"]) == ("copy", True)
+    assert "| grayscale | 1 | 12.00 | n/a | nan | n/a | 1.00 |" in demo.summary(
+        list(rows.values()), {"x": 1.0}, {"machine": "m"}
+    )
