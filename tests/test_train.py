@@ -191,6 +191,10 @@ def test_bad_config_names_the_key(data, overrides, message):
 
 
 def test_missing_manifest_and_script_errors(tmp_path, capsys):
+    missing_vae = [f"model.vae={tmp_path / 'no-vae'}", "model.vae_toy_steps=0"]
+    with pytest.raises(ValueError, match=r"model\.vae: no VAE directory"):
+        Trainer(load_config(TOY, [f"data.manifest={tmp_path / 'none'}", *missing_vae]))
+    assert not (tmp_path / "no-vae").exists()
     with pytest.raises(ValueError, match="no manifest at"):
         Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", "data.toy_n=0"]))
     result = subprocess.run(

@@ -90,6 +90,11 @@ def build_components(cfg: Config):
     else:
         tokenizer = AutoTokenizer.from_pretrained(m.text_encoder, local_files_only=True)
         text_encoder = T5EncoderModel.from_pretrained(m.text_encoder, local_files_only=True)
+    if m.vae != "tiny" and not Path(m.vae).is_dir():
+        raise ValueError(
+            f"model.vae: no VAE directory at {m.vae} "
+            "(set model.vae_toy_steps > 0 to train the toy VAE there first)"
+        )
     vae = (
         testing.tiny_vae()
         if m.vae == "tiny"
