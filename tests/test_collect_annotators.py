@@ -3,8 +3,6 @@
 import doctest
 import json
 import re
-import runpy
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _scripts import run_script
 from PIL import Image
 from transformers import (
     DPTConfig,
@@ -258,16 +257,7 @@ def test_registry_and_records():
 
 
 def run(argv, capsys):
-    """Run scripts/annotate.py as __main__; return (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = [str(SCRIPT), *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as info:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+    return run_script(SCRIPT, argv, capsys)
 
 
 @pytest.fixture

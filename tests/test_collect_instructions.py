@@ -5,14 +5,13 @@ import importlib.util
 import json
 import os
 import re
-import runpy
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _scripts import run_script
 from PIL import Image
 
 from ace.data import toy
@@ -493,16 +492,7 @@ FREE_TASKS = ["edge_map", "segmentation_map", "grayscale", "edge_to_image", "mer
 
 
 def run(argv, capsys):
-    """Run the script as __main__; return (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = [str(SCRIPT), *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as info:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+    return run_script(SCRIPT, argv, capsys)
 
 
 def load_script():

@@ -3,7 +3,6 @@ contact sheet, and scripts/evaluate.py end to end on the tiny pipeline and the t
 
 import json
 import math
-import runpy
 import sys
 import types
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import run_script
 from PIL import Image
 
 from ace.eval import METRICS, PSNR_CAP, EvalReport, contact_sheet, evaluate, psnr
@@ -245,16 +245,7 @@ def test_report_is_plain_data():
 
 
 def script(argv, capsys):
-    """Run scripts/evaluate.py as __main__; return (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = [str(SCRIPT), *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as info:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+    return run_script(SCRIPT, argv, capsys)
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,11 @@
 
 import json
 import math
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _scripts import run_script
 from diffusers import AutoencoderKL
 
 from ace.data.manifest import write_manifest
@@ -158,16 +157,7 @@ def test_bad_config_values_raise():
 
 
 def script(argv, capsys):
-    """Run scripts/train_vae.py as __main__; return (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = [str(SCRIPT), *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as info:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+    return run_script(SCRIPT, argv, capsys)
 
 
 def test_script_trains_scores_and_saves(tmp_path, capsys):
