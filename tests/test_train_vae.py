@@ -48,10 +48,10 @@ def trained(images):
     return vae, losses
 
 
-def test_toy_vae_config_downsamples_by_2_into_8_channels():
+def test_toy_vae_config_downsamples_by_4_into_8_channels():
     vae = AutoencoderKL(**toy_vae_config())
     z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
-    assert z.shape == (1, 8, 32, 32)
+    assert z.shape == (1, 8, 16, 16)
     assert toy_vae_config(4)["latent_channels"] == 4
 
 

@@ -37,10 +37,10 @@ PRESETS: dict[str, dict] = {
         in_channels=4, patch_size=2, hidden_size=48, depth=2, num_heads=4, mlp_ratio=4.0,
         text_dim=32, rope_max_len=256, qk_norm=True, pred_sigma=True, num_indicators=10,
     ),
-    # the CPU demo (configs/toy.yaml): reads the toy VAE (ace.train.vae, factor 2, 8
-    # channels) in 4 x 4 latent patches, so a 64 px frame is 64 tokens
+    # the CPU demo (configs/toy.yaml): reads the toy VAE (ace.train.vae, factor 4, 8
+    # channels) in 2 x 2 latent patches, so a 64 px frame is 64 tokens of 32 values
     "toy": dict(
-        in_channels=8, patch_size=4, hidden_size=192, depth=6, num_heads=6, mlp_ratio=4.0,
+        in_channels=8, patch_size=2, hidden_size=192, depth=6, num_heads=6, mlp_ratio=4.0,
         text_dim=32, rope_max_len=256, qk_norm=True, pred_sigma=True, num_indicators=10,
     ),
 }  # fmt: skip

@@ -25,7 +25,9 @@ class ModelConfig:
     pretrained: str | None = None
     """An ACEPipeline directory to start from (all components, e.g. converted released weights)."""
     text_encoder: str = "tiny"
-    """"tiny" (random, offline, for tests and the toy demo) or a local T5 directory."""
+    """"tiny" (a random byte-level T5, for tests), "words" (a random T5 over the words of
+    data.manifest's instructions, ace.train.word_encoder: the CPU demo's) or a local T5
+    directory."""
     vae: str = "tiny"
     """"tiny" (random), or a local diffusers AutoencoderKL directory."""
     vae_toy_steps: int = 0

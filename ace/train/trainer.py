@@ -71,7 +71,7 @@ def ensure_vae(cfg: Config, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def build_components(cfg: Config):
+def build_components(cfg: Config, accelerator=None):
     """(tokenizer, text_encoder, vae, transformer) from the model config."""
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, T5EncoderModel
@@ -87,6 +87,8 @@ def build_components(cfg: Config):
         return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer
     if m.text_encoder == "tiny":
         tokenizer, text_encoder = testing.tiny_text_encoder()
+    elif m.text_encoder == "words":
+        tokenizer, text_encoder = manifest_word_encoder(cfg, accelerator)
     else:
         tokenizer = AutoTokenizer.from_pretrained(m.text_encoder, local_files_only=True)
         text_encoder = T5EncoderModel.from_pretrained(m.text_encoder, local_files_only=True)
@@ -104,6 +106,23 @@ def build_components(cfg: Config):
     return tokenizer, text_encoder, vae, ACETransformer.from_preset(m.preset, **overrides)
 
 
+def manifest_word_encoder(cfg: Config, accelerator=None):
+    """``model.text_encoder=words``: the word-level encoder (``ace.train.word_encoder``)
+    fitted on every instruction of ``data.manifest`` (made first if it is a toy split)."""
+    from ace.conditioning import clean_text
+    from ace.train.data import build_dataset
+    from ace.train.word_encoder import word_text_encoder
+
+    if not cfg.data.manifest:
+        raise ValueError(
+            "model.text_encoder=words fits its vocabulary on the instructions of "
+            "data.manifest; set data.manifest (shards alone are not read ahead)"
+        )
+    dataset = build_dataset(cfg.data, accelerator)
+    texts = [clean_text(t["instruction"]) for r in dataset.records for t in r["turns"]]
+    return word_text_encoder(texts, seed=cfg.train.seed)
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -119,7 +138,7 @@ class Trainer:
         ensure_vae(cfg, self.accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
-        tokenizer, text_encoder, vae, transformer = build_components(cfg)
+        tokenizer, text_encoder, vae, transformer = build_components(cfg, self.accelerator)
         self.tokenizer = tokenizer
         device = self.accelerator.device
         self.conditioner = ConditionTokenizer(tokenizer, text_encoder.to(device), vae.to(device))
