@@ -195,6 +195,7 @@ def test_missing_manifest_and_script_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"model\.vae: no VAE directory"):
         Trainer(load_config(TOY, [f"data.manifest={tmp_path / 'none'}", *missing_vae]))
     assert not (tmp_path / "no-vae").exists()
+    assert not (tmp_path / "none").exists()  # failed before making toy data for the words encoder
     with pytest.raises(ValueError, match="no manifest at"):
         Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", "data.toy_n=0"]))
     result = subprocess.run(

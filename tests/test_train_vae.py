@@ -26,7 +26,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_vae.py"
 def tiny_config(latent_channels: int = 4) -> dict:
     return {
         **toy_vae_config(latent_channels),
-        "block_out_channels": (8, 16),
+        "block_out_channels": (8, 8, 16),
         "norm_num_groups": 4,
         "sample_size": 32,
     }

@@ -85,6 +85,11 @@ def build_components(cfg: Config, accelerator=None):
 
         pipe = ACEPipeline.from_pretrained(m.pretrained)
         return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer
+    if m.vae != "tiny" and not Path(m.vae).is_dir():
+        raise ValueError(
+            f"model.vae: no VAE directory at {m.vae} "
+            "(set model.vae_toy_steps > 0 to train the toy VAE there first)"
+        )
     if m.text_encoder == "tiny":
         tokenizer, text_encoder = testing.tiny_text_encoder()
     elif m.text_encoder == "words":
@@ -92,11 +97,6 @@ def build_components(cfg: Config, accelerator=None):
     else:
         tokenizer = AutoTokenizer.from_pretrained(m.text_encoder, local_files_only=True)
         text_encoder = T5EncoderModel.from_pretrained(m.text_encoder, local_files_only=True)
-    if m.vae != "tiny" and not Path(m.vae).is_dir():
-        raise ValueError(
-            f"model.vae: no VAE directory at {m.vae} "
-            "(set model.vae_toy_steps > 0 to train the toy VAE there first)"
-        )
     vae = (
         testing.tiny_vae()
         if m.vae == "tiny"
