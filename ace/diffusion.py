@@ -78,6 +78,10 @@ class Objective(ABC):
     def _noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``add_noise`` without checks."""
 
+    @abstractmethod
+    def predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        """The clean sample the network's output ``pred`` implies at x_t (N, ...), t (N,)."""
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x0, noise (N, ...), t (N,) -> x_t (N, ...)."""
         if x0.shape != noise.shape:
@@ -182,6 +186,12 @@ class DDPMEpsilon(Objective):
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise
 
+    def predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps  =>  x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        abar = self.alphas_cumprod(x_t.device)[t.long()]  # (N,)
+        a, b = (_per_row(v.to(x_t.dtype), x_t) for v in (abar.sqrt(), (1 - abar).sqrt()))
+        return (x_t - b * pred) / a
+
     def make_scheduler(self, **overrides: Any) -> DDIMScheduler:
         """The released sampler: DDIM, eta 0, trailing spacing, final alpha 1."""
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
@@ -228,6 +238,10 @@ class RectifiedFlow(Objective):
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise - x0
+
+    def predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        # x_t = x0 + s (noise - x0) = x0 + s v  =>  x0 = x_t - s v
+        return x_t - _per_row(t, x_t).to(x_t.dtype) * pred
 
     def make_scheduler(self, **overrides: Any) -> FlowMatchEulerDiscreteScheduler:
         config = dict(num_train_timesteps=self.num_train_timesteps, shift=self.shift)

@@ -137,6 +137,23 @@ def test_flow_add_noise_and_target():
     torch.testing.assert_close(obj.model_timesteps(s), s * 1000)
 
 
+def test_predict_x0_inverts_the_noising():
+    """The exact target at x_t gives back x0; DDPM also against the formula by hand."""
+    x0, noise = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    flow = RectifiedFlow()
+    s = torch.tensor([0.1, 0.5, 0.95])
+    x_t = flow.add_noise(x0, noise, s)
+    torch.testing.assert_close(flow.predict_x0(x_t, flow.target(x0, noise, s), s), x0)
+    ddpm = DDPMEpsilon()
+    t = torch.tensor([10.0, 500.0, 900.0])
+    x_t = ddpm.add_noise(x0, noise, t)
+    torch.testing.assert_close(ddpm.predict_x0(x_t, noise, t), x0, rtol=1e-4, atol=1e-4)
+    # by hand: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), abar in float64
+    abar = _ref_abar()[t.long()].view(-1, 1, 1)
+    ref = (x_t.double() - (1 - abar).sqrt() * noise.double()) / abar.sqrt()
+    torch.testing.assert_close(ddpm.predict_x0(x_t, noise, t).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_sample_timesteps():
     ddpm = DDPMEpsilon()
     t = ddpm.sample_timesteps(4096, generator=torch.Generator().manual_seed(1))

@@ -73,3 +73,9 @@ def test_readme_infer_commands_run_as_written(tmp_path):
     run_block("outputs/tiny-pipeline", tmp_path)
     assert Image.open(tmp_path / "outputs" / "circle.png").size == (64, 64)
     assert Image.open(tmp_path / "outputs" / "blue.png").size == (64, 64)
+
+
+def test_readme_probe_command_runs_as_written(tmp_path):
+    result = run_block("scripts/probe.py", tmp_path)
+    assert "copy attn" in result.stdout
+    assert (tmp_path / "outputs" / "eval" / "probe.json").is_file()

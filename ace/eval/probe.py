@@ -1,0 +1,180 @@
+"""Probe a trained pipeline: does it copy its input image, and does it read its instruction?
+
+Sampling scores (``ace.eval.harness``) say THAT a model fails a task; these say WHY, from
+one network call per LCU and noise level, on LCUs that carry their target:
+
+- ``x0_mse@L``: latent MSE of the clean target the model implies at noise level L
+  (``Objective.predict_x0``) against the true one. ``copy_mse`` is the same for the
+  first input image taken as the answer: an editing model should beat it at high noise,
+  where only the input can tell it what the target looks like.
+- ``text_effect@L``: |pred - pred with the current instruction blanked| / |pred|, the
+  instruction's pull on the prediction (the blank is the pipeline's unconditional text).
+- ``copy_attention``: per self-attention layer, the largest (over heads) mean attention
+  weight from a target token to the first input's token at the same (row, column), at
+  the highest level. Uniform attention gives 1 / (tokens of the sample); a head that
+  copies the input gives close to 1.
+
+    from ace.eval.probe import probe
+    report = probe(pipe, lcus, levels=(0.5, 0.8, 0.95))
+    report.per_task["recolor"]["text_effect@0.95"]
+
+A noise level L in (0, 1] is the flow time s = L, or the DDPM step round(L * (T - 1)).
+Shapes: C latent channels, h x w latent frame, n target tokens, T tokens of the sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ace.conditioning import downsample_mask
+from ace.diffusion import DDPMEpsilon, objective_for_scheduler
+from ace.models.rope import apply_rope
+
+
+@dataclass
+class ProbeReport:
+    per_task: dict[str, dict[str, Any]]
+    """Per task family: the metrics above (means over its LCUs), ``copy_attention`` as
+    one value per layer, and ``n``."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON: an undefined (NaN) metric becomes null."""
+
+        def clean(v: Any) -> Any:
+            return None if isinstance(v, float) and math.isnan(v) else v
+
+        tasks = {t: {k: clean(v) for k, v in m.items()} for t, m in self.per_task.items()}
+        return {"tasks": tasks, "config": self.config}
+
+
+def _check_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    levels = tuple(float(v) for v in levels)
+    if not levels or any(not 0 < v <= 1 for v in levels):  # NaN fails too
+        raise ValueError(f"levels must be a non-empty list of noise levels in (0, 1], got {levels}")
+    return tuple(sorted(levels))
+
+
+class _AttentionTap:
+    """Forward hooks on every self-attention layer that keep its attention weights
+    (H, T, T) of a one-sample batch, or ``reduce`` of them (the full maps of a large model
+    would not fit)."""
+
+    def __init__(self, blocks: Iterable[torch.nn.Module], reduce=None):
+        self.maps: list[Tensor] = []
+        self.reduce = reduce
+        self.handles = [b.attn.register_forward_hook(self._hook) for b in blocks]
+
+    def _hook(self, module, args, _out) -> None:
+        x, cos, sin = args[:3]  # one sample: all its tokens are one segment
+        q, k, _v = module.qkv(x).chunk(3, dim=-1)  # (T, d) each
+        q, k = module.norm_q(q), module.norm_k(k)
+        q, k = (t.unflatten(-1, (module.num_heads, -1)) for t in (q, k))  # (T, H, D)
+        q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
+        logits = torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])  # (H, T, T)
+        weights = logits.softmax(-1)
+        self.maps.append(self.reduce(weights) if self.reduce is not None else weights)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def probe(
+    pipe: Any,
+    lcus: Iterable[Any],
+    levels: Sequence[float] = (0.5, 0.8, 0.95),
+    seed: int = 0,
+    progress: bool = True,
+) -> ProbeReport:
+    """Probe ``pipe`` (an ``ACEPipeline``) on ``lcus`` that have a target and an input image."""
+    from ace.train.batch import prepare_training_lcu
+
+    levels = _check_levels(levels)
+    conditioner, model = pipe.conditioner, pipe.transformer
+    objective = objective_for_scheduler(pipe.scheduler)
+    device = model.device
+    ind = pipe.indicators.table.to(device, model.dtype)
+    blank = conditioner.encode_text([""])[0]
+    gen = torch.Generator().manual_seed(seed)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for i, lcu in enumerate(tqdm(list(lcus), desc="probe", unit="LCU", disable=not progress)):
+        if lcu.target is None or not lcu.images:
+            raise ValueError(f"lcus[{i}] ({lcu.task}): the probe needs a target and an input image")
+        it = prepare_training_lcu(lcu, pipe.max_seq_len)
+        lat = conditioner.encode_images(it.frames, sample=False)  # frame 0 = target, (C, h, w)
+        states = conditioner.encode_text(it.turns)
+        texts = [states[k] for k in it.frame_turns]
+        current = len(it.turns) - 1
+        blanked = [blank if k == current else states[k] for k in it.frame_turns]
+        masks = [downsample_mask(m, conditioner.vae_factor).to(device) for m in it.masks]
+        x0, first = lat[0].to(device), lat[1].to(device)
+        same_position = partial(_same_position, n=_tokens(model, x0))
+        row: dict[str, Any] = {
+            "copy_mse": ((first - x0) ** 2).mean().item() if first.shape == x0.shape else math.nan
+        }
+        for level in levels:
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = _time(objective, level).to(device)  # (1,)
+            x_t = objective.add_noise(x0[None], noise[None], t)[0]
+            frames = [x_t, *[x.to(device) for x in lat[1:]]]
+            copyable = level == levels[-1] and first.shape == x0.shape
+            tap = _AttentionTap(model.blocks, same_position) if copyable else None
+            timesteps = objective.model_timesteps(t)
+            try:
+                (out,) = model.predict([frames], [masks], [texts], timesteps, ind)
+            finally:
+                if tap is not None:
+                    tap.remove()
+            (out_blank,) = model.predict([frames], [masks], [blanked], timesteps, ind)
+            x0_hat = objective.predict_x0(x_t[None], out[None].float(), t)[0]
+            row[f"x0_mse@{level:g}"] = ((x0_hat - x0) ** 2).mean().item()
+            row[f"text_effect@{level:g}"] = ((out - out_blank).norm() / out.norm()).item()
+            if tap is not None and tap.maps:  # the best head of each layer
+                row["copy_attention"] = [heads.max().item() for heads in tap.maps]
+        rows.setdefault(lcu.task, []).append(row)
+    per_task = {task: _mean(rs) for task, rs in rows.items()}
+    config = {"levels": list(levels), "seed": seed, "objective": objective.name}
+    return ProbeReport(per_task, config)
+
+
+def _same_position(weights: Tensor, n: int) -> Tensor:
+    """(H, T, T) -> (H,): mean weight from target token j to the first input's token j
+    (frame 0 is the target, frame 1 the first input, both n tokens)."""
+    idx = torch.arange(n, device=weights.device)
+    return weights[:, idx, n + idx].mean(-1)
+
+
+def _time(objective, level: float) -> Tensor:
+    """(1,) the objective's time for a noise level in (0, 1]."""
+    if isinstance(objective, DDPMEpsilon):
+        return torch.tensor([float(round(level * (objective.num_train_timesteps - 1)))])
+    return torch.tensor([level])
+
+
+def _tokens(model, latent: Tensor) -> int:
+    """Tokens of one latent frame (C, h, w)."""
+    p = model.config.patch_size
+    return (latent.shape[-2] // p) * (latent.shape[-1] // p)
+
+
+def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in rows[0]:
+        if key == "copy_attention":
+            continue
+        vals = [r[key] for r in rows if not math.isnan(r[key])]
+        out[key] = sum(vals) / len(vals) if vals else math.nan
+    maps = [r["copy_attention"] for r in rows if "copy_attention" in r]
+    out["copy_attention"] = [sum(v) / len(maps) for v in zip(*maps)] if maps else []
+    out["n"] = len(rows)
+    return out

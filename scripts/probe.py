@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Why does a trained pipeline fail a task? Probe whether it copies its input and reads its text.
+
+    python scripts/probe.py --pipeline outputs/demo/train/pipeline --n 64
+    python scripts/probe.py --pipeline DIR --data outputs/demo/data --n 32 --levels 0.5,0.95 --out probe.json
+    python scripts/probe.py --pipeline tiny --n 4
+
+Reads held-out toy LCUs (``--suite toy``, the default) or the first ``--n`` LCUs of a
+manifest (``--data``) that have an input image, and prints per task family (see
+``ace.eval.probe``):
+
+- x0 MSE at each noise level, and copy MSE (the first input taken as the answer);
+- text effect: how much blanking the current instruction moves the prediction;
+- copy attention: the strongest same-position target -> input attention, best layer.
+
+``--out`` writes the full report as JSON (atomically), with copy attention per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PROG = "probe.py"
+
+
+class UserError(Exception):
+    """A mistake in the command line: reported in one line, exit code 2, nothing written."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--pipeline", required=True, help="an ACEPipeline directory, or 'tiny' (random, for tests)"
+    )
+    p.add_argument("--data", default=None, help="an LCU manifest (default: held-out toy LCUs)")
+    p.add_argument("--n", type=int, default=64, help="LCUs to probe (default 64)")
+    p.add_argument(
+        "--levels", default="0.5,0.8,0.95", help="noise levels in (0, 1], comma-separated"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy set and of the noise")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", default=None, help="also write the report here (.json)")
+    return p.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> list[float]:
+    """Every check that needs no model; returns the levels."""
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    try:
+        levels = [float(v) for v in args.levels.split(",")]
+    except ValueError:
+        raise UserError(
+            f"--levels must be numbers separated by commas, got {args.levels!r}"
+        ) from None
+    if any(not 0 < v <= 1 for v in levels):
+        raise UserError(f"--levels must lie in (0, 1], got {args.levels}")
+    if args.out is not None and Path(args.out).suffix.lower() != ".json":
+        raise UserError(f"--out must end with .json, got {args.out}")
+    if args.pipeline != "tiny" and not (Path(args.pipeline) / "model_index.json").is_file():
+        raise UserError(
+            f"--pipeline {args.pipeline} is not an ACEPipeline directory (no model_index.json)"
+        )
+    return levels
+
+
+def lcus(args: argparse.Namespace) -> list:
+    """The first ``--n`` LCUs with an input image, from ``--data`` or the held-out toy set."""
+    if args.data is None:
+        from ace.data.toy import sample_stream
+
+        stream = (s.lcu for s in sample_stream(4 * args.n, args.seed, split="eval"))
+    else:
+        from ace.data.manifest import LCUManifest
+
+        try:
+            dataset = LCUManifest(args.data)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e)) from e
+        stream = (dataset[i] for i in range(len(dataset)))
+    out = []
+    for lcu in stream:
+        if lcu.images and lcu.target is not None:
+            out.append(lcu)
+            if len(out) == args.n:
+                break
+    if not out:
+        raise UserError("no LCU with an input image and a target to probe")
+    return out
+
+
+def run(args: argparse.Namespace):
+    levels = check(args)
+    import torch
+
+    from ace.eval.probe import probe
+    from ace.pipeline import ACEPipeline
+    from ace.testing import tiny_pipeline
+
+    items = lcus(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = (
+        tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
+    )
+    report = probe(pipe.to(device), items, levels, seed=args.seed, progress=not args.quiet)
+    report.config = {"pipeline": str(args.pipeline), "data": args.data or "toy", **report.config}
+    return report
+
+
+def table(report) -> str:
+    levels = report.config["levels"]
+    heads = ["task", "n", "copy mse", *[f"x0 mse@{v:g}" for v in levels]]
+    heads += [f"text@{v:g}" for v in levels] + ["copy attn"]
+    rows = []
+    for task, m in report.per_task.items():
+        attn = max(m["copy_attention"]) if m["copy_attention"] else float("nan")
+        cells = [m["copy_mse"], *[m[f"x0_mse@{v:g}"] for v in levels]]
+        cells += [m[f"text_effect@{v:g}"] for v in levels] + [attn]
+        rows.append([task, str(m["n"]), *[f"{c:.3f}" for c in cells]])
+    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        )
+
+    return "\n".join([fmt(heads), "-" * len(fmt(heads)), *map(fmt, rows)])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(table(report))
+    if args.out is not None:
+        from ace.eval.harness import _atomic_write
+
+        text = json.dumps(report.to_json(), indent=1)
+        _atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""ace.eval.probe and scripts/probe.py: copy and text diagnostics of a trained pipeline."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ace.data.toy import sample_stream
+from ace.diffusion import DDPMEpsilon, objective_for_scheduler
+from ace.eval.probe import _AttentionTap, probe
+from ace.lcu import LCU, ConditionUnit
+from ace.testing import tiny_pipeline
+from tests._scripts import run_script
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe.py"
+
+
+def edit_lcus(n):
+    return [s.lcu for s in sample_stream(4 * n, 0, split="eval") if s.lcu.images][:n]
+
+
+def copying_model(pipe):
+    """A stand-in network that answers "the target is the first input", in the
+    objective's own output units, written from the noising equations by hand."""
+    obj = objective_for_scheduler(pipe.scheduler)
+
+    def predict(frames, masks, texts, timesteps, indicators=None):
+        x_t, x1 = frames[0][0], frames[0][1]
+        if isinstance(obj, DDPMEpsilon):  # x_t = sqrt(abar) x1 + sqrt(1 - abar) eps
+            abar = obj.alphas_cumprod()[timesteps.long()].float()
+            return [(x_t - abar.sqrt() * x1) / (1 - abar).sqrt()]
+        s = timesteps / obj.num_train_timesteps  # x_t = x1 + s v
+        return [(x_t - x1) / s]
+
+    return predict
+
+
+@pytest.mark.parametrize("objective", ["ddpm-eps", "rectified-flow"])
+def test_a_copying_model_scores_the_copy_error_and_no_text_effect(objective, monkeypatch):
+    pipe = tiny_pipeline(objective=objective)
+    monkeypatch.setattr(pipe.transformer, "predict", copying_model(pipe))
+    report = probe(pipe, edit_lcus(6), levels=(0.3, 0.9), progress=False)
+    for task, m in report.per_task.items():
+        for level in ("0.3", "0.9"):
+            assert m[f"x0_mse@{level}"] == pytest.approx(m["copy_mse"], rel=1e-4, abs=1e-6), task
+            assert m[f"text_effect@{level}"] == 0.0
+    assert sum(m["n"] for m in report.per_task.values()) == 6
+
+
+def test_the_attention_tap_is_the_attention_the_layer_applies():
+    """softmax weights from the tap, times the layer's own v and output projection, give
+    back the layer's output; every row sums to 1."""
+    pipe = tiny_pipeline(objective="rectified-flow")
+    model = pipe.transformer
+    for p in model.parameters():  # wake the zero-initialised layers
+        p.data.add_(torch.randn_like(p) * 0.2)
+    seen = []
+    hook = model.blocks[0].attn.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+    tap = _AttentionTap(model.blocks)
+    lat = [torch.randn(4, 8, 8), torch.randn(4, 8, 8)]
+    with torch.no_grad():
+        model.predict(
+            [lat], None, [[torch.randn(3, 32), torch.randn(3, 32)]], torch.tensor([500.0])
+        )
+    tap.remove()
+    hook.remove()
+    attn, (x, out) = tap.maps[0], seen[0]  # (H, T, T); (T, d), (T, d)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:2]))
+    module = model.blocks[0].attn
+    v = module.qkv(x).chunk(3, dim=-1)[2].unflatten(-1, (module.num_heads, -1))  # (T, H, D)
+    mixed = torch.einsum("hts,shd->thd", attn, v).flatten(1)  # (T, d)
+    torch.testing.assert_close(module.proj(mixed), out, rtol=1e-4, atol=1e-5)
+    assert len(tap.maps) == len(model.blocks)
+
+
+def test_script_prints_and_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    args = ["--pipeline", "tiny", "--n", "4", "--levels", "0.5,1", "--quiet", "--out", out]
+    code, stdout, _ = run_script(SCRIPT, args, capsys)
+    assert code == 0
+    assert "copy attn" in stdout
+    report = json.loads(out.read_text())
+    assert report["config"]["levels"] == [0.5, 1.0]
+    for m in report["tasks"].values():
+        assert {"copy_mse", "x0_mse@0.5", "x0_mse@1", "text_effect@1"} <= set(m)
+        assert len(m["copy_attention"]) == 2  # the tiny model's two layers
+        assert all(0 < a <= 1 for a in m["copy_attention"])
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--levels", "0,0.5"], r"--levels must lie in \(0, 1\]"),
+        (["--levels", "a,b"], "--levels must be numbers"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--out", "x.txt"], "--out must end with .json"),
+        (["--data", "nowhere"], "no LCU manifest"),
+    ],
+)
+def test_script_bad_arguments_exit_2_in_one_line(tmp_path, capsys, extra, match):
+    code, _, err = run_script(SCRIPT, ["--pipeline", "tiny", "--quiet", *extra], capsys)
+    assert code == 2
+    assert err.count("\n") == 1
+    assert __import__("re").search(match, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_rejects_lcus_it_cannot_probe():
+    pipe = tiny_pipeline()
+    t2i = LCU(ConditionUnit("a red circle"), target=torch.rand(3, 64, 64), task="text_to_image")
+    with pytest.raises(ValueError, match="needs a target and an input image"):
+        probe(pipe, [t2i], progress=False)
+    with pytest.raises(ValueError, match=r"levels must be .* in \(0, 1\]"):
+        probe(pipe, edit_lcus(1), levels=(0.5, 1.5), progress=False)
+    with pytest.raises(ValueError, match="levels must be"):
+        probe(pipe, edit_lcus(1), levels=(), progress=False)
