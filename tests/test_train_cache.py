@@ -95,6 +95,23 @@ def test_reopening_checks_the_fingerprint(cache, manifest, parts):
         EmbeddingCache(cache.root / "nowhere")
 
 
+def test_the_same_vae_loaded_from_another_path_reuses_the_cache(cache, manifest, parts, tmp_path):
+    """Where the weights came from (config _name_or_path) is not part of the fingerprint."""
+    from diffusers import AutoencoderKL
+
+    conditioner, _ = parts
+    conditioner.vae.save_pretrained(tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    digests = set()
+    for where in ("a", "b"):
+        vae = AutoencoderKL.from_pretrained(tmp_path / where)
+        assert str(vae.config._name_or_path).endswith(where)
+        loaded = ConditionTokenizer(conditioner.tokenizer, conditioner.text_encoder, vae)
+        again = build_cache(manifest, loaded, cache.root, MAX_SEQ_LEN, shard_size=4)
+        digests.add(again.info["fingerprint"]["vae"])
+    assert digests == {cache.info["fingerprint"]["vae"]}
+
+
 def test_an_interrupted_build_keeps_whole_shards_and_finishes(manifest, parts, tmp_path, cache):
     conditioner, _ = parts
     root = tmp_path / "emb"

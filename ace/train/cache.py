@@ -55,7 +55,7 @@ from ace.conditioning import downsample_mask
 from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
-FORMAT = 1  # bump when what a shard holds changes
+FORMAT = 2  # bump when what a shard holds changes
 CHUNK = 32  # LCUs per encoder call while building
 
 
@@ -77,11 +77,17 @@ class EncodedLCU:
 
 
 def _module_digest(module: torch.nn.Module) -> str:
-    """sha256 of a module's config and of (name, shape, dtype, sum, sum of |x|) per tensor."""
+    """sha256 of a module's config and of (name, shape, dtype, sum, sum of |x|) per tensor.
+
+    Config keys that start with "_" are left out: they say where the weights were loaded
+    from and by which library version (``_name_or_path``, ``_diffusers_version``), not
+    what the module computes, so the same VAE read through another path still matches.
+    """
     h = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:
         as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        as_dict = {k: v for k, v in as_dict.items() if not str(k).startswith("_")}
         h.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, t in module.state_dict().items():
