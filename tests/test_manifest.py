@@ -1,7 +1,6 @@
 """The LCU dataset format: write/read round trip, determinism, atomic writes, errors naming the line."""
 
 import json
-import runpy
 import subprocess
 import sys
 from collections import Counter
@@ -15,6 +14,7 @@ from PIL import Image, ImageDraw
 from ace.data import manifest as mf
 from ace.data.manifest import LCUManifest, read_record, write_lcu, write_manifest
 from ace.lcu import LCU, ConditionUnit
+from tests._scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,16 +327,7 @@ def test_validator_cli(dataset, tmp_path, capsys):
 
 def make_toy_data(argv, capsys):
     """Run scripts/make_toy_data.py as __main__ in-process; return (exit code, stdout, stderr)."""
-    script = ROOT / "scripts" / "make_toy_data.py"
-    old = sys.argv
-    sys.argv = [str(script), *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as info:
-            runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+    return run_script(ROOT / "scripts" / "make_toy_data.py", argv, capsys)
 
 
 def test_make_toy_data_writes_what_the_generator_makes(tmp_path, capsys):
