@@ -46,6 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument(
+        "--mix",
+        choices=["balanced", "train"],
+        default="balanced",
+        help="task families: equally often (default), or in the training mix",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="the report (.json); the sheet goes beside (.png)")
     return p.parse_args(argv)
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace):
         guidance_scale=args.guidance,
         guidance_rescale=args.rescale,
         progress=not args.quiet,
+        balanced=args.mix == "balanced",
     )
     report.config = {"pipeline": str(args.pipeline), **report.config}
     return report

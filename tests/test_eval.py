@@ -128,8 +128,8 @@ def fake_toy(monkeypatch):
     module.TASKS = ("t2i", "keep", "full", "empty")
     seen = {}
 
-    def sample_stream(n, seed, split="train", tasks=None, weights=None, size=64):
-        seen.update(n=n, seed=seed, split=split, tasks=tasks, size=size)
+    def sample_stream(n, seed, split="train", tasks=None, weights=None, size=64, balanced=False):
+        seen.update(n=n, seed=seed, split=split, tasks=tasks, size=size, balanced=balanced)
         picked = [s for s in samples if tasks is None or s.lcu.task in tasks]
         return iter(picked[:n])
 
@@ -141,7 +141,9 @@ def fake_toy(monkeypatch):
 def test_baselines_on_constructed_cases(fake_toy):
     pipe = EchoPipe()
     report = evaluate(pipe, n=100, steps=3, seed=7, size=16, progress=False)
-    assert fake_toy.seen == {"n": 100, "seed": 7, "split": "eval", "tasks": None, "size": 16}
+    assert fake_toy.seen == {
+        "n": 100, "seed": 7, "split": "eval", "tasks": None, "size": 16, "balanced": True
+    }  # fmt: skip
     assert list(report.tasks) == ["t2i", "keep", "full", "empty"]  # the order of TASKS
     # the pipe got the current turn, the history, the size and a seed per sample
     assert [c["generator"].initial_seed() for c in pipe.calls] == [7 + i for i in range(8)]
@@ -248,6 +250,16 @@ def script(argv, capsys):
     return run_script(SCRIPT, argv, capsys)
 
 
+def test_script_mix_train_draws_the_training_mix(fake_toy, tmp_path, capsys):
+    argv = ["--pipeline", "tiny", "--suite", "toy", "--n", 2, "--steps", 1, "--size", 16]
+    code, out, _ = script(
+        [*argv, "--mix", "train", "--quiet", "--out", tmp_path / "r.json"], capsys
+    )
+    assert code == 0, out
+    assert fake_toy.seen["balanced"] is False
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["balanced"] is False
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -256,6 +268,7 @@ def script(argv, capsys):
         (["--pipeline", "no/such/dir", "--suite", "toy"], "not an ACEPipeline directory"),
         (["--pipeline", "tiny", "--suite", "toy", "--n", "x"], "invalid int value"),
         (["--pipeline", "tiny", "--suite", "toy", "--tasks", "nonsense"], "unknown task"),
+        (["--pipeline", "tiny", "--suite", "toy", "--mix", "even"], "invalid choice: 'even'"),
     ],
 )
 def test_script_bad_input(args, match, tmp_path, capsys, monkeypatch):
@@ -276,7 +289,7 @@ def test_script_end_to_end_on_tiny(tmp_path, capsys, monkeypatch):
     code, out, _ = script(["--pipeline", "tiny", "--suite", "toy", "--n", 6, "--steps", 2, "--quiet", "--out", "tmp/report.json"], capsys)  # fmt: skip
     assert code == 0, out
     data = json.loads((tmp_path / "tmp" / "report.json").read_text())
-    expected = {s.lcu.task for s in sample_stream(6, 0, split="eval", size=64)}
+    expected = {s.lcu.task for s in sample_stream(6, 0, split="eval", size=64, balanced=True)}
     assert set(data["tasks"]) == expected
     for name, m in data["tasks"].items():
         assert set(m) == {*METRICS, "n", "keep_is_whole"} and m["n"] >= 1
@@ -284,6 +297,7 @@ def test_script_end_to_end_on_tiny(tmp_path, capsys, monkeypatch):
         assert m["copy_keep"] is None or m["copy_keep"] > 0
     assert sum(m["n"] for m in data["tasks"].values()) == data["overall"]["n"] == 6
     assert data["config"]["pipeline"] == "tiny" and data["config"]["steps"] == 2
+    assert data["config"]["balanced"] is True
     sheet = Image.open(tmp_path / "tmp" / "report.png")
     assert sheet.height == 6 * (64 + SEPARATOR) + SEPARATOR  # one row per sample
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["report.json", "report.png"]

@@ -16,6 +16,7 @@ from ace.data.toy import (
     PATTERNS,
     SEG_COLORS,
     SHAPES,
+    SPLIT_IDS,
     TASKS,
     Background,
     Edit,
@@ -211,6 +212,18 @@ def test_stream_tasks_and_weights():
     assert [s.lcu.task for s in sample_stream(3, 5, tasks="remove")] == ["remove"] * 3
 
 
+def test_balanced_stream_cycles_the_families():
+    picked = [s.lcu.task for s in sample_stream(2 * len(TASKS) + 3, 0, balanced=True)]
+    assert picked == [*TASKS, *TASKS, *TASKS[:3]]
+    picked = [s.lcu.task for s in sample_stream(5, 0, tasks=["add", "grayscale"], balanced=True)]
+    assert picked == ["add", "grayscale", "add", "grayscale", "add"]
+    # sample i is still drawn from its own seed alone
+    i = 4
+    rng = np.random.default_rng([SPLIT_IDS["eval"], 2, i])
+    got = list(sample_stream(i + 1, 2, split="eval", balanced=True))[i]
+    assert sample_pngs(got) == sample_pngs(make_sample(TASKS[i], rng))
+
+
 # ---------------------------------------------------------------------------
 # Valid LCUs
 # ---------------------------------------------------------------------------
@@ -277,3 +290,5 @@ def test_bad_input_raises_naming_it():
         sample_stream(3, 0, weights={t: 0.0 for t in TASKS})
     with pytest.raises(ValueError, match="tasks is empty"):
         sample_stream(3, 0, tasks=[])
+    with pytest.raises(ValueError, match="weights or balanced"):
+        sample_stream(3, 0, weights={"add": 1.0}, balanced=True)

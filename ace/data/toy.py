@@ -390,12 +390,15 @@ def sample_stream(
     tasks: Sequence[str] | None = None,
     weights: dict[str, float] | None = None,
     size: int = 64,
+    balanced: bool = False,
 ) -> Iterator[ToySample]:
     """``n`` samples; sample i draws everything from ``default_rng([SPLIT_IDS[split], seed, i])``.
 
     ``tasks`` (names, or one name) restricts the families, picked in proportion to
-    ``weights`` (missing entries default to ``DEFAULT_WEIGHTS``). Arguments are checked
-    at call time, not at the first ``next``.
+    ``weights`` (missing entries default to ``DEFAULT_WEIGHTS``); with ``balanced`` sample
+    i is of family ``tasks[i % len(tasks)]`` instead (every family equally often, for
+    evaluation; ``weights`` must then be None). Arguments are checked at call time, not at
+    the first ``next``.
     """
     _check_choice(split, tuple(SPLIT_IDS), "split")
     check_size(size)
@@ -410,6 +413,8 @@ def sample_stream(
         _check_choice(t, TASKS, "task")
     if not names:
         raise ValueError(f"tasks is empty; valid tasks: {', '.join(TASKS)}")
+    if balanced and weights is not None:
+        raise ValueError("give weights or balanced=True, not both")
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
     probs = np.array([float(w[t]) for t in names])
     if np.any(probs < 0) or not np.isfinite(probs).all() or probs.sum() <= 0:
@@ -421,7 +426,10 @@ def sample_stream(
     def stream() -> Iterator[ToySample]:
         for i in range(n):
             rng = np.random.default_rng([SPLIT_IDS[split], int(seed), i])
-            k = min(int(np.searchsorted(cum, rng.random(), side="right")), len(names) - 1)
+            if balanced:
+                k = i % len(names)
+            else:
+                k = min(int(np.searchsorted(cum, rng.random(), side="right")), len(names) - 1)
             yield make_sample(names[k], rng, size)
 
     return stream()

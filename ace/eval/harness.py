@@ -7,9 +7,11 @@
     report.save("report.json")                      # {"tasks": ..., "overall": ..., "config": ...}
     contact_sheet(report.rows, "report.png", labels=report.labels)
 
-Each sample of ``sample_stream(n, seed, split="eval")`` (seeds disjoint from every training
-split) runs through the pipeline on its LCU's current turn with its history. Against the
-exact target, per sample:
+Each sample of ``sample_stream(n, seed, split="eval", balanced=True)`` (seeds disjoint from
+every training split; sample i of family ``tasks[i % len(tasks)]``, so that every family is
+scored on about n / 16 samples, where the training mix would leave the rare ones with one
+or two; ``balanced=False`` draws the training mix) runs through the pipeline on its LCU's
+current turn with its history. Against the exact target, per sample:
 
 - ``*_change``: PSNR over ``change_mask``, the pixels that should change;
 - ``*_keep``: PSNR over ``~change_mask``, the pixels that should stay. Where the whole image
@@ -72,7 +74,8 @@ class EvalReport:
     overall: dict
     """The mean over tasks of each metric, and ``n``, the number of samples."""
     config: dict = field(default_factory=dict)
-    """How the set was drawn and sampled (suite, split, n, steps, seed, tasks, size, guidance)."""
+    """How the set was drawn and sampled (suite, split, n, steps, seed, tasks, balanced, size,
+    guidance)."""
     samples: list[dict] = field(default_factory=list)
     """Per sample: index, task and its metrics (not written to JSON)."""
     rows: list[list[Image.Image]] = field(default_factory=list, repr=False)
@@ -150,6 +153,7 @@ def evaluate(
     guidance_rescale: float = 0.5,
     progress: bool = True,
     max_rows: int = MAX_ROWS,
+    balanced: bool = True,
 ) -> EvalReport:
     """Score ``pipe`` on ``n`` held-out toy samples; sample i uses generator seed ``seed + i``.
 
@@ -168,7 +172,7 @@ def evaluate(
     if size < 16 or size % 16:
         raise ValueError(f"size must be a positive multiple of 16, got {size}")
 
-    samples = list(sample_stream(n, seed, split="eval", tasks=names, size=size))
+    samples = list(sample_stream(n, seed, split="eval", tasks=names, size=size, balanced=balanced))
     task_of = [s.lcu.task for s in samples]
     shown = set(_spread(task_of, max_rows))
     records: list[dict] = []
@@ -246,6 +250,7 @@ def evaluate(
         "steps": steps,
         "seed": seed,
         "tasks": names,
+        "balanced": balanced,
         "size": size,
         "guidance_scale": guidance_scale,
         "guidance_rescale": guidance_rescale,
