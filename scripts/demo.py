@@ -112,7 +112,8 @@ def write_edit_inputs(out: Path) -> list[dict]:
 
 
 def verdicts(report: dict) -> list[dict]:
-    """Per task: the model's and the baseline's PSNR on the judged region, and the verdict.
+    """Per task: the model's and the baseline's PSNR on the judged region, the verdict, and
+    the VAE's ceiling there (the best any transformer on this VAE can score).
 
     A metric the report leaves out (null: NaN, e.g. the mean baseline of a task with one
     sample) is skipped; with no baseline left the verdict is None (n/a)."""
@@ -125,7 +126,7 @@ def verdicts(report: dict) -> list[dict]:
         beats = (ours > theirs) if faced and math.isfinite(ours) else None
         rows.append(
             {"task": task, "n": m["n"], "model": ours, "baseline": baseline, "baseline_psnr": theirs,
-             "beats": beats, "keep": _number(m["psnr_keep"])}
+             "beats": beats, "ceiling": _number(m.get("vae_change")), "keep": _number(m["psnr_keep"])}
         )  # fmt: skip
     return rows
 
@@ -143,13 +144,15 @@ def summary(rows: list[dict], timings: dict, info: dict) -> str:
         "",
         f"Machine: {info['machine']}; total {sum(timings.values()):.0f} s.",
         "",
-        "| task | n | model PSNR (change) | baseline | baseline PSNR | beats it | model PSNR (keep) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| task | n | model PSNR (change) | baseline | baseline PSNR | beats it | VAE ceiling "
+        "(change) | model PSNR (keep) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['n']} | {r['model']:.2f} | {r['baseline']} | "
-            f"{r['baseline_psnr']:.2f} | {VERDICT[r['beats']]} | {r['keep']:.2f} |"
+            f"{r['baseline_psnr']:.2f} | {VERDICT[r['beats']]} | {r['ceiling']:.2f} | "
+            f"{r['keep']:.2f} |"
         )
     lines += ["", "| step | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]

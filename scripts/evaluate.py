@@ -10,7 +10,8 @@ Writes report.json ({"tasks": {name: {metrics..., "n"}}, "overall": {...}, "conf
 and, beside it, report.png: one row per sample (inputs | output | target), at most 32 rows.
 Both are written atomically once every sample has run. Prints a per-task table. PSNR is in
 dB, capped at 100; change = the pixels that should change, keep = the pixels that should stay
-(* = the whole image, where everything changes); copy / mean = the two baselines.
+(* = the whole image, where everything changes); copy / mean = the two baselines;
+vae = the ceiling (the target through the pipeline's VAE: no transformer on it does better).
 """
 
 from __future__ import annotations

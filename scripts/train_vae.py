@@ -6,8 +6,9 @@
     python scripts/train_vae.py --out outputs/toy-vae --data outputs/toy-data
 
 Without ``--data`` it trains on the first ``--n-images`` images of the toy stream
-(``sample_stream(n, seed, split="train")``: inputs and targets); with it, on the images
-of an LCU manifest. It then prints the reconstruction PSNR on held-out toy images
+(``sample_stream(n, seed, split="train", weights=TOY_VAE_WEIGHTS)``: inputs and targets,
+maps more often than the DiT sees them; ``--mix dit``: the DiT's mix); with it, on the
+images of an LCU manifest. It then prints the reconstruction PSNR on held-out toy images
 (``split="eval"``) and writes OUT/ (``config.json``, ``diffusion_pytorch_model.safetensors``
 and ``training.json``, the arguments and measurements), loadable with
 ``AutoencoderKL.from_pretrained(OUT)``. OUT appears complete or not at all (a temporary
@@ -36,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-images", type=int, default=4096, help="toy training images (default 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, init and order")
     p.add_argument("--data", type=Path, default=None, help="an LCU manifest to train on instead")
+    p.add_argument(
+        "--mix",
+        choices=["vae", "dit"],
+        default="vae",
+        help="toy task mix: TOY_VAE_WEIGHTS (default, maps more often) or the DiT's",
+    )
     p.add_argument("--latent-channels", type=int, default=8, help="latent channels (default 8)")
     p.add_argument("--eval-images", type=int, default=256, help="held-out toy images to score")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -66,6 +73,7 @@ def train(args: argparse.Namespace) -> dict:
     """Check the arguments, train, score and save; returns what ``training.json`` holds."""
     check_args(args)
     from ace.train.vae import (  # lazy: --help and argument errors need no torch
+        TOY_VAE_WEIGHTS,
         load_images,
         reconstruction_psnr,
         save_vae,
@@ -85,6 +93,7 @@ def train(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size,
             lr=args.lr,
             latent_channels=args.latent_channels,
+            weights=TOY_VAE_WEIGHTS if args.mix == "vae" else None,
             progress=not args.quiet,
         )
     images = load_images(args.data, limit=args.n_images)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def test_verdicts_use_the_baseline_each_family_faces():
 
     report = {
         "tasks": {
-            "recolor": task(20.0, 15.0, 25.0),  # an edit: copy only, so it beats it
+            "recolor": {**task(20.0, 15.0, 25.0), "vae_change": 22.0},  # an edit: copy only
             "text_to_image": task(12.0, 5.0, 13.0),  # mean: loses
             "edge_map": task(14.0, 20.0, 13.0),  # mean: beats it, whatever copy is
             "edge_to_image": task(16.0, 17.0, 10.0),  # the stronger of both: copy wins
@@ -61,6 +62,7 @@ def test_verdicts_use_the_baseline_each_family_faces():
     }
     rows = {r["task"]: r for r in demo.verdicts(report)}
     assert (rows["recolor"]["baseline"], rows["recolor"]["beats"]) == ("copy", True)
+    assert rows["recolor"]["ceiling"] == 22.0 and math.isnan(rows["text_to_image"]["ceiling"])
     assert (rows["text_to_image"]["baseline"], rows["text_to_image"]["beats"]) == ("mean", False)
     assert (rows["edge_map"]["baseline"], rows["edge_map"]["beats"]) == ("mean", True)
     assert rows["edge_to_image"]["baseline"] == "copy"
@@ -76,6 +78,6 @@ def test_verdicts_skip_missing_baselines():
     rows = {r["task"]: r for r in demo.verdicts(report)}
     assert rows["grayscale"]["beats"] is None and rows["grayscale"]["baseline"] == "n/a"
     assert (rows["edge_to_image"]["baseline"], rows["edge_to_image"]["beats"]) == ("copy", True)
-    assert "| grayscale | 1 | 12.00 | n/a | nan | n/a | 1.00 |" in demo.summary(
+    assert "| grayscale | 1 | 12.00 | n/a | nan | n/a | nan | 1.00 |" in demo.summary(
         list(rows.values()), {"x": 1.0}, {"machine": "m"}
     )

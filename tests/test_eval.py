@@ -179,11 +179,39 @@ def test_baselines_on_constructed_cases(fake_toy):
     assert empty["copy_keep"] == 100.0 and empty["psnr_keep"] < 100.0
     assert math.isnan(empty["psnr_change"])  # nothing should change: no region
 
+    # the echo has no VAE: no ceiling
+    assert all(math.isnan(m["vae_change"]) and math.isnan(m["vae_keep"]) for m in report.tasks.values())  # fmt: skip
     # overall: the mean over tasks, NaN ignored
     for k in METRICS:
         vals = [m[k] for m in report.tasks.values() if not math.isnan(m[k])]
-        assert report.overall[k] == pytest.approx(np.mean(vals))
+        if vals:
+            assert report.overall[k] == pytest.approx(np.mean(vals))
+        else:
+            assert math.isnan(report.overall[k])
     assert report.overall["n"] == 8
+
+
+@pytest.mark.skipif(not HAVE_TOY, reason="ace/data/toy.py is not there yet")
+def test_vae_ceiling_is_the_target_through_the_pipelines_vae():
+    import torch
+
+    from ace.data.toy import sample_stream
+    from ace.testing import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    report = evaluate(pipe, n=3, steps=1, size=32, tasks="recolor,text_to_image", progress=False)
+    samples = sample_stream(3, 0, split="eval", tasks=["recolor", "text_to_image"], size=32, balanced=True)  # fmt: skip
+    for rec, sample in zip(report.samples, samples):
+        target = np.array(sample.lcu.target.convert("RGB"))  # (H, W, 3) uint8
+        x = torch.from_numpy(target).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():  # diffusers directly: encode, posterior mode, decode
+            y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample[0]
+        y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        region = np.asarray(sample.change_mask)
+        assert rec["vae_change"] == pytest.approx(psnr(y, target, region), abs=0.02)
+        if not region.all():
+            assert rec["vae_keep"] == pytest.approx(psnr(y, target, ~region), abs=0.02)
+    assert report.tasks["recolor"]["vae_change"] < PSNR_CAP  # a random VAE is no identity
 
 
 def test_report_json_and_save(fake_toy, tmp_path):

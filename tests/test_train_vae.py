@@ -10,8 +10,9 @@ from _scripts import run_script
 from diffusers import AutoencoderKL
 
 from ace.data.manifest import write_manifest
-from ace.data.toy import sample_stream
+from ace.data.toy import TASKS, sample_stream
 from ace.train.vae import (
+    TOY_VAE_WEIGHTS,
     load_images,
     reconstruction_psnr,
     reconstructions,
@@ -108,6 +109,11 @@ def test_load_images_reads_lcus_and_manifests_in_the_same_order(tmp_path):
     assert len(from_manifest) == sum(len(lcu.images) + 1 for lcu in lcus)
     assert torch.equal(load_images(lcus, limit=2), from_manifest[:2])
     assert torch.equal(toy_images(4, seed=0, size=32), from_manifest[:4])
+    # weights pick the task mix: only edge maps, here
+    only_edges = {t: float(t == "edge_map") for t in TASKS}
+    edges = [s.lcu for s in sample_stream(2, seed=0, size=32, weights=only_edges)]
+    assert {lcu.task for lcu in edges} == {"edge_map"}
+    assert torch.equal(toy_images(4, seed=0, size=32, weights=only_edges), load_images(edges))
     floats = load_images([from_manifest[0].float() / 255])  # (3, H, W) in [0, 1]
     assert torch.equal(floats[0], from_manifest[0])
 
@@ -175,9 +181,12 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
     vae = AutoencoderKL.from_pretrained(out)
     assert vae.config.latent_channels == 8 and vae.config.scaling_factor == info["scaling_factor"]
     assert info["train_images"] == 4 and math.isfinite(info["psnr_db"])
+    assert info["weights"] == TOY_VAE_WEIGHTS  # the demo VAE's mix, recorded
 
     code, _, err = script(argv, capsys)  # --out is not empty now
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1
+    code, _, _ = script([*argv, "--overwrite", "--mix", "dit"], capsys)
+    assert code == 0 and json.loads((out / "training.json").read_text())["weights"] == {}
     code, _, _ = script([*argv, "--overwrite", "--data", _manifest(tmp_path)], capsys)
     assert code == 0 and json.loads((out / "training.json").read_text())["data"]
 

@@ -23,6 +23,11 @@ the LCU's first input image, history first; mid-grey where there is none) and ``
 output is the mean of the task's other targets among the evaluated samples: leave one out,
 NaN for a task with one sample). A model that learned nothing
 scores about the copy baseline on ``keep`` and the mean baseline on ``change``.
+
+``vae_*`` is a ceiling, not a baseline: the target through the pipeline's own VAE (encode,
+posterior mode, decode, 8-bit), what a transformer that predicts the target's latents
+exactly would score (NaN for a pipe without ``conditioner``). A family whose ceiling lies
+under its baseline cannot be won by training the transformer: the VAE is the limit.
 """
 
 from __future__ import annotations
@@ -43,7 +48,16 @@ from tqdm.auto import tqdm
 
 from ace.eval.metrics import psnr, to_float
 
-METRICS = ("psnr_change", "psnr_keep", "copy_change", "copy_keep", "mean_change", "mean_keep")
+METRICS = (
+    "psnr_change",
+    "psnr_keep",
+    "copy_change",
+    "copy_keep",
+    "mean_change",
+    "mean_keep",
+    "vae_change",
+    "vae_keep",
+)
 """The per-task metric keys of a report, in table order."""
 
 MAX_ROWS = 32
@@ -210,6 +224,7 @@ def evaluate(
                     "task": lcu.task,
                     **_scores("psnr", output, target, region),
                     **_scores("copy", copy, target, region),
+                    **_ceiling(pipe, target, region),
                     "keep_is_whole": bool(region.all()),
                 }
             )
@@ -265,6 +280,19 @@ def _scores(prefix: str, output: np.ndarray, target: np.ndarray, region: np.ndar
         f"{prefix}_change": psnr(output, target, region),
         f"{prefix}_keep": psnr(output, target, keep),
     }
+
+
+@torch.no_grad()
+def _ceiling(pipe: Any, target: np.ndarray, region: np.ndarray) -> dict:
+    """``vae_*``: the target (H, W, 3) in [0, 1] through ``pipe.conditioner``'s VAE, as the
+    pipeline would output it (clamped, 8-bit), scored like an output; NaN without one."""
+    conditioner = getattr(pipe, "conditioner", None)
+    if conditioner is None:
+        return {"vae_change": float("nan"), "vae_keep": float("nan")}
+    x = torch.from_numpy(target).permute(2, 0, 1).float() * 2 - 1  # (3, H, W) in [-1, 1]
+    z = conditioner.encode_images([x], sample=False)[0]  # (C, h, w)
+    y = conditioner.decode(z[None])[0].float().cpu()  # (3, H, W)
+    return _scores("vae", _pixels(_to_pil((y.clamp(-1, 1) + 1) / 2)), target, region)
 
 
 def _nanmean(values: Sequence[float]) -> float:
