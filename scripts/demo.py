@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo", help="where all goes")
-    p.add_argument("--n", type=int, default=64, help="held-out LCUs to evaluate (default 64)")
+    p.add_argument("--n", type=int, default=128, help="held-out LCUs to evaluate (default 128)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--quick", action="store_true", help="a smoke run: every step, tiny sizes")
     p.add_argument(
