@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mix",
         choices=["vae", "dit"],
-        default="vae",
-        help="toy task mix: TOY_VAE_WEIGHTS (default, maps more often) or the DiT's",
+        default=None,
+        help="toy task mix: TOY_VAE_WEIGHTS (vae, the default: maps more often) or the DiT's",
     )
     p.add_argument("--latent-channels", type=int, default=8, help="latent channels (default 8)")
     p.add_argument("--eval-images", type=int, default=256, help="held-out toy images to score")
@@ -62,6 +62,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.data is not None and not (args.data.is_dir() or args.data.is_file()):
         raise ValueError(f"--data {args.data} does not exist")
+    if args.data is not None and args.mix is not None:
+        raise ValueError("--mix picks the toy stream's task mix; it cannot be used with --data")
     out = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -93,7 +95,7 @@ def train(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size,
             lr=args.lr,
             latent_channels=args.latent_channels,
-            weights=TOY_VAE_WEIGHTS if args.mix == "vae" else None,
+            weights=None if args.mix == "dit" else TOY_VAE_WEIGHTS,
             progress=not args.quiet,
         )
     images = load_images(args.data, limit=args.n_images)

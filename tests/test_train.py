@@ -1,6 +1,7 @@
 """Training on CPU: exact resume, real 2-process DDP, overfitting, crash safety, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -158,6 +159,13 @@ def test_non_finite_losses_skip_steps_then_stop(data, tmp_path, monkeypatch):
     assert all(
         torch.equal(before[n], p) for n, p in trainer.unwrapped.named_parameters()
     )  # never stepped
+
+
+def test_train_step_runs_without_train(data, tmp_path):
+    # a notebook or a profiler drives the steps itself: nothing may wait for train()
+    trainer = Trainer(load_config(CONFIG, args(data, tmp_path / "steps", 2)))
+    row = trainer.train_step()
+    assert row["step"] == 1 and math.isfinite(row["loss"]) and not row["skipped_step"]
 
 
 def test_bad_samples_are_skipped_and_counted(data, tmp_path):

@@ -205,6 +205,7 @@ def _manifest(tmp_path: Path) -> Path:
         (["--n-images", 0], "--n-images"),
         (["--seed", -1], "--seed"),
         (["--data", "/nonexistent/data"], "does not exist"),
+        (["--data", ".", "--mix", "dit"], "cannot be used with --data"),
     ],
 )
 def test_script_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, extra, match):

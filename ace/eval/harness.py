@@ -8,10 +8,10 @@
     contact_sheet(report.rows, "report.png", labels=report.labels)
 
 Each sample of ``sample_stream(n, seed, split="eval", balanced=True)`` (seeds disjoint from
-every training split; sample i of family ``tasks[i % len(tasks)]``, so that every family is
-scored on about n / 16 samples, where the training mix would leave the rare ones with one
-or two; ``balanced=False`` draws the training mix) runs through the pipeline on its LCU's
-current turn with its history. Against the exact target, per sample:
+every training split; sample i of family ``tasks[i % len(tasks)]``, so that every family
+is scored on n / len(tasks) samples, where the training mix would leave the rare ones
+with one or two; ``balanced=False`` draws the training mix) runs through the pipeline on
+its LCU's current turn with its history. Against the exact target, per sample:
 
 - ``*_change``: PSNR over ``change_mask``, the pixels that should change;
 - ``*_keep``: PSNR over ``~change_mask``, the pixels that should stay. Where the whole image

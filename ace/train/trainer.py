@@ -142,6 +142,8 @@ class Trainer:
         self.tokenizer = tokenizer
         device = self.accelerator.device
         self.conditioner = ConditionTokenizer(tokenizer, text_encoder.to(device), vae.to(device))
+        with torch.no_grad():  # the image indicator embeddings: fixed, as T5 is frozen
+            self.indicators = self.conditioner.indicator_table().to(device)
         self.objective = make_objective(
             cfg.objective.name,
             **({"shift": cfg.objective.shift} if cfg.objective.name == "rectified-flow" else {}),
@@ -281,9 +283,6 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         if cfg.train.trackers:
             acc.init_trackers("ace", config={"lr": cfg.optim.lr, "batch_size": cfg.data.batch_size})
-        self.indicators = None
-        with torch.no_grad():
-            self.indicators = self.conditioner.indicator_table().to(acc.device)
         bar = tqdm(
             total=cfg.train.max_steps,
             initial=self.step,
