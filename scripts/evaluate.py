@@ -20,21 +20,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from ace.cli import OneLineParser, UserError, text_table
+
 SUITES = ("toy",)
 PROG = "evaluate.py"
 
 
-class UserError(Exception):
-    """A mistake in the command line: reported in one line, exit code 2, nothing written."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + error
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--pipeline", required=True, help="an ACEPipeline directory, or 'tiny' (random, for tests)"
     )
@@ -122,15 +117,7 @@ def table(report) -> str:
         star = "*" if m.get("keep_is_whole") else ""
         cells = [f"{m[k]:.2f}" + (star if k.endswith("_keep") else "") for k in METRICS]
         lines.append([name, str(m["n"]), *cells])
-    widths = [max(len(r[i]) for r in [heads, *lines]) for i in range(len(heads))]
-
-    def fmt(row: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-        )
-
-    rule = "-" * len(fmt(heads))
-    return "\n".join([fmt(heads), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
+    return text_table(heads, lines[:-1], footer=lines[-1])
 
 
 def main(argv=None) -> int:

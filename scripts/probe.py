@@ -23,20 +23,15 @@ import json
 import sys
 from pathlib import Path
 
+from ace.cli import OneLineParser, UserError, text_table
+
 PROG = "probe.py"
 
 
-class UserError(Exception):
-    """A mistake in the command line: reported in one line, exit code 2, nothing written."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + error
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--pipeline", required=True, help="an ACEPipeline directory, or 'tiny' (random, for tests)"
     )
@@ -128,14 +123,7 @@ def table(report) -> str:
         cells = [m["copy_mse"], *[m[f"x0_mse@{v:g}"] for v in levels]]
         cells += [m[f"text_effect@{v:g}"] for v in levels] + [attn]
         rows.append([task, str(m["n"]), *[f"{c:.3f}" for c in cells]])
-    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
-
-    def fmt(row: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-        )
-
-    return "\n".join([fmt(heads), "-" * len(fmt(heads)), *map(fmt, rows)])
+    return text_table(heads, rows)
 
 
 def main(argv=None) -> int:
@@ -147,10 +135,10 @@ def main(argv=None) -> int:
         return 2
     print(table(report))
     if args.out is not None:
-        from ace.eval.harness import _atomic_write
+        from ace.eval.harness import atomic_write
 
         text = json.dumps(report.to_json(), indent=1)
-        _atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
         print(f"wrote {args.out}")
     return 0
 

@@ -111,7 +111,7 @@ class EvalReport:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``to_json()`` to ``path`` atomically (temp file + rename); returns the path."""
         text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+        return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def _jsonable(metrics: dict) -> dict:
@@ -120,7 +120,7 @@ def _jsonable(metrics: dict) -> dict:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
+def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``path``, then rename it: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
@@ -391,7 +391,7 @@ def contact_sheet(
             sheet.paste(_cell(im, cell), (label_w + SEPARATOR + c * step, y))
         if labels:
             draw.text((4, y + 2), labels[r], fill=(230, 230, 230), font=font)
-    return _atomic_write(Path(path), lambda tmp: sheet.save(tmp, format="PNG"))
+    return atomic_write(Path(path), lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 def _cell(image: Image.Image, cell: int) -> Image.Image:

@@ -1,0 +1,48 @@
+"""What the command-line scripts share: one-line argument errors and plain-text tables.
+
+    from ace.cli import OneLineParser, UserError, text_table
+
+    p = OneLineParser(prog="evaluate.py", description=__doc__)
+    ...
+    raise UserError("--n must be >= 1, got 0")  # the script prints "evaluate.py: error: ..."
+    print(text_table(["task", "n"], [["recolor", "8"]]))
+
+Imports nothing heavy: a script's ``--help`` and its argument errors stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+class UserError(Exception):
+    """A mistake in the command line: reported in one line, exit code 2, nothing written."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose errors are one line, ``PROG: error: ...``, exit code 2
+    (not the usage block followed by the error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def text_table(
+    heads: Sequence[str], rows: Sequence[Sequence[str]], footer: Sequence[str] | None = None
+) -> str:
+    """Columns two spaces apart, the first left-aligned and the rest right-aligned, a rule
+    under the header, and ``footer`` (a last row, e.g. an overall mean) under a second rule."""
+    lines = [*rows, *([footer] if footer is not None else [])]
+    widths = [max(len(r[i]) for r in [heads, *lines]) for i in range(len(heads))]
+
+    def fmt(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        )
+
+    rule = "-" * len(fmt(heads))
+    out = [fmt(heads), rule, *map(fmt, rows)]
+    if footer is not None:
+        out += [rule, fmt(footer)]
+    return "\n".join(out)
