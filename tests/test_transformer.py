@@ -162,6 +162,9 @@ def test_new_model_is_zero_initialised_and_presets_exist():
         assert 605e6 < n < 615e6, n  # ACE_REFERENCE: 611M
     with pytest.raises(ValueError, match="unknown preset"):
         ACETransformer.from_preset("huge")
+    with pytest.raises(ValueError, match=r"unknown ACETransformer argument\(s\) \['hidden'\]"):
+        ACETransformer.from_preset("tiny", hidden=64)  # a typo in model.overrides
+    assert ACETransformer.from_preset("tiny", depth=1).config.depth == 1
 
 
 def test_save_and_load_pretrained(tmp_path):

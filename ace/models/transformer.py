@@ -11,6 +11,7 @@ layouts). ``predict`` is the list-level entry point of DESIGN.md that packs for 
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import torch
@@ -109,6 +110,13 @@ class ACETransformer(ModelMixin, ConfigMixin):
     def from_preset(cls, name: str, **overrides) -> ACETransformer:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ACETransformer argument(s) {unknown} over preset {name!r}; "
+                f"known: {sorted(known)}"
+            )
         return cls(**{**PRESETS[name], **overrides})
 
     def initialize_weights(self) -> None:
