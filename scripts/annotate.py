@@ -30,20 +30,17 @@ import sys
 import uuid
 from pathlib import Path
 
+from ace.cli import OneLineParser
+
 PROG = "annotate.py"
 SETTINGS = "annotate.json"
 LCU_CHOICES = {"both": ("analysis", "generation"), "analysis": ("analysis",)}
 LCU_CHOICES |= {"generation": ("generation",), "none": ()}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=fmt)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=fmt)
     p.add_argument("--images", type=Path, required=True, help="the folder of images (recursive)")
     p.add_argument("--out", type=Path, required=True, help="the dataset directory to write")
     p.add_argument(

@@ -23,16 +23,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ace.cli import OneLineParser, UserError
+
 RELEASED_STEPS = {512: 20, 1024: 50}
 
 
-class UserError(Exception):
-    pass
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = OneLineParser(
+        prog="convert_official.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dit", required=True, help="the released DiT checkpoint (.pth)")
     p.add_argument(

@@ -26,16 +26,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ace.cli import OneLineParser, UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class UserError(Exception):
-    """A mistake in the command line or its files: reported without a traceback."""
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = OneLineParser(
+        prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--pipeline",

@@ -1,8 +1,13 @@
 """ace.cli: the scripts' one-line errors and text tables, against hand-written output."""
 
+from pathlib import Path
+
 import pytest
 
 from ace.cli import OneLineParser, text_table
+from tests._scripts import run_script
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_text_table_aligns_and_rules_by_hand():
@@ -28,3 +33,13 @@ def test_parser_errors_in_one_line_with_exit_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err == "tool.py: error: argument --n: invalid int value: 'x'\n"
+
+
+@pytest.mark.parametrize(
+    "script", ["evaluate.py", "probe.py", "infer.py", "convert_official.py", "annotate.py"]
+)
+def test_every_script_reports_a_bad_flag_in_one_line(script, capsys):
+    """The scripts share OneLineParser: a bad flag is one line naming the script, exit 2."""
+    code, _, err = run_script(SCRIPTS / script, ["--no-such-flag"], capsys)
+    assert code == 2
+    assert err.startswith(f"{script}: error: ") and err.count("\n") == 1, err
