@@ -69,6 +69,7 @@ class ACETransformer(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["ACEBlock"]
+    _repeated_blocks: ClassVar[list[str]] = ["ACEBlock"]  # compile_repeated_blocks()
 
     @register_to_config
     def __init__(
