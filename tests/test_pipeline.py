@@ -106,6 +106,24 @@ def test_to_and_model_cpu_offload_keep_working(pipe):
     assert same(run(offloaded, "a star", height=32, width=32), expected)
 
 
+def test_vae_tiling_encodes_and_decodes_large_images_in_tiles(monkeypatch):
+    """pipe.vae.enable_tiling() (diffusers) reaches the pipeline's VAE calls: an edit
+    larger than a tile (the tiny VAE's 64 px) goes through the tiled encode and decode."""
+    tiled = tiny_pipeline(seed=0)
+    calls = []
+    for name in ("_tiled_encode", "tiled_decode"):
+        original = getattr(tiled.vae, name)
+        monkeypatch.setattr(
+            tiled.vae, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+        )
+    request = dict(instruction="make {image} blue", images=[img(128, 96)])
+    run(tiled, **request)
+    assert calls == []  # off by default
+    tiled.vae.enable_tiling()
+    out = run(tiled, **request)
+    assert calls == ["_tiled_encode", "tiled_decode"] and out.size == (128, 96)
+
+
 def test_inpainting_fill_only_for_inpainting_requests(pipe):
     kw = dict(images=[img(32, 32, 10)], masks=[box_mask(32, 32)])
     plain = run(pipe, "fill {image}", **kw)
