@@ -47,9 +47,19 @@ def test_the_encoder_is_seeded_and_empty_texts_are_an_error():
         fit_word_tokenizer(["", "   "])
 
 
-def test_training_with_words_exports_a_pipeline_that_encodes_the_same(data, tmp_path):  # noqa: F811
+def test_training_with_words_exports_a_pipeline_that_encodes_the_same(
+    data,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    import ace.data.manifest
+
+    reads = []
+    real = ace.data.manifest.LCUManifest
+    monkeypatch.setattr(ace.data.manifest, "LCUManifest", lambda *a: reads.append(a) or real(*a))
     out = tmp_path / "run"
     trainer = Trainer(load_config(CONFIG, args(data, out, 2, "model.text_encoder=words")))
+    assert len(reads) == 1  # one read of the manifest serves the vocabulary and the batches
     trainer.train()
     pipe = ACEPipeline.from_pretrained(out / "pipeline")
     prompt = clean_text("make {image} the next colour")

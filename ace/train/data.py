@@ -175,8 +175,12 @@ class _Chunks:
         self.loader.load_state_dict(state)
 
 
-def make_batches(cfg: DataConfig, accelerator, seed: int, max_seq_len: int):
+def make_batches(cfg: DataConfig, accelerator, seed: int, max_seq_len: int, dataset=None):
+    """Shard batches (``cfg.shards``) or manifest batches, on ``dataset`` if the caller has
+    already read the manifest."""
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.shards:
         return ShardBatches(cfg, seed, rank, world, max_seq_len)
-    return ManifestBatches(build_dataset(cfg, accelerator), cfg, seed, rank, world, max_seq_len)
+    if dataset is None:
+        dataset = build_dataset(cfg, accelerator)
+    return ManifestBatches(dataset, cfg, seed, rank, world, max_seq_len)

@@ -36,7 +36,7 @@ from ace.conditioning import ConditionTokenizer
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.config import Config, to_dict
-from ace.train.data import make_batches
+from ace.train.data import build_dataset, make_batches
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -71,8 +71,20 @@ def ensure_vae(cfg: Config, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def build_components(cfg: Config, accelerator=None):
-    """(tokenizer, text_encoder, vae, transformer) from the model config."""
+def check_vae_dir(cfg: Config) -> None:
+    """Raise ValueError unless ``model.vae`` is "tiny" or a directory (or the model comes
+    whole from ``model.pretrained``): before any data is made for a run that cannot start."""
+    m = cfg.model
+    if not m.pretrained and m.vae != "tiny" and not Path(m.vae).is_dir():
+        raise ValueError(
+            f"model.vae: no VAE directory at {m.vae} "
+            "(set model.vae_toy_steps > 0 to train the toy VAE there first)"
+        )
+
+
+def build_components(cfg: Config, accelerator=None, dataset=None):
+    """(tokenizer, text_encoder, vae, transformer) from the model config; ``dataset`` (the
+    manifest's ``LCUManifest``, if already read) spares ``words`` a second read."""
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -85,15 +97,11 @@ def build_components(cfg: Config, accelerator=None):
 
         pipe = ACEPipeline.from_pretrained(m.pretrained)
         return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer
-    if m.vae != "tiny" and not Path(m.vae).is_dir():
-        raise ValueError(
-            f"model.vae: no VAE directory at {m.vae} "
-            "(set model.vae_toy_steps > 0 to train the toy VAE there first)"
-        )
+    check_vae_dir(cfg)
     if m.text_encoder == "tiny":
         tokenizer, text_encoder = testing.tiny_text_encoder()
     elif m.text_encoder == "words":
-        tokenizer, text_encoder = manifest_word_encoder(cfg, accelerator)
+        tokenizer, text_encoder = manifest_word_encoder(cfg, accelerator, dataset)
     else:
         tokenizer = AutoTokenizer.from_pretrained(m.text_encoder, local_files_only=True)
         text_encoder = T5EncoderModel.from_pretrained(m.text_encoder, local_files_only=True)
@@ -106,11 +114,10 @@ def build_components(cfg: Config, accelerator=None):
     return tokenizer, text_encoder, vae, ACETransformer.from_preset(m.preset, **overrides)
 
 
-def manifest_word_encoder(cfg: Config, accelerator=None):
+def manifest_word_encoder(cfg: Config, accelerator=None, dataset=None):
     """``model.text_encoder=words``: the word-level encoder (``ace.train.word_encoder``)
     fitted on every instruction of ``data.manifest`` (made first if it is a toy split)."""
     from ace.conditioning import clean_text
-    from ace.train.data import build_dataset
     from ace.train.word_encoder import word_text_encoder
 
     if not cfg.data.manifest:
@@ -118,7 +125,8 @@ def manifest_word_encoder(cfg: Config, accelerator=None):
             "model.text_encoder=words fits its vocabulary on the instructions of "
             "data.manifest; set data.manifest (shards alone are not read ahead)"
         )
-    dataset = build_dataset(cfg.data, accelerator)
+    if dataset is None:
+        dataset = build_dataset(cfg.data, accelerator)
     texts = [clean_text(t["instruction"]) for r in dataset.records for t in r["turns"]]
     return word_text_encoder(texts, seed=cfg.train.seed)
 
@@ -138,7 +146,14 @@ class Trainer:
         ensure_vae(cfg, self.accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
-        tokenizer, text_encoder, vae, transformer = build_components(cfg, self.accelerator)
+        check_vae_dir(cfg)
+        # the manifest is read once, here, for the word encoder and the batches alike
+        dataset = (
+            build_dataset(cfg.data, self.accelerator)
+            if cfg.data.manifest and not cfg.data.shards
+            else None
+        )
+        tokenizer, text_encoder, vae, transformer = build_components(cfg, self.accelerator, dataset)
         self.tokenizer = tokenizer
         device = self.accelerator.device
         self.conditioner = ConditionTokenizer(tokenizer, text_encoder.to(device), vae.to(device))
@@ -149,7 +164,7 @@ class Trainer:
             **({"shift": cfg.objective.shift} if cfg.objective.name == "rectified-flow" else {}),
         )
         self.max_seq_len = cfg.data.max_seq_len or transformer.config.rope_max_len
-        self.batches = make_batches(cfg.data, self.accelerator, t.seed, self.max_seq_len)
+        self.batches = make_batches(cfg.data, self.accelerator, t.seed, self.max_seq_len, dataset)
         if cfg.data.cache:  # read T5 states and VAE posteriors instead of running the encoders
             from ace.train.cache import build_cache
 
