@@ -2,8 +2,8 @@
 """Peak memory and time of the VAE on one large image, whole and tiled (issue #6).
 
 ACE encodes every input image and decodes the target with the Stable-Diffusion KL-f8
-VAE; at 1024 px and above its full-resolution activations, not the DiT, set the peak
-memory of an edit. ``pipe.vae.enable_tiling()`` (diffusers) encodes and decodes in
+VAE, whose full-resolution activations grow with the image's area (3.8 GiB in fp32 at
+1024 px, BENCHMARKS.md). ``pipe.vae.enable_tiling()`` (diffusers) encodes and decodes in
 overlapping tiles of ``vae.tile_sample_min_size`` pixels instead. This script measures
 both ways, each in a fresh process, so that one's peak does not hide the other's:
 
