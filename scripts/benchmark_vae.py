@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import resource
 import statistics
@@ -174,12 +173,13 @@ def main(argv=None) -> int:
 
 
 def _psnr(folder: Path) -> float:
-    """PSNR (dB) of the tiled output against the whole one, both in [-1, 1]."""
+    """PSNR (dB, ``ace.eval.metrics.psnr``) of the tiled output against the whole one."""
     import torch
 
-    a, b = (torch.load(folder / f"{m}.pt") for m in MODES)
-    mse = ((a - b) / 2).square().mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+    from ace.eval.metrics import psnr
+
+    whole, tiled = ((torch.load(folder / f"{m}.pt")[0] + 1) / 2 for m in MODES)  # (3, H, W)
+    return psnr(tiled.permute(1, 2, 0).numpy(), whole.permute(1, 2, 0).numpy())
 
 
 if __name__ == "__main__":
