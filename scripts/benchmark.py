@@ -8,9 +8,19 @@ reference: its per-sample forward), as medians over --repeats runs, and
 prints one table (or JSON with --json). Speeds are ratios measured side by side in the
 same process, so they compare fairly on a shared machine.
 
+Each row also gives the model FLOPs per call (torch's FlopCounterMode on the reference,
+whose attention is plain matmuls; forward + backward counts 3x the forward), the share
+of the matmul peak that it reaches (the peak is measured in the same run: an 8192^3 bf16
+matmul on CUDA, a 2048^3 one in --dtype on CPU) and, on CUDA, each call's peak memory.
+A call that runs out of GPU memory is reported as such (the released code needs 65 GiB
+for the 8 x 512 px training batch) and the rest goes on.
+
     python scripts/benchmark.py                       # tiny and ace-0.6b-512, CPU
     python scripts/benchmark.py --configs tiny --repeats 20 --json
-    python scripts/benchmark.py --device cuda --dtype bf16 --size 512 --batch 8
+    python scripts/benchmark.py --device cuda --dtype bf16 --size 512 --batch 8 --text-len 120
+    python scripts/benchmark.py --device cuda --dtype bf16 --compile   # + regional compile
+    python scripts/benchmark.py --device cuda --dtype bf16 --configs ace-0.6b-512 \
+        --pipeline released --size 512                # whole edit, released sizes, + offload
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import time
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+from ace.cli import text_table
 from ace.convert import official_dit_to_ace
 from ace.diffusion import apply_guidance
 from ace.models import PRESETS, ACETransformer
@@ -56,14 +67,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
         "--pipeline",
+        nargs="?",
+        const="tiny",
+        choices=("tiny", "released"),
+        help="also time a whole edit (T5, VAE, 20 steps): 'tiny' (the default) or 'released' "
+        "sizes (random T5-XXL, SD VAE, the first --configs DiT; with model CPU offload on CUDA)",
+    )
+    p.add_argument(
+        "--compile",
         action="store_true",
-        help="also time a whole tiny-pipeline edit (T5, VAE, 20 steps)",
+        help="also time ace with regional torch.compile (compile_repeated_blocks)",
+    )
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile")
+    p.add_argument(
+        "--pipeline-only", action="store_true", help="time only the --pipeline edit, not the DiT"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     for name in args.configs.split(","):
         if name not in PRESETS:
             p.error(f"unknown config {name!r}; choose from {sorted(PRESETS)}")
+    if args.pipeline_only and not args.pipeline:
+        p.error("--pipeline-only needs --pipeline")
     if args.size % 16:
         p.error(f"--size must be a multiple of 16, got {args.size}")
     return args
@@ -72,6 +97,39 @@ def parse_args(argv=None) -> argparse.Namespace:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(fn, device) -> float | None:
+    """Peak CUDA memory of one call of fn, in GiB (None on other devices)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def matmul_peak_tflops(device, dtype) -> tuple[float, str]:
+    """Measured matmul rate: 8192^3 bf16 on CUDA, 2048^3 in `dtype` elsewhere."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, dtype)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    ms = median_ms(lambda: a @ b, device, repeats=10 if device.type == "cuda" else 3, warmup=2)
+    return 2 * n**3 / (ms / 1e3) / 1e12, {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def counted_flops(fn) -> int:
+    """FLOPs of the matmuls fn runs, counted by torch (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
 
 
 def median_ms(fn, device, repeats: int, warmup: int) -> float:
@@ -110,7 +168,7 @@ def make_batch(cfg: dict, args, device, dtype, generator):
     return frames, masks, texts, t, ind
 
 
-def bench_config(name: str, args) -> dict:
+def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = PRESETS[name]
     torch.manual_seed(0)
@@ -175,34 +233,82 @@ def bench_config(name: str, args) -> dict:
 
         return run
 
+    # model FLOPs per call, counted on the reference (its attention is plain matmuls)
+    with torch.no_grad():
+        fwd_flops = counted_flops(lambda: ref(*inputs))
+        cfg_flops = counted_flops(lambda: ref(cfg_frames, cfg_masks, cfg_texts, t2, ind))
+    flops = {"forward": fwd_flops, "fwd_bwd": 3 * fwd_flops, "denoise": cfg_flops}
+
     row = {
         "config": name,
         "params_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
         "tokens": args.batch * args.frames * (args.size // 16) ** 2,
         "rel_err": err,
+        "peak_tflops": peak,
+        "peak_dtype": peak_dtype,
     }
-    for kind, make in zip(KINDS, (forward, train_step, denoise)):
-        ref_ms = median_ms(make(ref), device, args.repeats, args.warmup)
-        ace_ms = median_ms(make(ours), device, args.repeats, args.warmup)
-        row[f"{kind}_ref_ms"], row[f"{kind}_ace_ms"] = ref_ms, ace_ms
-        row[f"{kind}_speedup"] = ref_ms / ace_ms
+    makers = dict(zip(KINDS, (forward, train_step, denoise)))
+    for kind, make in makers.items():
+        row[f"{kind}_tflop"] = flops[kind] / 1e12
+        for impl, model in (("ref", ref), ("ace", ours)):
+            try:
+                ms = median_ms(make(model), device, args.repeats, args.warmup)
+                mem = peak_memory_gib(make(model), device)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
+                ms = mem = None  # reported as out of memory
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+            row[f"{kind}_{impl}_ms"], row[f"{kind}_{impl}_peak_gib"] = ms, mem
+            row[f"{kind}_{impl}_pct_peak"] = (
+                None if ms is None else 100 * flops[kind] / (ms / 1e3) / (peak * 1e12)
+            )
+        ref_ms, ace_ms = row[f"{kind}_ref_ms"], row[f"{kind}_ace_ms"]
+        row[f"{kind}_speedup"] = None if None in (ref_ms, ace_ms) else ref_ms / ace_ms
+    if args.compile:
+        ours.compile_repeated_blocks(mode=args.compile_mode)
+        for kind, make in makers.items():
+            sync(device)
+            start = time.perf_counter()
+            make(ours)()  # the first call compiles (for this kind's shapes)
+            sync(device)
+            row[f"{kind}_compile_s"] = time.perf_counter() - start
+            ms = median_ms(make(ours), device, args.repeats, args.warmup)
+            row[f"{kind}_compiled_ms"] = ms
+            row[f"{kind}_compiled_pct_peak"] = 100 * flops[kind] / (ms / 1e3) / (peak * 1e12)
+            row[f"{kind}_compiled_speedup"] = (
+                None if row[f"{kind}_ref_ms"] is None else row[f"{kind}_ref_ms"] / ms
+            )
     # training throughput of the DiT step (forward + backward), image tokens of all frames
-    row["train_tokens_per_s_ace"] = row["tokens"] / (row["fwd_bwd_ace_ms"] / 1e3)
-    row["train_tokens_per_s_ref"] = row["tokens"] / (row["fwd_bwd_ref_ms"] / 1e3)
+    for impl in ("ace", "ref"):
+        ms = row[f"fwd_bwd_{impl}_ms"]
+        row[f"train_tokens_per_s_{impl}"] = None if ms is None else row["tokens"] / (ms / 1e3)
     return row
 
 
 def bench_pipeline(args) -> dict:
-    """A whole edit through ace.testing.tiny_pipeline: T5 once, VAE encode, 20 CFG steps, decode."""
+    """A whole edit: T5 once, VAE encode, 20 CFG steps, VAE decode.
+
+    ``--pipeline tiny``: ace.testing.tiny_pipeline. ``--pipeline released``: random weights
+    at the released sizes (ace.testing.released_size_pipeline, the first --configs DiT) in
+    --dtype; on CUDA it is timed again under ``enable_model_cpu_offload()``, with the peak
+    memory of each."""
     from PIL import Image
 
-    from ace.testing import tiny_pipeline
+    from ace.testing import released_size_pipeline, tiny_pipeline
 
-    pipe = tiny_pipeline().to(args.device)
+    device = torch.device(args.device)
+    if args.pipeline == "released":
+        preset = args.configs.split(",")[0]
+        pipe = released_size_pipeline(preset, device, DTYPES[args.dtype])
+    else:
+        preset = "tiny"
+        pipe = tiny_pipeline().to(device)
+    pipe.set_progress_bar_config(disable=True)
     image = Image.new("RGB", (args.size, args.size), (200, 30, 30))
 
     def run():
-        pipe.set_progress_bar_config(disable=True)
         pipe(
             "make {image} blue",
             images=[image],
@@ -210,14 +316,21 @@ def bench_pipeline(args) -> dict:
             generator=torch.Generator().manual_seed(0),
         )
 
-    ms = median_ms(run, torch.device(args.device), args.repeats, args.warmup)
-    return {
-        "config": "tiny pipeline edit",
+    ms = median_ms(run, device, args.repeats, args.warmup)
+    row = {
+        "config": f"{args.pipeline} pipeline edit ({preset})",
         "size": args.size,
         "steps": 20,
         "ms": ms,
         "ms_per_step": ms / 20,
+        "peak_gib": peak_memory_gib(run, device),
     }
+    if args.pipeline == "released" and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+        torch.cuda.empty_cache()
+        row["offload_ms"] = median_ms(run, device, 1, 1)
+        row["offload_peak_gib"] = peak_memory_gib(run, device)
+    return row
 
 
 def machine() -> str:
@@ -235,7 +348,10 @@ def machine() -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     diffusers_logging.set_verbosity_error()  # its to(dtype) warns even with nothing to keep in fp32
-    rows = [bench_config(name, args) for name in args.configs.split(",")]
+    device = torch.device(args.device)
+    peak, peak_dtype = matmul_peak_tflops(device, DTYPES[args.dtype])
+    names = [] if args.pipeline_only else args.configs.split(",")
+    rows = [bench_config(name, args, peak, peak_dtype) for name in names]
     pipeline = bench_pipeline(args) if args.pipeline else None
     meta = {
         "machine": machine(),
@@ -251,27 +367,50 @@ def main(argv=None) -> int:
         return 0
     print(
         f"# {meta['machine']} | torch {meta['torch']} | {args.device} {args.dtype} | {meta['batch']}"
+        f" | {peak_dtype} matmul peak {peak:.1f} TFLOP/s"
     )
-    head = f"{'config':<16}{'params':>8}{'tokens':>8}{'rel err':>10}"
-    head += "".join(f"{k + ' ref/ace ms':>26}{'speedup':>9}" for k in KINDS)
-    print(head)
+
+    def num(x, fmt):
+        return "OOM" if x is None else format(x, fmt)
+
+    compiled = args.compile
+    heads = ["config", "call", "TFLOP", "ref ms", "ace ms", "speedup", "ref / ace % peak"]
+    heads += ["ref / ace GiB"] if device.type == "cuda" else []
+    heads += ["compiled ms", "speedup", "% peak", "compile s"] if compiled else []
+    lines = []
     for r in rows:
-        line = f"{r['config']:<16}{r['params_m']:>7}M{r['tokens']:>8}{r['rel_err']:>10.1e}"
         for k in KINDS:
-            line += (
-                f"{r[f'{k}_ref_ms']:>14.1f} / {r[f'{k}_ace_ms']:<9.1f}{r[f'{k}_speedup']:>8.2f}x"
-            )
-        print(line)
+            line = [r["config"], k, f"{r[f'{k}_tflop']:.3g}"]
+            line += [num(r[f"{k}_ref_ms"], ".1f"), num(r[f"{k}_ace_ms"], ".1f")]
+            line += [num(r[f"{k}_speedup"], ".2f") + "x"]
+            line += [f"{num(r[f'{k}_ref_pct_peak'], '.1f')} / {num(r[f'{k}_ace_pct_peak'], '.1f')}"]
+            if device.type == "cuda":
+                gib = (num(r[f"{k}_{i}_peak_gib"], ".1f") for i in ("ref", "ace"))
+                line += [" / ".join(gib)]
+            if compiled:
+                line += [f"{r[f'{k}_compiled_ms']:.1f}", num(r[f"{k}_compiled_speedup"], ".2f")]
+                line += [f"{r[f'{k}_compiled_pct_peak']:.1f}", f"{r[f'{k}_compile_s']:.1f}"]
+            lines.append(line)
+    if rows:
+        print(text_table(heads, lines))
     for r in rows:
         print(
-            f"{r['config']}: training throughput {r['train_tokens_per_s_ace']:.0f} image tokens/s "
-            f"(reference {r['train_tokens_per_s_ref']:.0f})"
+            f"{r['config']} (rel err {r['rel_err']:.1e}, {r['params_m']}M params): training "
+            f"throughput {num(r['train_tokens_per_s_ace'], '.0f')} image tokens/s "
+            f"(reference {num(r['train_tokens_per_s_ref'], '.0f')})"
         )
     if pipeline:
         print(
             f"{pipeline['config']} at {pipeline['size']} px, {pipeline['steps']} steps: "
             f"{pipeline['ms']:.0f} ms ({pipeline['ms_per_step']:.1f} ms per step, T5 + VAE included)"
         )
+        if pipeline["peak_gib"] is not None:
+            print(f"  peak memory {pipeline['peak_gib']:.2f} GiB")
+        if "offload_ms" in pipeline:
+            print(
+                f"  with enable_model_cpu_offload(): {pipeline['offload_ms']:.0f} ms, "
+                f"peak memory {pipeline['offload_peak_gib']:.2f} GiB"
+            )
     return 0
 
 

@@ -33,11 +33,104 @@ def test_tiny_config_json(capsys):
     assert row["config"] == "tiny" and row["rel_err"] <= 1e-5
     assert row["tokens"] == 2 * 2 * (64 // 16) ** 2
     assert row["forward_ace_ms"] > 0 and row["fwd_bwd_ref_ms"] > 0
+    assert report["rows"][0]["peak_tflops"] > 0 and row["peak_dtype"] == "fp32"
+    for kind in ("forward", "fwd_bwd", "denoise"):
+        assert 0 < row[f"{kind}_ace_pct_peak"] < 100
+        assert row[f"{kind}_ace_peak_gib"] is None  # memory is measured on CUDA only
+    assert row["fwd_bwd_tflop"] == pytest.approx(3 * row["forward_tflop"])
 
 
 def test_bad_arguments_are_reported(capsys):
     code, out = run(["--configs", "giant"], capsys)
     assert code == 2 and "unknown config 'giant'" in out.err
+    code, out = run(["--pipeline-only"], capsys)
+    assert code == 2 and "--pipeline-only needs --pipeline" in out.err
+
+
+def test_flop_count_of_one_block_matches_the_hand_count():
+    """counted_flops (torch's FlopCounterMode on the reference) against the matmuls by hand."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ace.models import PRESETS
+    from ace.reference import ReferenceDiT
+
+    cfg = PRESETS["tiny"]
+    args = benchmark.parse_args(["--size", "64", "--batch", "2", "--frames", "3", "--text-len", "7"])
+    ref = ReferenceDiT(**cfg)
+    inputs = benchmark.make_batch(cfg, args, "cpu", torch.float32, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ref(*inputs)
+    block = sum(counter.get_flop_counts()["ReferenceDiT.blocks.0"].values())
+
+    d, B, F, n, m = cfg["hidden_size"], 2, 3, (64 // 16) ** 2, 7  # n tokens, m text per frame
+    N, M = B * F * n, B * F * m  # image and text tokens of the batch
+    linear = 2 * N * d * d * (4 + 2 + 2 * 4) + 2 * M * d * d * 2  # self qkvo, cross q o, mlp; k v
+    attention = 4 * d * B * (F * n) ** 2 + 4 * d * B * F * n * m  # QK^T and AV, self and cross
+    assert block == linear + attention
+    with torch.no_grad():
+        total = benchmark.counted_flops(lambda: ref(*inputs))
+    assert cfg["depth"] * block < total < 1.2 * cfg["depth"] * block  # + embedders, final layer
+
+
+def test_t5_xxl_config_has_the_released_size():
+    """4,762,310,656 parameters: 32128 x 4096 embedding, 24 layers of attention (4 x 4096^2),
+    gated FF (3 x 4096 x 10240) and 2 norms, 32 x 64 relative buckets, a final norm."""
+    import torch
+    from transformers import T5EncoderModel
+
+    from ace.testing import t5_xxl_encoder_config
+
+    with torch.device("meta"):
+        model = T5EncoderModel(t5_xxl_encoder_config())
+    per_layer = 4 * 4096**2 + 3 * 4096 * 10240 + 2 * 4096
+    expected = 32128 * 4096 + 24 * per_layer + 32 * 64 + 4096
+    assert sum(p.numel() for p in model.parameters()) == expected == 4_762_310_656
+
+
+ATTENTION = SCRIPT.with_name("benchmark_attention.py")
+
+
+def test_attention_benchmark_checks_every_backend(capsys):
+    argv = ["--scale", "0.02", "--repeats", "1", "--warmup", "0", "--backends", "sdpa,flex"]
+    code, out, err = run_script(ATTENTION, [*argv, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    names = [r["layout"] for r in report["rows"]]
+    assert names[:4] == ["self 8x2048", "self 2x8192", "self 2x2048", "self ragged"]
+    assert names[4:] == ["cross 16x1024:120", "cross ragged"]
+    for r in report["rows"]:
+        assert r["sdpa_err"] <= 1e-5 and r["flex_err"] <= 1e-5  # against the dense oracle
+        assert r["sdpa_fwd_bwd_ms"] > 0 and r["flex_fwd_bwd_ms"] is None  # no flex bwd on CPU
+        assert r["auto"] == "sdpa" and "varlen_fwd_ms" not in r  # varlen is CUDA-only
+    assert "FlexAttention does not support backward on CPU" in err
+
+
+def test_attention_benchmark_bad_arguments(capsys):
+    code, _, err = run_script(ATTENTION, ["--layouts", "self 3x3"], capsys)
+    assert code == 2 and "unknown layout 'self 3x3'" in err
+    code, _, err = run_script(ATTENTION, ["--scale", "2"], capsys)
+    assert code == 2 and "--scale must be in (0, 1]" in err
+
+
+def test_summary_of_a_suite_run(tmp_path, capsys):
+    """summarize_benchmarks.py prints the tables it finds and says which steps gave nothing."""
+    code, out = run(
+        ["--configs", "tiny", "--repeats", "1", "--warmup", "0", "--size", "64", "--json"], capsys
+    )
+    (tmp_path / "dit_512.json").write_text(out.out)
+    (tmp_path / "attention.json").write_text("")  # a step that was killed
+    code, out, err = run_script(SCRIPT.with_name("summarize_benchmarks.py"), [tmp_path], capsys)
+    assert code == 0, err
+    dit = out.split("## dit_512")[1].split("##")[0]
+    assert "tiny" in dit and "fwd_bwd" in dit and "denoise" in dit
+    assert "no result" in out.split("## attention")[1].split("##")[0]
 
 
 VAE_SCRIPT = SCRIPT.with_name("benchmark_vae.py")
