@@ -211,17 +211,31 @@ class ConditionTokenizer:
     """Frozen T5 encoder (with its tokenizer) and KL VAE behind the calls pipeline and trainer make.
 
     ``tokenizer``: a transformers tokenizer; ``text_encoder``: a ``T5EncoderModel``;
-    ``vae``: a diffusers ``AutoencoderKL``. Inputs go to each component's device and
-    dtype; outputs come back in that dtype.
+    ``vae``: a diffusers ``AutoencoderKL``. Inputs go to ``device`` (default: each
+    component's own device) and the component's dtype; outputs come back in that dtype.
+    A pipeline under ``enable_model_cpu_offload()`` passes its execution device: its
+    components sit on the CPU until their hooks move them, and the VAE's ``encode`` and
+    ``decode`` hooks move the module but not its inputs.
     """
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, vae: Any, max_length: int = 120) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        vae: Any,
+        max_length: int = 120,
+        device: torch.device | str | None = None,
+    ) -> None:
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length: expected a positive int, got {max_length!r}")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.max_length = max_length
+        self.device = None if device is None else torch.device(device)
+
+    def _device(self, module: Any) -> torch.device:
+        return module.device if self.device is None else self.device
 
     @property
     def vae_factor(self) -> int:
@@ -232,7 +246,7 @@ class ConditionTokenizer:
         """One tokenizer call, one encoder call: hidden (B, N, E) and attention mask (B, N)."""
         kw = {"padding": "max_length", "max_length": self.max_length, "truncation": True}
         tokens = self.tokenizer(texts, return_attention_mask=True, return_tensors="pt", **kw)
-        device = self.text_encoder.device
+        device = self._device(self.text_encoder)
         mask = tokens["attention_mask"].to(device)  # (B, N)
         out = self.text_encoder(input_ids=tokens["input_ids"].to(device), attention_mask=mask)
         return out.last_hidden_state, mask  # (B, N, E), (B, N)
@@ -272,7 +286,7 @@ class ConditionTokenizer:
         )
         for idx in groups.values():
             x = torch.stack([images[i] for i in idx])  # (B, 3, H, W)
-            dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
+            dist = self.vae.encode(x.to(self._device(self.vae), self.vae.dtype)).latent_dist
             for i, mean, std in zip(idx, dist.mean, dist.std):  # (C, h, w) each
                 out[i] = (mean, std)
         return out
@@ -322,7 +336,7 @@ class ConditionTokenizer:
             raise _expected("latents", "a float tensor (B, C, h, w)", latents)
         if latents.shape[1] != c:
             raise ValueError(f"latents: the VAE takes {c} channels, got {tuple(latents.shape)}")
-        z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+        z = latents.to(self._device(self.vae), self.vae.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(z).sample  # (B, 3, 8h, 8w)
 
 

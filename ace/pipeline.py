@@ -151,7 +151,11 @@ class ACEPipeline(DiffusionPipeline):
 
     @property
     def conditioner(self) -> ConditionTokenizer:
-        return ConditionTokenizer(self.tokenizer, self.text_encoder, self.vae)
+        # inputs go to the execution device: under enable_model_cpu_offload() the
+        # components sit on the CPU until their hooks move them
+        return ConditionTokenizer(
+            self.tokenizer, self.text_encoder, self.vae, device=self._execution_device
+        )
 
     @property
     def max_seq_len(self) -> int:

@@ -62,7 +62,9 @@ def test_flop_count_of_one_block_matches_the_hand_count():
     from ace.reference import ReferenceDiT
 
     cfg = PRESETS["tiny"]
-    args = benchmark.parse_args(["--size", "64", "--batch", "2", "--frames", "3", "--text-len", "7"])
+    args = benchmark.parse_args(
+        ["--size", "64", "--batch", "2", "--frames", "3", "--text-len", "7"]
+    )
     ref = ReferenceDiT(**cfg)
     inputs = benchmark.make_batch(cfg, args, "cpu", torch.float32, torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter, torch.no_grad():

@@ -106,6 +106,40 @@ def test_to_and_model_cpu_offload_keep_working(pipe):
     assert same(run(offloaded, "a star", height=32, width=32), expected)
 
 
+def test_conditioner_sends_inputs_to_the_execution_device(monkeypatch):
+    """Under enable_model_cpu_offload() the components wait on the CPU while the pipeline
+    runs on the accelerator, and diffusers' hooks on the VAE's encode and decode move the
+    module but not its inputs: the conditioner must send every input to the pipeline's
+    execution device itself, not to where a component happens to be."""
+    pipe = tiny_pipeline()
+    meta, seen = torch.device("meta"), {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(name):
+        def record(*args, **kwargs):
+            seen[name] = (args[0] if args else kwargs["input_ids"]).device
+            raise Stop
+
+        return record
+
+    monkeypatch.setattr(pipe.text_encoder, "forward", spy("text"))
+    monkeypatch.setattr(pipe.vae, "encode", spy("encode"))
+    monkeypatch.setattr(pipe.vae, "decode", spy("decode"))
+    enc = ConditionTokenizer(pipe.tokenizer, pipe.text_encoder, pipe.vae, device=meta)
+    calls = (
+        lambda: enc.encode_text(["make it blue"]),
+        lambda: enc.encode_images([torch.zeros(3, 64, 64)]),
+        lambda: enc.decode(torch.zeros(1, 4, 8, 8)),
+    )
+    for call in calls:
+        with pytest.raises(Stop):
+            call()
+    assert seen == {"text": meta, "encode": meta, "decode": meta}  # the components are on CPU
+    assert pipe.conditioner.device == pipe._execution_device
+
+
 def test_vae_tiling_encodes_and_decodes_large_images_in_tiles(monkeypatch):
     """pipe.vae.enable_tiling() (diffusers) reaches the pipeline's VAE calls: an edit
     larger than a tile (the tiny VAE's 64 px) goes through the tiled encode and decode."""
