@@ -207,6 +207,15 @@ def postprocess(images: torch.Tensor) -> list[Image.Image]:
 # ---------------------------------------------------------------------------
 
 
+def _valid_rows(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``states`` (N, E) where the CPU ``mask`` (N,) is 1: a slice when the
+    mask is a prefix (right padding, as T5's tokenizer pads), else a gather."""
+    n = int(mask.sum())
+    if bool(mask[:n].all()):
+        return states[:n]
+    return states.index_select(0, mask.nonzero()[:, 0].to(states.device))
+
+
 class ConditionTokenizer:
     """Frozen T5 encoder (with its tokenizer) and KL VAE behind the calls pipeline and trainer make.
 
@@ -247,8 +256,10 @@ class ConditionTokenizer:
         kw = {"padding": "max_length", "max_length": self.max_length, "truncation": True}
         tokens = self.tokenizer(texts, return_attention_mask=True, return_tensors="pt", **kw)
         device = self._device(self.text_encoder)
-        mask = tokens["attention_mask"].to(device)  # (B, N)
-        out = self.text_encoder(input_ids=tokens["input_ids"].to(device), attention_mask=mask)
+        mask = tokens["attention_mask"]  # (B, N) on the CPU
+        out = self.text_encoder(
+            input_ids=tokens["input_ids"].to(device), attention_mask=mask.to(device)
+        )
         return out.last_hidden_state, mask  # (B, N, E), (B, N)
 
     @torch.no_grad()
@@ -257,7 +268,9 @@ class ConditionTokenizer:
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise _expected("prompts", "a non-empty list of str", prompts)
         hidden, mask = self._encode([clean_text(p) for p in prompts])
-        return [h[m.bool()] for h, m in zip(hidden, mask)]  # each (L_i, E)
+        # the valid positions are read off the CPU mask, not by a boolean index into the
+        # GPU states, which would wait for the encoder to finish (a host sync)
+        return [_valid_rows(h, m) for h, m in zip(hidden, mask)]  # each (L_i, E)
 
     @torch.no_grad()
     def indicator_table(self) -> torch.Tensor:

@@ -81,9 +81,10 @@ class PackedBatch:
             return v[:, None].expand(v.shape[0], n, *v.shape[1:]).flatten(0, 1)  # (B*n, ...)
         cache_key = (key, v.dtype, v.device)
         if cache_key not in self._onehot:
-            self._onehot[cache_key] = torch.nn.functional.one_hot(index.long(), v.shape[0]).to(
-                v.device, v.dtype
-            )
+            # a comparison, not F.one_hot: one_hot checks its range with a host sync
+            index = index.to(v.device)
+            rows = torch.arange(v.shape[0], device=v.device)
+            self._onehot[cache_key] = (index[:, None] == rows[None, :]).to(v.dtype)
         onehot = self._onehot[cache_key]  # (rows, B or K)
         return (onehot @ v.flatten(1)).unflatten(1, v.shape[1:])
 

@@ -271,12 +271,14 @@ class ACEPipeline(DiffusionPipeline):
         latents = latents.to(device, torch.float32) * getattr(
             self.scheduler, "init_noise_sigma", 1.0
         )
+        # the scheduler's arithmetic stays on the CPU, on python numbers: with its timesteps on
+        # the GPU, each step would index CPU tables with GPU scalars (a host sync each time)
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
             # sigmas from 1 to 1/n, shifted once by the scheduler, as in training (and Flux)
             sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
+            self.scheduler.set_timesteps(sigmas=sigmas, device="cpu")
         else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            self.scheduler.set_timesteps(num_inference_steps, device="cpu")
 
         # 5. pack once: positions, RoPE, layouts and the condition tokens are reused every step
         n_samples = len(texts)
@@ -292,8 +294,10 @@ class ACEPipeline(DiffusionPipeline):
         indicators = self.indicators.table.to(device, dtype)  # (K, E)
         p = self.transformer.config.patch_size
 
-        # 6. denoise
-        for t in self.progress_bar(self.scheduler.timesteps):
+        # 6. denoise: no host sync inside a step (the timesteps go to the device once)
+        schedule = self.scheduler.timesteps  # (S,) on the CPU
+        model_timesteps = schedule.to(device)[:, None].expand(-1, n_samples)  # (S, B)
+        for i, t in enumerate(self.progress_bar(schedule.tolist())):
             x_t = (
                 self.scheduler.scale_model_input(latents, t)
                 if hasattr(self.scheduler, "scale_model_input")
@@ -301,7 +305,7 @@ class ACEPipeline(DiffusionPipeline):
             )
             target = patchify(torch.cat([x_t[0].to(dtype), target_mask]), p)  # (n, (C+1)*p*p)
             tokens = tokens.index_copy(0, packed.target_index, target.repeat(n_samples, 1))
-            timesteps = t.reshape(1).expand(n_samples).to(device)
+            timesteps = model_timesteps[i]  # (B,)
             out = self.transformer(tokens, text, timesteps, packed, indicators)  # (B*n, p*p*C)
             preds = torch.stack(packed.unpack_target(out)).float()  # (B, C, h, w)
             pred = (

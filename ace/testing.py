@@ -13,6 +13,10 @@ memory figures (``scripts/benchmark.py --pipeline released``); it needs about 12
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import traceback
+
 import torch
 from diffusers import AutoencoderKL
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
@@ -50,6 +54,51 @@ def tiny_vae() -> AutoencoderKL:
         sample_size=64,
         scaling_factor=0.18215,
     ).eval()
+
+
+# ops that make the host wait for the device on CUDA: reading a value (.item(), bool(),
+# int()), and ops whose output size depends on the data (boolean masks, nonzero, unique)
+_SYNC_OPS = (
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique",
+    "aten.repeat_interleave.Tensor",
+)
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """Count the ops that would make the host wait for a GPU, on any device (so also in
+    CPU tests): yields a Counter of (op, file:line of the innermost ``ace`` frame).
+
+        with host_syncs() as syncs:
+            model(tokens, text, t, packed, indicators)
+        assert not syncs
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counter: collections.Counter = collections.Counter()
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            bool_index = name.startswith("aten.index.Tensor") and any(
+                getattr(i, "dtype", None) == torch.bool for i in (args[1] or [])
+            )
+            if name.startswith(_SYNC_OPS) or bool_index:
+                frames = [
+                    f
+                    for f in traceback.extract_stack()
+                    if "/ace/" in f.filename and not f.filename.endswith("testing.py")
+                ]
+                where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+                counter[(name, where)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        yield counter
 
 
 def tiny_transformer(**overrides) -> ACETransformer:

@@ -367,3 +367,13 @@ def test_value_errors(ct):
         postprocess(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="missing"):
         convert_ldm_vae({"foo": torch.zeros(1)}, TINY_VAE)
+
+
+def test_valid_rows_of_prefix_and_scattered_masks():
+    """encode_text keeps the rows where the attention mask is 1, as h[mask.bool()] would."""
+    from ace.conditioning import _valid_rows
+
+    states = torch.randn(6, 3)
+    for mask in ([1, 1, 1, 0, 0, 0], [1] * 6, [0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 0, 1]):
+        mask = torch.tensor(mask)
+        assert torch.equal(_valid_rows(states, mask), states[mask.bool()])

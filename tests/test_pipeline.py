@@ -288,3 +288,22 @@ def test_flow_pipeline_equals_an_obvious_euler_loop():
         v = u.double() + scale * (c.double() - u.double())
         x = x + ((sigmas[i + 1] if i + 1 < steps else 0.0) - s) * v
     torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["ddpm-eps", "rectified-flow"])
+def test_no_host_sync_inside_a_denoise_step(objective):
+    """The ops that make the host wait for a GPU (reading a value, data-dependent shapes)
+    happen once per call, while preparing, never once per step: 2 and 5 steps count the
+    same. Before, the scheduler's timesteps lived on the device and each DDIM step indexed
+    its CPU tables with them."""
+    from ace.testing import host_syncs
+
+    pipe = tiny_pipeline(objective=objective)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    counts = []
+    for steps in (2, 5):
+        with host_syncs() as syncs:
+            pipe("make {image} blue", images=[image], num_inference_steps=steps)
+        counts.append(sum(syncs.values()))
+    assert counts[0] == counts[1], counts

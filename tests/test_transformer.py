@@ -268,3 +268,24 @@ def test_backward_is_bitwise_reproducible_on_ragged_batches():
         sum(o.square().sum() for o in out).backward()
         grads.append([p.grad.clone() for p in ours.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "dense"])
+def test_forward_and_backward_make_no_host_sync(backend):
+    """Once the batch is packed, the model's forward and backward never make the host wait
+    for the device (ace.testing.host_syncs sees the ops that would on CUDA). The indicator
+    one-hot used F.one_hot, whose range check read a value back on every training step."""
+    from ace.testing import host_syncs
+
+    _, ours = make_pair()
+    ours.set_attention_backend(backend)
+    frames, masks, texts = batch(*CASES["three_frames_mixed"])
+    t, ind = torch.tensor([10.0, 500.0, 900.0]), torch.randn(10, 24)
+    packed = ours.pack(
+        [[f.shape[-2:] for f in fs] for fs in frames], [[x.shape[0] for x in ts] for ts in texts]
+    )
+    tokens, text = packed.pack_frames(frames, masks), packed.pack_texts(texts)
+    with host_syncs() as syncs:
+        out = ours(tokens, text, t, packed, ind)
+        out.square().mean().backward()
+    assert not syncs, dict(syncs)

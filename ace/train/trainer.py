@@ -204,6 +204,7 @@ class Trainer:
             self.accelerator.register_for_checkpointing(self.batches)
         self.step = 0
         self.nonfinite = 0
+        self.window_finite = True  # no non-finite loss since the last optimizer step
 
     @property
     def unwrapped(self):
@@ -246,22 +247,29 @@ class Trainer:
         start = time.perf_counter()
         with acc.accumulate(self.model):
             loss, tokens, samples = self.forward_loss(self.step)
+            # backward runs whatever the loss, so that the step's one host sync (below) comes
+            # after all its work is queued, not between forward and backward; a non-finite
+            # loss only makes non-finite gradients, which the skip below throws away
+            acc.backward(loss)
+            if cfg.optim.grad_clip > 0 and acc.sync_gradients:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             # one small all-reduce per step: the mean loss for the log, the batch size, and
-            # whether EVERY rank's loss is finite (all ranks must skip a step together, or
-            # DDP's gradient all-reduce would wait forever for the rank that skipped)
-            stats = torch.tensor(
-                [float(loss.detach()), tokens, samples, float(torch.isfinite(loss).all())],
-                device=acc.device,
-            )
+            # whether EVERY rank's loss is finite (all ranks must skip a step together)
+            loss = loss.detach().float()
+            n_tokens, n_samples = loss.new_full((), tokens), loss.new_full((), samples)
+            stats = torch.stack([loss, n_tokens, n_samples, torch.isfinite(loss).float()])
             if acc.num_processes > 1:
                 stats = acc.reduce(stats, reduction="sum")
-            finite = int(stats[3].item()) == acc.num_processes
-            if finite:
-                acc.backward(loss)
-                if cfg.optim.grad_clip > 0 and acc.sync_gradients:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            loss_sum, tokens, samples, n_finite = stats.tolist()  # the step's one host sync
+            finite = int(n_finite) == acc.num_processes
+            # with gradient accumulation, one non-finite micro-batch spoils its whole window
+            self.window_finite = self.window_finite and finite
+            stepped = acc.sync_gradients and self.window_finite
+            if stepped:
                 self.optimizer.step()
                 self.schedule.step()
+            if acc.sync_gradients:
+                self.window_finite = True
             self.optimizer.zero_grad(set_to_none=True)
         if not finite:
             self.nonfinite += 1
@@ -272,16 +280,16 @@ class Trainer:
                 )
         else:
             self.nonfinite = 0
-            if self.ema is not None and acc.sync_gradients:
-                self.ema.step(self.unwrapped.parameters())
+        if stepped and self.ema is not None:
+            self.ema.step(self.unwrapped.parameters())
         self.step += 1
         seconds = time.perf_counter() - start
         return {
             "step": self.step,
-            "loss": stats[0].item() / acc.num_processes,
+            "loss": loss_sum / acc.num_processes,
             "lr": self.schedule.get_last_lr()[0],
-            "tokens": int(stats[1].item()),
-            "samples/s": stats[2].item() / seconds,
+            "tokens": int(tokens),
+            "samples/s": samples / seconds,
             "world_size": acc.num_processes,
             "skipped_step": not finite,
             "skipped_samples": self.batches.skipped,
