@@ -126,7 +126,8 @@ class TrainConfig:
     log_every: int = 1
     """Write a metrics.jsonl row every N steps."""
     max_nonfinite: int = 5
-    """Stop after this many non-finite losses in a row (each one skips its step)."""
+    """Stop after this many non-finite losses in a row (each one skips its step; with
+    gradient accumulation, the optimizer step of its whole window)."""
     trackers: list[str] = field(default_factory=list)
     """accelerate trackers fed with every logged row, e.g. [tensorboard] (logs in output_dir/logs)."""
 
