@@ -161,6 +161,32 @@ def test_non_finite_losses_skip_steps_then_stop(data, tmp_path, monkeypatch):
     )  # never stepped
 
 
+def test_non_finite_micro_batch_skips_its_accumulation_window(data, tmp_path, monkeypatch):
+    """Backward runs whatever the loss (the step's one host sync comes after it), so a
+    non-finite micro-batch leaves non-finite gradients: its window must not step, and the
+    window after it must step from clean gradients."""
+    trainer = Trainer(load_config(CONFIG, args(data, tmp_path / "acc", 8, "train.grad_accum=2")))
+    real = trainer.objective.loss
+    calls = []
+
+    def loss(*a, **k):
+        calls.append(1)
+        value = real(*a, **k)
+        return value * float("nan") if len(calls) == 1 else value  # the first micro-batch
+
+    monkeypatch.setattr(trainer.objective, "loss", loss)
+    params = lambda: {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}  # noqa: E731
+    before = params()
+    rows = [trainer.train_step(), trainer.train_step()]  # window 1: NaN, then finite
+    assert [r["skipped_step"] for r in rows] == [True, False]
+    assert all(torch.equal(before[n], p) for n, p in params().items())  # window 1 did not step
+    rows = [trainer.train_step(), trainer.train_step()]  # window 2: both finite
+    after = params()
+    assert not any(r["skipped_step"] for r in rows)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # window 2 stepped
+
+
 def test_train_step_runs_without_train(data, tmp_path):
     # a notebook or a profiler drives the steps itself: nothing may wait for train()
     trainer = Trainer(load_config(CONFIG, args(data, tmp_path / "steps", 2)))
