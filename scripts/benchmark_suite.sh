@@ -10,6 +10,14 @@
 # priority, and each gets at most what is left of BUDGET_SECONDS (default 600), so a
 # lease that ends early still returns the first ones. Prints a summary of each step last.
 # The interpreter is $PYTHON (default python; on the lent GPU machines, PYTHON=python3).
+#
+# On a machine whose torch is installed but not this project's other needs (no network):
+# download the pure-Python wheels here into .whl/ (diffusers, importlib_metadata, omegaconf,
+# antlr4-python3-runtime, ftfy, wcwidth, webdataset, braceexpand), carry that folder, and
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   PYTHONPATH=/tmp/site:$PWD PYTHON=python3 scripts/benchmark_suite.sh "$OUT" 380
+# Never write a wrapper through an existing link to the interpreter: a wrapper written
+# through a symlink to python3 replaces python3 itself, and every later call hangs.
 set -u
 OUT=${1:?usage: scripts/benchmark_suite.sh OUTDIR [BUDGET_SECONDS]}
 BUDGET=${2:-600}
