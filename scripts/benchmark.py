@@ -89,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown config {name!r}; choose from {sorted(PRESETS)}")
     if args.pipeline_only and not args.pipeline:
         p.error("--pipeline-only needs --pipeline")
+    first = args.configs.split(",")[0]
+    if args.pipeline == "released" and PRESETS[first]["text_dim"] != 4096:
+        p.error(
+            f"--pipeline released builds the DiT of the first --configs preset, which must "
+            f"read T5-XXL (text_dim 4096): ace-0.6b-512 or ace-0.6b-1024, not {first!r}"
+        )
     if args.size % 16:
         p.error(f"--size must be a multiple of 16, got {args.size}")
     return args
