@@ -122,6 +122,9 @@ def measure(args: argparse.Namespace) -> dict:
         "decode_s": statistics.median(times["decode"][1:]),
         "peak_gib": (peak_bytes(args.device) - before) / 2**30,
         "tile_px": vae.tile_sample_min_size if args.child == "tiled" else None,
+        "device_name": (
+            torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
+        ),
     }
 
 
@@ -141,11 +144,13 @@ def main(argv=None) -> int:
                     raise UserError(f"the {mode} run failed:\n{done.stderr.strip()[-2000:]}")
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             rows[1]["psnr_vs_whole"] = _psnr(Path(tmp))
+            rows[1].pop("device_name")
     except UserError as e:
         print(f"benchmark_vae.py: error: {e}", file=sys.stderr)
         return 2
     result = {
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "machine": rows[0].pop("device_name")
+        or f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "device": args.device,
         "dtype": args.dtype,
         "size": args.size,
