@@ -248,11 +248,9 @@ class Trainer:
         with acc.accumulate(self.model):
             loss, tokens, samples = self.forward_loss(self.step)
             # backward runs whatever the loss, so that the step's one host sync (below) comes
-            # after all its work is queued, not between forward and backward; a non-finite
-            # loss only makes non-finite gradients, which the skip below throws away
+            # after forward and backward are queued, not between them; a non-finite loss
+            # only makes non-finite gradients, which the skip below throws away
             acc.backward(loss)
-            if cfg.optim.grad_clip > 0 and acc.sync_gradients:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             # one small all-reduce per step: the mean loss for the log, the batch size, and
             # whether EVERY rank's loss is finite (all ranks must skip a step together)
             loss = loss.detach().float()
@@ -266,6 +264,10 @@ class Trainer:
             self.window_finite = self.window_finite and finite
             stepped = acc.sync_gradients and self.window_finite
             if stepped:
+                # clipped only on a step that is taken: with fp16, clipping unscales the
+                # gradients, and a skipped step would leave the GradScaler's round open
+                if cfg.optim.grad_clip > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
                 self.schedule.step()
             if acc.sync_gradients:
