@@ -371,53 +371,61 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows, "pipeline": pipeline}, indent=2))
         return 0
-    print(
-        f"# {meta['machine']} | torch {meta['torch']} | {args.device} {args.dtype} | {meta['batch']}"
-        f" | {peak_dtype} matmul peak {peak:.1f} TFLOP/s"
-    )
+    print(report_tables({"meta": meta, "rows": rows, "pipeline": pipeline}))
+    return 0
+
+
+def report_tables(report: dict) -> str:
+    """The plain-text tables of a ``--json`` report (also used by summarize_benchmarks.py)."""
 
     def num(x, fmt):
         return "OOM" if x is None else format(x, fmt)
 
-    compiled = args.compile
-    heads = ["config", "call", "TFLOP", "ref ms", "ace ms", "speedup", "ref / ace % peak"]
-    heads += ["ref / ace GiB"] if device.type == "cuda" else []
-    heads += ["compiled ms", "speedup", "% peak", "compile s"] if compiled else []
-    lines = []
-    for r in rows:
-        for k in KINDS:
-            line = [r["config"], k, f"{r[f'{k}_tflop']:.3g}"]
-            line += [num(r[f"{k}_ref_ms"], ".1f"), num(r[f"{k}_ace_ms"], ".1f")]
-            line += [num(r[f"{k}_speedup"], ".2f") + "x"]
-            line += [f"{num(r[f'{k}_ref_pct_peak'], '.1f')} / {num(r[f'{k}_ace_pct_peak'], '.1f')}"]
-            if device.type == "cuda":
-                gib = (num(r[f"{k}_{i}_peak_gib"], ".1f") for i in ("ref", "ace"))
-                line += [" / ".join(gib)]
-            if compiled:
-                line += [f"{r[f'{k}_compiled_ms']:.1f}", num(r[f"{k}_compiled_speedup"], ".2f")]
-                line += [f"{r[f'{k}_compiled_pct_peak']:.1f}", f"{r[f'{k}_compile_s']:.1f}"]
-            lines.append(line)
+    meta, rows, pipeline = report["meta"], report["rows"], report.get("pipeline")
+    out = [f"# {meta['machine']} | torch {meta['torch']} | {meta['device']} {meta['dtype']}"]
+    out[0] += f" | {meta['batch']}"
     if rows:
-        print(text_table(heads, lines))
+        out[0] += f" | {rows[0]['peak_dtype']} matmul peak {rows[0]['peak_tflops']:.1f} TFLOP/s"
+        cuda = rows[0]["forward_ace_peak_gib"] is not None
+        compiled = "forward_compiled_ms" in rows[0]
+        heads = ["config", "call", "TFLOP", "ref ms", "ace ms", "speedup", "ref / ace % peak"]
+        heads += ["ref / ace GiB"] if cuda else []
+        heads += ["compiled ms", "speedup", "% peak", "compile s"] if compiled else []
+        lines = []
+        for r in rows:
+            for k in KINDS:
+                line = [r["config"], k, f"{r[f'{k}_tflop']:.3g}"]
+                line += [num(r[f"{k}_ref_ms"], ".1f"), num(r[f"{k}_ace_ms"], ".1f")]
+                line += [num(r[f"{k}_speedup"], ".2f") + "x"]
+                pct = (num(r[f"{k}_{i}_pct_peak"], ".1f") for i in ("ref", "ace"))
+                line += [" / ".join(pct)]
+                if cuda:
+                    gib = (num(r[f"{k}_{i}_peak_gib"], ".1f") for i in ("ref", "ace"))
+                    line += [" / ".join(gib)]
+                if compiled:
+                    line += [f"{r[f'{k}_compiled_ms']:.1f}", num(r[f"{k}_compiled_speedup"], ".2f")]
+                    line += [f"{r[f'{k}_compiled_pct_peak']:.1f}", f"{r[f'{k}_compile_s']:.1f}"]
+                lines.append(line)
+        out.append(text_table(heads, lines))
     for r in rows:
-        print(
+        out.append(
             f"{r['config']} (rel err {r['rel_err']:.1e}, {r['params_m']}M params): training "
             f"throughput {num(r['train_tokens_per_s_ace'], '.0f')} image tokens/s "
             f"(reference {num(r['train_tokens_per_s_ref'], '.0f')})"
         )
     if pipeline:
-        print(
+        out.append(
             f"{pipeline['config']} at {pipeline['size']} px, {pipeline['steps']} steps: "
             f"{pipeline['ms']:.0f} ms ({pipeline['ms_per_step']:.1f} ms per step, T5 + VAE included)"
         )
         if pipeline["peak_gib"] is not None:
-            print(f"  peak memory {pipeline['peak_gib']:.2f} GiB")
+            out.append(f"  peak memory {pipeline['peak_gib']:.2f} GiB")
         if "offload_ms" in pipeline:
-            print(
+            out.append(
                 f"  with enable_model_cpu_offload(): {pipeline['offload_ms']:.0f} ms, "
                 f"peak memory {pipeline['offload_peak_gib']:.2f} GiB"
             )
-    return 0
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -199,8 +199,17 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
         return 0
-    print(f"# {meta['device']} | torch {meta['torch']} | {args.dtype} | scale {args.scale}")
-    backends = [b for b in args.backend_names if any(f"{b}_fwd_ms" in r for r in rows)]
+    print(report_table({"meta": meta, "rows": rows}))
+    return 0
+
+
+def report_table(report: dict) -> str:
+    """The plain-text table of a ``--json`` report (also used by summarize_benchmarks.py)."""
+    meta, rows = report["meta"], report["rows"]
+    head = f"# {meta['device']} | torch {meta['torch']} | {meta['dtype']} | scale {meta['scale']}"
+    backends = [
+        b for b in ("sdpa", "varlen", "flex", "dense") if any(f"{b}_fwd_ms" in r for r in rows)
+    ]
     heads = ["layout", "q/k tokens", "auto"]
     heads += [f"{b} fwd / fwd+bwd ms (err)" for b in backends] + ["fastest fwd / fwd+bwd"]
     lines = []
@@ -213,10 +222,9 @@ def main(argv=None) -> int:
             bwd = r[f"{b}_fwd_bwd_ms"]
             bwd = "-" if bwd is None else f"{bwd:.2f}"
             line.append(f"{r[f'{b}_fwd_ms']:.2f} / {bwd} ({r[f'{b}_err']:.0e})")
-        line.append(f"{r['fastest_fwd']} / {r['fastest_fwd_bwd']}")
+        line.append(f"{r['fastest_fwd']} / {r['fastest_fwd_bwd'] or '-'}")
         lines.append(line)
-    print(text_table(heads, lines))
-    return 0
+    return "\n".join([head, text_table(heads, lines)])
 
 
 if __name__ == "__main__":

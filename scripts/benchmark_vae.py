@@ -160,6 +160,12 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    print(report_table(result))
+    return 0
+
+
+def report_table(report: dict) -> str:
+    """The plain-text table of a ``--json`` report (also used by summarize_benchmarks.py)."""
     heads = ["mode", "tile px", "encode s", "decode s", "peak GiB", "PSNR vs whole"]
     body = [
         [
@@ -170,11 +176,10 @@ def main(argv=None) -> int:
             f"{r['peak_gib']:.2f}",
             f"{r['psnr_vs_whole']:.1f}" if "psnr_vs_whole" in r else "-",
         ]
-        for r in rows
+        for r in report["rows"]
     ]
-    print(f"{args.size} px, {args.vae} VAE, {args.device} {args.dtype}")
-    print(text_table(heads, body))
-    return 0
+    head = f"{report['size']} px, {report['vae']} VAE, {report['machine']}, {report['device']}"
+    return "\n".join([f"{head} {report['dtype']}", text_table(heads, body)])
 
 
 def _psnr(folder: Path) -> float:
