@@ -6,10 +6,13 @@
     python scripts/probe.py --pipeline tiny --n 4
 
 Reads held-out toy LCUs (``--suite toy``, the default) or the first ``--n`` LCUs of a
-manifest (``--data``) that have an input image, and prints per task family (see
-``ace.eval.probe``):
+manifest (``--data``), and prints per task family (see ``ace.eval.probe``):
 
-- x0 MSE at each noise level, and copy MSE (the first input taken as the answer);
+- x0 MSE at each noise level, and copy MSE (the first input taken as the answer; "nan"
+  for text-to-image, which has none);
+- x0 PSNR at each noise level: the clean image the model implies, decoded, against the
+  target (dB), next to the mean of the family's other targets ("mean psnr", the
+  baseline text-to-image and analysis tasks must beat) and the VAE's ceiling;
 - text effect: how much blanking the current instruction moves the prediction;
 - copy attention: the strongest same-position target -> input attention, best layer.
 
@@ -71,11 +74,12 @@ def check(args: argparse.Namespace) -> list[float]:
 
 
 def lcus(args: argparse.Namespace) -> list:
-    """The first ``--n`` LCUs with an input image, from ``--data`` or the held-out toy set."""
+    """The first ``--n`` LCUs with a target, from ``--data`` or the held-out toy set (every
+    family equally often)."""
     if args.data is None:
         from ace.data.toy import sample_stream
 
-        stream = (s.lcu for s in sample_stream(4 * args.n, args.seed, split="eval"))
+        stream = (s.lcu for s in sample_stream(args.n, args.seed, split="eval", balanced=True))
     else:
         from ace.data.manifest import LCUManifest
 
@@ -86,12 +90,12 @@ def lcus(args: argparse.Namespace) -> list:
         stream = (dataset[i] for i in range(len(dataset)))
     out = []
     for lcu in stream:
-        if lcu.images and lcu.target is not None:
+        if lcu.target is not None:
             out.append(lcu)
             if len(out) == args.n:
                 break
     if not out:
-        raise UserError("no LCU with an input image and a target to probe")
+        raise UserError("no LCU with a target to probe")
     return out
 
 
@@ -116,13 +120,16 @@ def run(args: argparse.Namespace):
 def table(report) -> str:
     levels = report.config["levels"]
     heads = ["task", "n", "copy mse", *[f"x0 mse@{v:g}" for v in levels]]
+    heads += ["mean psnr", *[f"x0 psnr@{v:g}" for v in levels], "vae psnr"]
     heads += [f"text@{v:g}" for v in levels] + ["copy attn"]
     rows = []
     for task, m in report.per_task.items():
         attn = max(m["copy_attention"]) if m["copy_attention"] else float("nan")
-        cells = [m["copy_mse"], *[m[f"x0_mse@{v:g}"] for v in levels]]
-        cells += [m[f"text_effect@{v:g}"] for v in levels] + [attn]
-        rows.append([task, str(m["n"]), *[f"{c:.3f}" for c in cells]])
+        mse = [m["copy_mse"], *[m[f"x0_mse@{v:g}"] for v in levels]]
+        db = [m["mean_psnr"], *[m[f"x0_psnr@{v:g}"] for v in levels], m["vae_psnr"]]
+        rest = [m[f"text_effect@{v:g}"] for v in levels] + [attn]
+        cells = [f"{c:.3f}" for c in mse] + [f"{c:.2f}" for c in db] + [f"{c:.3f}" for c in rest]
+        rows.append([task, str(m["n"]), *cells])
     return text_table(heads, rows)
 
 

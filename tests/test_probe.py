@@ -3,10 +3,12 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from ace.data.toy import sample_stream
+from ace.conditioning import preprocess_image
+from ace.data.toy import TASKS, sample_stream
 from ace.diffusion import DDPMEpsilon, objective_for_scheduler
 from ace.eval.probe import _AttentionTap, probe
 from ace.lcu import LCU, ConditionUnit
@@ -48,6 +50,47 @@ def test_a_copying_model_scores_the_copy_error_and_no_text_effect(objective, mon
     assert sum(m["n"] for m in report.per_task.values()) == 6
 
 
+def test_pixel_scores_by_hand(monkeypatch):
+    """x0_psnr of a copying model is the input's decoded latent scored against the target;
+    mean_psnr is each target against the mean of its family's other targets; vae_psnr the
+    target's own round trip. Each computed here from the PIL images with numpy."""
+    pipe = tiny_pipeline(objective="rectified-flow")
+    monkeypatch.setattr(pipe.transformer, "predict", copying_model(pipe))
+    lcus = [s.lcu for s in sample_stream(48, 0, split="eval", tasks=["recolor"])][:3]
+    report = probe(pipe, lcus, levels=(0.5,), progress=False)
+    m = report.per_task["recolor"]
+
+    def db(a, b):  # PSNR of two uint8 arrays, by the textbook formula
+        mse = np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2)
+        return 10 * np.log10(1.0 / mse)
+
+    def round_trip(image):  # image -> VAE mode -> decoded uint8, as the pipeline renders
+        size = pipe.max_seq_len
+        lat = pipe.conditioner.encode_images([preprocess_image(image, size)], sample=False)[0]
+        x = pipe.conditioner.decode(lat[None])[0].clamp(-1, 1)
+        return ((x.permute(1, 2, 0).numpy() + 1) / 2 * 255 + 0.5).astype(np.uint8)
+
+    targets = [np.asarray(lcu.target) for lcu in lcus]
+    loo = []
+    for i, t in enumerate(targets):
+        others = np.mean([u.astype(np.float64) for j, u in enumerate(targets) if j != i], axis=0)
+        loo.append(10 * np.log10(1.0 / np.mean((others / 255 - t / 255) ** 2)))
+    assert m["mean_psnr"] == pytest.approx(np.mean(loo), abs=1e-9)
+    copy = [db(round_trip(lcu.images[0]), t) for lcu, t in zip(lcus, targets)]
+    assert m["x0_psnr@0.5"] == pytest.approx(np.mean(copy), abs=0.05)
+    ceiling = [db(round_trip(lcu.target), t) for lcu, t in zip(lcus, targets)]
+    assert m["vae_psnr"] == pytest.approx(np.mean(ceiling), abs=0.05)
+
+
+def test_text_to_image_lcus_are_probed_without_copy_scores():
+    pipe = tiny_pipeline(objective="rectified-flow")
+    lcus = [s.lcu for s in sample_stream(2, 0, split="eval", tasks=["text_to_image"])]
+    m = probe(pipe, lcus, levels=(0.9,), progress=False).per_task["text_to_image"]
+    assert np.isnan(m["copy_mse"]) and m["copy_attention"] == []
+    assert np.isfinite(m["x0_mse@0.9"]) and np.isfinite(m["x0_psnr@0.9"])
+    assert np.isfinite(m["mean_psnr"]) and m["n"] == 2
+
+
 def test_the_attention_tap_is_the_attention_the_layer_applies():
     """softmax weights from the tap, times the layer's own v and output projection, give
     back the layer's output; every row sums to 1."""
@@ -82,8 +125,13 @@ def test_script_prints_and_writes_a_report(tmp_path, capsys):
     assert "copy attn" in stdout
     report = json.loads(out.read_text())
     assert report["config"]["levels"] == [0.5, 1.0]
-    for m in report["tasks"].values():
-        assert {"copy_mse", "x0_mse@0.5", "x0_mse@1", "text_effect@1"} <= set(m)
+    assert list(report["tasks"]) == list(TASKS[:4])  # balanced: one of each of the first four
+    for task, m in report["tasks"].items():
+        assert {"copy_mse", "x0_mse@0.5", "x0_mse@1", "text_effect@1", "x0_psnr@1"} <= set(m)
+        assert m["mean_psnr"] is None  # one LCU per family: no other target to average
+        if task == "text_to_image":  # no input image: nothing to copy
+            assert m["copy_mse"] is None and m["copy_attention"] == []
+            continue
         assert len(m["copy_attention"]) == 2  # the tiny model's two layers
         assert all(0 < a <= 1 for a in m["copy_attention"])
 
@@ -108,9 +156,9 @@ def test_script_bad_arguments_exit_2_in_one_line(tmp_path, capsys, extra, match)
 
 def test_probe_rejects_lcus_it_cannot_probe():
     pipe = tiny_pipeline()
-    t2i = LCU(ConditionUnit("a red circle"), target=torch.rand(3, 64, 64), task="text_to_image")
-    with pytest.raises(ValueError, match="needs a target and an input image"):
-        probe(pipe, [t2i], progress=False)
+    no_target = LCU(ConditionUnit("a red circle"), task="text_to_image")
+    with pytest.raises(ValueError, match="needs an LCU with a target"):
+        probe(pipe, [no_target], progress=False)
     with pytest.raises(ValueError, match=r"levels must be .* in \(0, 1\]"):
         probe(pipe, edit_lcus(1), levels=(0.5, 1.5), progress=False)
     with pytest.raises(ValueError, match="levels must be"):

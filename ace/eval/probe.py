@@ -13,10 +13,23 @@ one network call per LCU and noise level, on LCUs that carry their target:
   weight from a target token to the first input's token at the same (row, column), at
   the highest level. Uniform attention gives 1 / (tokens of the sample); a head that
   copies the input gives close to 1.
+- ``x0_psnr@L``: PSNR (dB, whole image) of that implied clean target, decoded by the VAE,
+  against the target's pixels: the model's best single guess, which a sampler's draw
+  only matches where the model is sure. ``mean_psnr`` is the same for the mean of the
+  task family's OTHER targets in the probe (leave one out; NaN for a family probed once),
+  the baseline ``ace.eval.harness`` scores text-to-image and analysis tasks against, and
+  ``vae_psnr`` for the target through the VAE, the ceiling. A family whose ``x0_psnr``
+  at high noise stays under ``mean_psnr`` has not learned what its instruction and
+  inputs say the image is; one above it that still loses when sampled is hurt by the
+  sampler's draw, not by what the model knows.
+
+LCUs without an input image (text-to-image) are probed too: their ``copy_mse`` is NaN
+and they have no ``copy_attention``.
 
     from ace.eval.probe import probe
     report = probe(pipe, lcus, levels=(0.5, 0.8, 0.95))
     report.per_task["recolor"]["text_effect@0.95"]
+    report.per_task["text_to_image"]["x0_psnr@0.95"], report.per_task["text_to_image"]["mean_psnr"]
 
 A noise level L in (0, 1] is the flow time s = L, or the DDPM step round(L * (T - 1)).
 Shapes: C latent channels, h x w latent frame, n target tokens, T tokens of the sample.
@@ -30,12 +43,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ace.conditioning import downsample_mask
+from ace.conditioning import downsample_mask, to_numpy
 from ace.diffusion import DDPMEpsilon, objective_for_scheduler
+from ace.eval.metrics import psnr
 from ace.models.rope import apply_rope
 
 
@@ -96,7 +111,7 @@ def probe(
     seed: int = 0,
     progress: bool = True,
 ) -> ProbeReport:
-    """Probe ``pipe`` (an ``ACEPipeline``) on ``lcus`` that have a target and an input image."""
+    """Probe ``pipe`` (an ``ACEPipeline``) on ``lcus`` that have a target."""
     from ace.train.batch import prepare_training_lcu
 
     levels = _check_levels(levels)
@@ -107,27 +122,33 @@ def probe(
     blank = conditioner.encode_text([""])[0]
     gen = torch.Generator().manual_seed(seed)
     rows: dict[str, list[dict[str, Any]]] = {}
+    targets: dict[str, list[np.ndarray]] = {}  # per task, its targets' pixels (H, W, 3) in [0, 1]
     for i, lcu in enumerate(tqdm(list(lcus), desc="probe", unit="LCU", disable=not progress)):
-        if lcu.target is None or not lcu.images:
-            raise ValueError(f"lcus[{i}] ({lcu.task}): the probe needs a target and an input image")
+        if lcu.target is None:
+            raise ValueError(f"lcus[{i}] ({lcu.task}): the probe needs an LCU with a target")
         it = prepare_training_lcu(lcu, pipe.max_seq_len)
         lat = conditioner.encode_images(it.frames, sample=False)  # frame 0 = target, (C, h, w)
+        pixels = _pixels(it.frames[0][None])  # (H, W, 3)
+        targets.setdefault(lcu.task, []).append(pixels)
         states = conditioner.encode_text(it.turns)
         texts = [states[k] for k in it.frame_turns]
         current = len(it.turns) - 1
         blanked = [blank if k == current else states[k] for k in it.frame_turns]
         masks = [downsample_mask(m, conditioner.vae_factor).to(device) for m in it.masks]
-        x0, first = lat[0].to(device), lat[1].to(device)
+        x0 = lat[0].to(device)
+        first = lat[1].to(device) if len(lat) > 1 else None
         same_position = partial(_same_position, n=_tokens(model, x0))
+        comparable = first is not None and first.shape == x0.shape
         row: dict[str, Any] = {
-            "copy_mse": ((first - x0) ** 2).mean().item() if first.shape == x0.shape else math.nan
+            "copy_mse": ((first - x0) ** 2).mean().item() if comparable else math.nan,
+            "vae_psnr": psnr(_pixels(conditioner.decode(x0[None])), pixels),
         }
         for level in levels:
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = _time(objective, level).to(device)  # (1,)
             x_t = objective.add_noise(x0[None], noise[None], t)[0]
             frames = [x_t, *[x.to(device) for x in lat[1:]]]
-            copyable = level == levels[-1] and first.shape == x0.shape
+            copyable = level == levels[-1] and comparable
             tap = _AttentionTap(model.blocks, same_position) if copyable else None
             timesteps = objective.model_timesteps(t)
             try:
@@ -138,13 +159,26 @@ def probe(
             (out_blank,) = model.predict([frames], [masks], [blanked], timesteps, ind)
             x0_hat = objective.predict_x0(x_t[None], out[None].float(), t)[0]
             row[f"x0_mse@{level:g}"] = ((x0_hat - x0) ** 2).mean().item()
+            row[f"x0_psnr@{level:g}"] = psnr(_pixels(conditioner.decode(x0_hat[None])), pixels)
             row[f"text_effect@{level:g}"] = ((out - out_blank).norm() / out.norm()).item()
             if tap is not None and tap.maps:  # the best head of each layer
                 row["copy_attention"] = [heads.max().item() for heads in tap.maps]
         rows.setdefault(lcu.task, []).append(row)
+    for task, rs in rows.items():  # the mean baseline: each target against the others' mean
+        total = sum(targets[task])
+        n = len(rs)
+        for row, target in zip(rs, targets[task]):
+            others = (total - target) / (n - 1) if n > 1 else None
+            row["mean_psnr"] = psnr(others, target) if others is not None else math.nan
     per_task = {task: _mean(rs) for task, rs in rows.items()}
     config = {"levels": list(levels), "seed": seed, "objective": objective.name}
     return ProbeReport(per_task, config)
+
+
+def _pixels(images: Tensor) -> np.ndarray:
+    """(1, 3, H, W) nominally in [-1, 1] -> (H, W, 3) float64 in [0, 1], rounded to 8 bits
+    as the pipeline's images are (``ace.conditioning.postprocess``)."""
+    return (to_numpy(images)[0] * 255).astype(np.uint8) / 255.0
 
 
 def _same_position(weights: Tensor, n: int) -> Tensor:
