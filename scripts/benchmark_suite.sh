@@ -60,8 +60,10 @@ step() {
 
 B=scripts/benchmark.py
 if ((GPU)); then
-  # 1. correctness on the device: the CUDA-only tests (varlen against the dense oracle)
-  step tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_transformer.py -k "cuda or backend"
+  # 1. correctness on the device: the CUDA-only tests (varlen against the dense oracle; the
+  #    shipped FSDP config trains, resumes and exports on one GPU)
+  step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_transformer.py \
+    tests/test_train.py -k "cuda or backend or fsdp"
   # 2. the goal rows: 8 x 512 px edits (training batch), one 512 px CFG step
   step dit_512 120 $PY $B "${DEV[@]}" --configs ace-0.6b-512 --size 512 --batch 8 --frames 2 \
     --text-len 120 --repeats 10 --warmup 3 --json
