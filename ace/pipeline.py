@@ -41,10 +41,11 @@ from ace.conditioning import (
 )
 from ace.diffusion import apply_guidance
 from ace.lcu import LCU, ConditionUnit
+from ace.models.cuda_graph import GraphedForward, layout_key
 
 # diffusers loads a component only from a module that is already imported
 from ace.models.transformer import ACETransformer  # noqa: F401
-from ace.packing import patchify
+from ace.packing import PackedBatch, patchify
 
 if TYPE_CHECKING:
     from ace.chat import ChatSession
@@ -123,6 +124,8 @@ class ACEPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ("indicators",)
+    max_cuda_graphs = 8
+    """Captured layouts kept by ``enable_cuda_graph()`` (each holds its own GPU memory)."""
 
     def __init__(
         self,
@@ -178,6 +181,52 @@ class ACEPipeline(DiffusionPipeline):
             history=history,
             task=task,
         )
+
+    def enable_cuda_graph(self) -> None:
+        """Replay the transformer's forward as a CUDA graph during sampling.
+
+        The first call of each layout (image sizes, number of inputs, text lengths) records
+        the forward once, after two warm-up passes; every denoising step of that call and of
+        later calls with the same layout then replays it with one launch. Worth it where a
+        step is bound by kernel launches (small images, small batches); the images are the
+        same as without. Needs the pipeline on a CUDA device and not under
+        ``enable_model_cpu_offload()`` (a graph keeps the weights' addresses). Call it again
+        after changing the transformer's weights or dtype: it drops the recorded graphs.
+        """
+        self._cuda_graphs: dict | None = {}
+
+    def disable_cuda_graph(self) -> None:
+        """Back to plain calls; frees the recorded graphs."""
+        self._cuda_graphs = None
+
+    def _graphed(
+        self,
+        tokens: Tensor,
+        text: Tensor,
+        timesteps: Tensor,
+        packed: PackedBatch,
+        indicators: Tensor,
+    ):
+        """The recorded forward for this layout, recording it on first use."""
+        if tokens.device.type != "cuda":
+            raise ValueError(
+                f"enable_cuda_graph(): the pipeline runs on {tokens.device}; CUDA graphs need "
+                "a CUDA device (pipe.to('cuda')), or call pipe.disable_cuda_graph()"
+            )
+        if getattr(self, "_all_hooks", None):
+            raise ValueError(
+                "enable_cuda_graph() does not work with enable_model_cpu_offload(): the "
+                "weights move between calls and a graph keeps their addresses"
+            )
+        key = (layout_key(packed), tokens.dtype, tokens.device)
+        graphs = self._cuda_graphs
+        if key not in graphs:
+            while len(graphs) >= self.max_cuda_graphs:
+                graphs.pop(next(iter(graphs)))  # the oldest layout
+            graphs[key] = GraphedForward(
+                self.transformer, tokens, text, timesteps, packed, indicators
+            )
+        return graphs[key]
 
     def chat(self, **defaults) -> ChatSession:
         """A multi-turn session: each turn's inputs go into the history of the next."""
@@ -297,6 +346,9 @@ class ACEPipeline(DiffusionPipeline):
         # 6. denoise: no host sync inside a step (the timesteps go to the device once)
         schedule = self.scheduler.timesteps  # (S,) on the CPU
         model_timesteps = schedule.to(device)[:, None].expand(-1, n_samples)  # (S, B)
+        graphed = None  # with enable_cuda_graph(): the recorded forward of this layout
+        if getattr(self, "_cuda_graphs", None) is not None:
+            graphed = self._graphed(tokens, text, model_timesteps[0], packed, indicators)
         for i, t in enumerate(self.progress_bar(schedule.tolist())):
             x_t = (
                 self.scheduler.scale_model_input(latents, t)
@@ -306,7 +358,11 @@ class ACEPipeline(DiffusionPipeline):
             target = patchify(torch.cat([x_t[0].to(dtype), target_mask]), p)  # (n, (C+1)*p*p)
             tokens = tokens.index_copy(0, packed.target_index, target.repeat(n_samples, 1))
             timesteps = model_timesteps[i]  # (B,)
-            out = self.transformer(tokens, text, timesteps, packed, indicators)  # (B*n, p*p*C)
+            out = (
+                graphed(tokens, text, timesteps, indicators)
+                if graphed is not None
+                else self.transformer(tokens, text, timesteps, packed, indicators)
+            )  # (B*n, p*p*C)
             preds = torch.stack(packed.unpack_target(out)).float()  # (B, C, h, w)
             pred = (
                 apply_guidance(preds[:1], preds[1:], guidance_scale, guidance_rescale)

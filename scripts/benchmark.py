@@ -80,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile")
     p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time the CFG denoise step replayed as a CUDA graph (CUDA only; "
+        "ACEPipeline.enable_cuda_graph), checked against the plain call",
+    )
+    p.add_argument(
         "--pipeline-only", action="store_true", help="time only the --pipeline edit, not the DiT"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -97,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.size % 16:
         p.error(f"--size must be a multiple of 16, got {args.size}")
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        p.error(f"--cuda-graph needs --device cuda, got {args.device}")
     return args
 
 
@@ -272,6 +280,15 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
             )
         ref_ms, ace_ms = row[f"{kind}_ref_ms"], row[f"{kind}_ace_ms"]
         row[f"{kind}_speedup"] = None if None in (ref_ms, ace_ms) else ref_ms / ace_ms
+    if args.cuda_graph:  # the denoise step's forward as one recorded graph, before compiling
+        try:
+            row.update(time_cuda_graph(ours, tokens, text, t2, packed, ind, args, device))
+        except Exception as e:  # a failed capture must not cost the rows above
+            row["graph_error"] = f"{type(e).__name__}: {e}"[:500]
+        if "denoise_graph_ms" in row:
+            ms, ref_ms = row["denoise_graph_ms"], row["denoise_ref_ms"]
+            row["denoise_graph_pct_peak"] = 100 * flops["denoise"] / (ms / 1e3) / (peak * 1e12)
+            row["denoise_graph_speedup"] = None if ref_ms is None else ref_ms / ms
     if args.compile:
         ours.compile_repeated_blocks(mode=args.compile_mode)
         for kind, make in makers.items():
@@ -291,6 +308,27 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
         ms = row[f"fwd_bwd_{impl}_ms"]
         row[f"train_tokens_per_s_{impl}"] = None if ms is None else row["tokens"] / (ms / 1e3)
     return row
+
+
+def time_cuda_graph(model, tokens, text, t, packed, ind, args, device) -> dict:
+    """The CFG denoise step with its forward replayed as a CUDA graph: its error against
+    the plain call and its median ms."""
+    from ace.models.cuda_graph import GraphedForward
+
+    with torch.no_grad():
+        eager = model(tokens, text, t, packed, ind)
+        graphed = GraphedForward(model, tokens, text, t, packed, ind)
+        replayed = graphed(tokens, text, t, ind).clone()
+
+    def run():
+        with torch.no_grad():
+            c, u = packed.unpack_target(graphed(tokens, text, t, ind))
+            apply_guidance(c[None], u[None], 4.5, 0.5)
+
+    return {
+        "graph_rel_err": ((replayed - eager).float().norm() / eager.float().norm()).item(),
+        "denoise_graph_ms": median_ms(run, device, args.repeats, args.warmup),
+    }
 
 
 def bench_pipeline(args) -> dict:
@@ -408,6 +446,15 @@ def report_tables(report: dict) -> str:
                 lines.append(line)
         out.append(text_table(heads, lines))
     for r in rows:
+        if "graph_error" in r:
+            out.append(f"{r['config']} denoise step as a CUDA graph failed: {r['graph_error']}")
+        if "denoise_graph_ms" in r:
+            out.append(
+                f"{r['config']} denoise step as a CUDA graph: {r['denoise_graph_ms']:.1f} ms "
+                f"against {num(r['denoise_ace_ms'], '.1f')} ms plain, "
+                f"{num(r['denoise_graph_speedup'], '.2f')}x the reference, "
+                f"{r['denoise_graph_pct_peak']:.1f}% of peak (rel err {r['graph_rel_err']:.1e})"
+            )
         out.append(
             f"{r['config']} (rel err {r['rel_err']:.1e}, {r['params_m']}M params): training "
             f"throughput {num(r['train_tokens_per_s_ace'], '.0f')} image tokens/s "

@@ -61,16 +61,18 @@ step() {
 B=scripts/benchmark.py
 if ((GPU)); then
   # 1. correctness on the device: the CUDA-only tests (varlen against the dense oracle; the
-  #    shipped FSDP config trains, resumes and exports on one GPU)
+  #    shipped FSDP config trains, resumes and exports on one GPU; CUDA-graph sampling makes
+  #    the same images as plain calls)
   step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_transformer.py \
-    tests/test_train.py -k "cuda or backend or fsdp"
-  # 2. the goal rows: 8 x 512 px edits (training batch), one 512 px CFG step
-  step dit_512 120 $PY $B "${DEV[@]}" --configs ace-0.6b-512 --size 512 --batch 8 --frames 2 \
+    tests/test_train.py tests/test_pipeline.py -k "cuda or backend or fsdp"
+  # 2. the goal rows: 8 x 512 px edits (training batch), one 512 px CFG step (also
+  #    replayed as a CUDA graph)
+  step dit_512 120 $PY $B "${DEV[@]}" --configs ace-0.6b-512 --size 512 --batch 8 --frames 2 --cuda-graph \
     --text-len 120 --repeats 10 --warmup 3 --json
   # 3. attention backends on ACE's layouts (flex separately: it compiles)
   step attention 60 $PY scripts/benchmark_attention.py "${DEV[@]}" --scale 1 --backends sdpa,varlen --json
   # 4. 1024 px: 2 samples x 2 frames (training), one 1024 px CFG step
-  step dit_1024 90 $PY $B "${DEV[@]}" --configs ace-0.6b-1024 --size 1024 --batch 2 --frames 2 \
+  step dit_1024 90 $PY $B "${DEV[@]}" --configs ace-0.6b-1024 --size 1024 --batch 2 --frames 2 --cuda-graph \
     --text-len 120 --repeats 10 --warmup 3 --json
   # 5. a whole 512 px edit at the released sizes (random weights), and with model CPU offload
   step pipeline 120 $PY $B "${DEV[@]}" --configs ace-0.6b-512 --pipeline released --pipeline-only \
@@ -83,7 +85,8 @@ if ((GPU)); then
   # 8. compiled FlexAttention
   step flex 120 $PY scripts/benchmark_attention.py "${DEV[@]}" --scale 1 --backends flex --json
 else
-  step tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_transformer.py -k "cuda or backend"
+  step tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_transformer.py \
+    tests/test_train.py tests/test_pipeline.py -k "cuda or backend or fsdp"
   step dit_512 300 $PY $B "${DEV[@]}" --configs tiny --size 64 --repeats 2 --warmup 1 --json
   step attention 300 $PY scripts/benchmark_attention.py "${DEV[@]}" --scale 0.0625 --repeats 2 \
     --warmup 1 --backends sdpa,varlen --json

@@ -47,6 +47,8 @@ def test_bad_arguments_are_reported(capsys):
     assert code == 2 and "--pipeline-only needs --pipeline" in out.err
     code, out = run(["--pipeline", "released"], capsys)  # the default first config is tiny
     assert code == 2 and "must read T5-XXL" in out.err
+    code, out = run(["--cuda-graph"], capsys)  # the default device is the CPU
+    assert code == 2 and "--cuda-graph needs --device cuda" in out.err
 
 
 def test_flop_count_of_one_block_matches_the_hand_count():

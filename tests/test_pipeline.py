@@ -307,3 +307,51 @@ def test_no_host_sync_inside_a_denoise_step(objective):
             pipe("make {image} blue", images=[image], num_inference_steps=steps)
         counts.append(sum(syncs.values()))
     assert counts[0] == counts[1], counts
+
+
+def test_cuda_graph_needs_a_cuda_device(pipe):
+    """enable_cuda_graph() on a CPU pipeline: a ValueError that says why, and plain calls
+    again after disable_cuda_graph()."""
+    from ace.models.cuda_graph import GraphedForward
+
+    pipe.enable_cuda_graph()
+    try:
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+            run(pipe, "a red circle", height=64, width=64)
+    finally:
+        pipe.disable_cuda_graph()
+    assert run(pipe, "a red circle", height=64, width=64).size == (64, 64)
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="CUDA graphs need the inputs on a CUDA device"):
+        GraphedForward(pipe.transformer, x, x, x[:, 0], None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_sampling_equals_plain_calls_and_reuses_its_graph():
+    """The same images with and without graphs (both CFG halves, an input image); a second
+    request of the same layout replays the recorded graph, a new size records another;
+    model CPU offload is refused."""
+    pipe = tiny_pipeline(seed=0).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    image = img(64, 48)
+
+    def both():
+        return [
+            pipe(instruction, images=images, num_inference_steps=4, output_type="latent",
+                 generator=torch.Generator().manual_seed(1), **kw).images
+            for instruction, images, kw in (
+                ("make {image} blue", [image], {}),
+                ("make {image} pink", [image], {}),  # same layout (4 bytes), other text
+                ("a red circle", None, {"height": 32, "width": 32}),
+            )
+        ]  # fmt: skip
+
+    plain = both()
+    pipe.enable_cuda_graph()
+    graphed = both()
+    assert len(pipe._cuda_graphs) == 2  # the two edits share one layout
+    for a, b in zip(plain, graphed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    pipe.enable_model_cpu_offload()
+    with pytest.raises(ValueError, match="does not work with enable_model_cpu_offload"):
+        pipe("make {image} blue", images=[image], num_inference_steps=2)
