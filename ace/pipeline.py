@@ -191,7 +191,8 @@ class ACEPipeline(DiffusionPipeline):
         step is bound by kernel launches (small images, small batches); the images are the
         same as without. Needs the pipeline on a CUDA device and not under
         ``enable_model_cpu_offload()`` (a graph keeps the weights' addresses). Call it again
-        after changing the transformer's weights or dtype: it drops the recorded graphs.
+        after replacing the transformer's weights, its dtype or its attention backend: it
+        drops the recorded graphs.
         """
         self._cuda_graphs: dict | None = {}
 
@@ -206,7 +207,7 @@ class ACEPipeline(DiffusionPipeline):
         timesteps: Tensor,
         packed: PackedBatch,
         indicators: Tensor,
-    ):
+    ) -> GraphedForward:
         """The recorded forward for this layout, recording it on first use."""
         if tokens.device.type != "cuda":
             raise ValueError(

@@ -52,8 +52,7 @@ class GraphedForward:
             raise ValueError(f"CUDA graphs need the inputs on a CUDA device, got {tokens.device}")
         if warmup < 1:  # the warm-up builds what the forward caches; a capture cannot
             raise ValueError(f"warmup must be >= 1, got {warmup}")
-        self.packed = packed
-        self.key = layout_key(packed)
+        self.packed = packed  # kept alive: the graph reads its tensors' memory on every replay
         # the graph's own input buffers: (T, (C+1)*p*p), (Tt, E), (B,), (K, E)
         self.tokens, self.text, self.timesteps = tokens.clone(), text.clone(), timesteps.clone()
         self.indicators = None if indicators is None else indicators.clone()
