@@ -73,11 +73,12 @@ def test_scaling_factor_gives_unit_std_latents(trained, images):
 
 
 def test_same_seed_same_weights_other_seed_other_weights(images):
-    def run(seed):
-        vae = train_vae(images, steps=2, batch_size=3, seed=seed, config=tiny_config(), progress=False)  # fmt: skip
+    def run(seed, **kw):
+        vae = train_vae(images, steps=2, batch_size=3, seed=seed, config=tiny_config(), progress=False, **kw)  # fmt: skip
         return torch.cat([p.flatten() for p in vae.parameters()])
 
     a, b, c = run(0), run(0), run(1)
+    assert torch.equal(run(0, device="cpu"), a)  # naming the device changes nothing
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -182,6 +183,7 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
     assert vae.config.latent_channels == 8 and vae.config.scaling_factor == info["scaling_factor"]
     assert info["train_images"] == 4 and math.isfinite(info["psnr_db"])
     assert info["weights"] == TOY_VAE_WEIGHTS  # the demo VAE's mix, recorded
+    assert info["device"] == "cpu"
 
     code, _, err = script(argv, capsys)  # --out is not empty now
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1

@@ -58,8 +58,8 @@ def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
 
 
 def ensure_vae(cfg: Config, accelerator) -> None:
-    """Train the toy VAE into ``model.vae`` first when asked and it is not there yet
-    (the main process trains; the others wait)."""
+    """Train the toy VAE into ``model.vae`` first when asked and it is not there yet, on
+    the run's device (the main process trains; the others wait)."""
     m = cfg.model
     if m.vae == "tiny" or m.pretrained or m.vae_toy_steps <= 0 or Path(m.vae).exists():
         return
@@ -67,7 +67,9 @@ def ensure_vae(cfg: Config, accelerator) -> None:
         from ace.train.vae import train_toy_vae
 
         with torch.random.fork_rng(devices=[]):
-            train_toy_vae(m.vae, steps=m.vae_toy_steps, seed=cfg.train.seed)
+            train_toy_vae(
+                m.vae, steps=m.vae_toy_steps, seed=cfg.train.seed, device=accelerator.device
+            )
     accelerator.wait_for_everyone()
 
 

@@ -276,6 +276,7 @@ def train_vae(
     scale_images: int = 256,
     callback: Callback | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> AutoencoderKL:
     """Fit an ``AutoencoderKL`` to ``images`` (see ``ImageSource``) and return it in eval mode.
 
@@ -285,7 +286,10 @@ def train_vae(
     the posterior samples: the same arguments give the same weights. A fresh model
     starts from ``init_posterior_(vae, init_logvar)`` unless ``init_logvar`` is None. Steps whose loss is
     not finite raise ValueError. At the end ``scaling_factor`` is set to 1 / std of the
-    posterior samples of the first ``scale_images`` training images.
+    posterior samples of the first ``scale_images`` training images. ``device``: where to
+    train (the model is moved there and returned there); None trains where the model is,
+    the CPU for a fresh one. The seeded draws (order, crops, posterior samples) come from a
+    CPU generator on every device.
     """
     _check_positive(steps, "steps")
     _check_positive(batch_size, "batch_size")
@@ -315,6 +319,8 @@ def train_vae(
             vae = AutoencoderKL(**(config if config is not None else toy_vae_config()))
         if init_logvar is not None:
             init_posterior_(vae, init_logvar)
+    if device is not None:
+        vae.to(device)
     vae.train().requires_grad_(True)
     device = vae.device
     params = [p for p in vae.parameters() if p.requires_grad]
@@ -459,11 +465,12 @@ def train_toy_vae(
     latent_channels: int = 8,
     weights: dict[str, float] | None = TOY_VAE_WEIGHTS,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Train the demo VAE on the first ``n_images`` toy images of the task mix ``weights``
-    (at most ``steps * batch_size``: what the run can see), score it on ``eval_images``
-    held-out ones (the default mix) and save it to ``out`` (``save_vae``); returns what
-    ``training.json`` holds."""
+    (at most ``steps * batch_size``: what the run can see), on ``device`` (default the
+    CPU), score it on ``eval_images`` held-out ones (the default mix) and save it to
+    ``out`` (``save_vae``); returns what ``training.json`` holds."""
     # no more images than the run will see (a short run need not render thousands)
     n = min(n_images, steps * batch_size)
     images = toy_images(n, seed=seed, split="train", weights=weights)
@@ -477,6 +484,7 @@ def train_toy_vae(
         seed=seed,
         config=toy_vae_config(latent_channels),
         progress=progress,
+        device=device,
     )
     info = {
         "steps": steps,
@@ -491,6 +499,7 @@ def train_toy_vae(
         "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
         "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
         "scaling_factor": vae.config.scaling_factor,
+        "device": str(vae.device),
     }
-    save_vae(vae, out, info)
+    save_vae(vae.to("cpu"), out, info)
     return info
