@@ -190,9 +190,9 @@ class ACEPipeline(DiffusionPipeline):
         later calls with the same layout then replays it with one launch. Worth it where a
         step is bound by kernel launches (small images, small batches); the images are the
         same as without. Needs the pipeline on a CUDA device and not under
-        ``enable_model_cpu_offload()`` (a graph keeps the weights' addresses). Call it again
-        after replacing the transformer's weights, its dtype or its attention backend: it
-        drops the recorded graphs.
+        ``enable_model_cpu_offload()`` (a graph keeps the weights' addresses). A moved,
+        replaced or re-typed transformer, or another attention backend, records anew;
+        calling it again drops every recorded graph.
         """
         self._cuda_graphs: dict | None = {}
 
@@ -214,19 +214,23 @@ class ACEPipeline(DiffusionPipeline):
                 f"enable_cuda_graph(): the pipeline runs on {tokens.device}; CUDA graphs need "
                 "a CUDA device (pipe.to('cuda')), or call pipe.disable_cuda_graph()"
             )
-        if getattr(self, "_all_hooks", None):
+        model = self.transformer
+        weight = next(model.parameters())
+        if getattr(self, "_all_hooks", None) or weight.device.type != "cuda":
             raise ValueError(
-                "enable_cuda_graph() does not work with enable_model_cpu_offload(): the "
-                "weights move between calls and a graph keeps their addresses"
+                "enable_cuda_graph() does not work with enable_model_cpu_offload() or "
+                "sequential offload: the weights move between calls and a graph keeps their "
+                "addresses"
             )
-        key = (layout_key(packed), tokens.dtype, tokens.device)
+        # a graph holds addresses, not tensors: a moved, replaced or re-typed model, or
+        # another attention backend, must record anew
+        model_key = (id(model), weight.data_ptr(), weight.dtype, model.attention_backend)
+        key = (layout_key(packed), tokens.dtype, tokens.device, model_key)
         graphs = self._cuda_graphs
         if key not in graphs:
             while len(graphs) >= self.max_cuda_graphs:
                 graphs.pop(next(iter(graphs)))  # the oldest layout
-            graphs[key] = GraphedForward(
-                self.transformer, tokens, text, timesteps, packed, indicators
-            )
+            graphs[key] = GraphedForward(model, tokens, text, timesteps, packed, indicators)
         return graphs[key]
 
     def chat(self, **defaults) -> ChatSession:

@@ -22,6 +22,7 @@ set -u
 OUT=${1:?usage: scripts/benchmark_suite.sh OUTDIR [BUDGET_SECONDS]}
 BUDGET=${2:-600}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the script changes directory below
 LOG="$OUT/suite.log"
 : >"$LOG"
 START=$(date +%s)

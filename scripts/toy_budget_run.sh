@@ -7,11 +7,12 @@
 #   scripts/toy_budget_run.sh outputs/toy-budget 1800 data.toy_n=8192
 #
 # 1. `train.py` makes the toy LCUs, the toy VAE and the embedding cache in $TOY_WORK
-#    (default OUTDIR/work) and times 30 steps (the calibration run);
+#    (default /tmp/toy_budget_work, outside OUTDIR) and times 30 steps (the calibration run);
 # 2. max_steps = 90% of steps/s x what is left of the budget, less a reserve for export and
 #    evaluation (60 s on CUDA, 200 s elsewhere), and a fresh run trains that many steps
 #    (warmup and cosine decay span them) on the same data, VAE and cache;
 # 3. `evaluate.py --suite toy --n 128 --steps 20` scores it.
+# Every step runs under `timeout` with what is left of the budget.
 #
 # OUTDIR ends up holding only what is worth keeping: log.txt (everything printed),
 # metrics.jsonl, report.json and report.png, so it fits the 8 files a lent GPU machine
@@ -20,13 +21,18 @@
 set -u -o pipefail
 OUT=${1:?usage: scripts/toy_budget_run.sh OUTDIR [BUDGET_SECONDS] [overrides...]}
 BUDGET=${2:-1800}
+if ! [[ $BUDGET =~ ^[0-9]+$ ]] || ((BUDGET < 60)); then
+  echo "toy_budget_run.sh: error: BUDGET_SECONDS must be a whole number >= 60, got $BUDGET" >&2
+  exit 2
+fi
 shift $(($# < 2 ? $# : 2))
-WORK=${TOY_WORK:-$OUT/work}
+WORK=${TOY_WORK:-/tmp/toy_budget_work}
 PY=${PYTHON:-python}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-cd "$(dirname "$0")/.."
 mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd) WORK=$(cd "$WORK" && pwd)  # absolute: the script changes directory
+cd "$(dirname "$0")/.."
 LOG="$OUT/log.txt"
 : >"$LOG"
 
@@ -39,7 +45,11 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 SHARED=(--config configs/toy.yaml data.manifest="$WORK/data" data.cache="$WORK/cache"
   model.vae="$WORK/vae" train.checkpoint_every=1000000 "$@")
 
-left() { echo $((BUDGET - ($(date +%s) - START))); }
+# seconds left of the budget, at least 1 (timeout 0 would mean no limit at all)
+left() {
+  local n=$((BUDGET - ($(date +%s) - START)))
+  echo $((n > 0 ? n : 1))
+}
 
 echo "== 1. data, VAE, cache, 30 timed steps" | tee -a "$LOG"
 rm -rf "$WORK/calibrate"
@@ -59,12 +69,13 @@ STEPS=$($PY -c "print(max(1, int(0.9 * ($(left) - $RESERVE) * $RATE)))")
 echo "== 2. $STEPS steps at $RATE steps/s ($(left)s of the budget left, ${RESERVE}s kept)" | tee -a "$LOG"
 rm -rf "$WORK/train"
 T0=$(date +%s)
-$PY scripts/train.py "${SHARED[@]}" train.output_dir="$WORK/train" train.max_steps="$STEPS" \
-  >>"$LOG" 2>&1 || { echo "training failed: see $LOG"; exit 1; }
+timeout "$(left)" $PY scripts/train.py "${SHARED[@]}" train.output_dir="$WORK/train" \
+  train.max_steps="$STEPS" >>"$LOG" 2>&1 || { echo "training failed or ran out of time: see $LOG"; exit 1; }
 echo "== trained $STEPS steps in $(($(date +%s) - T0))s" | tee -a "$LOG"
 cp "$WORK/train/metrics.jsonl" "$OUT/metrics.jsonl"
 
 echo "== 3. evaluate" | tee -a "$LOG"
-$PY scripts/evaluate.py --pipeline "$WORK/train/pipeline" --suite toy --n 128 --steps 20 --quiet \
-  --out "$OUT/report.json" 2>>"$LOG" | tee -a "$LOG" || { echo "evaluation failed: see $LOG"; exit 1; }
+timeout "$(left)" $PY scripts/evaluate.py --pipeline "$WORK/train/pipeline" --suite toy --n 128 \
+  --steps 20 --quiet --out "$OUT/report.json" 2>>"$LOG" | tee -a "$LOG" ||
+  { echo "evaluation failed or ran out of time: see $LOG"; exit 1; }
 echo "== done in $(($(date +%s) - START))s of $BUDGET" | tee -a "$LOG"

@@ -112,21 +112,27 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP on GPUs only")
 def test_fsdp_config_trains_resumes_and_exports_on_one_gpu(data, tmp_path):
-    """configs/accelerate/fsdp.yaml as shipped (FSDP, one unit per ACEBlock, sharded
-    checkpoints, bf16), on one process: a run, a resume from its sharded checkpoint, and
-    an export gathered from the shards. accelerate turns FSDP on only for GPU processes
-    (MULTI_CPU ignores it), so CPU CI cannot run this; the GPU suite does."""
+    """configs/accelerate/fsdp.yaml as shipped (FSDP1, one unit per ACEBlock, sharded state
+    dicts), on one process: a run, a resume from its FSDP checkpoint that must continue the
+    uninterrupted run, and an export gathered from FSDP. With one process FSDP runs
+    unsharded (NO_SHARD), so this checks FSDP's code paths, not sharding across ranks; the
+    trainer's train.mixed_precision ("no" here) overrides the file's bf16. accelerate turns
+    FSDP on only for GPU processes (MULTI_CPU ignores it), so CPU CI cannot run this; the
+    GPU suite does."""
     out = tmp_path / "fsdp"
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
         "--main_process_port", "29519", str(ROOT / "scripts" / "train.py"), "--config", str(TOY),
     ]  # fmt: skip
-    base = args(data, out, 4, "data.batch_size=2", "train.checkpoint_every=2", *TINY_TOY)
-    for extra in ([], ["train.max_steps=6", "train.resume=latest"]):
-        result = subprocess.run(
-            [*launch, *base, *extra], capture_output=True, text=True, timeout=600
-        )
+    straight = tmp_path / "straight"
+    runs = [
+        args(data, out, 4, "data.batch_size=2", "train.checkpoint_every=2", *TINY_TOY),
+        args(data, out, 6, "data.batch_size=2", "train.resume=latest", *TINY_TOY),
+        args(data, straight, 6, "data.batch_size=2", "train.checkpoint_every=2", *TINY_TOY),
+    ]
+    for run_args in runs:
+        result = subprocess.run([*launch, *run_args], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     sharded = list(out.glob("checkpoint-*/pytorch_model_fsdp*"))  # accelerate's FSDP layout
     assert sharded, sorted(p.name for p in out.glob("checkpoint-*/*"))
@@ -134,6 +140,29 @@ def test_fsdp_config_trains_resumes_and_exports_on_one_gpu(data, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) for r in rows)
     ACEPipeline.from_pretrained(out / "pipeline")
+    # the resumed run continues the uninterrupted one: weights AND Adam's moments came back
+    # (accelerate's FSDP loading fills only existing optimizer entries; see the test above)
+    a, b = weights(straight), weights(out)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_optimizer_state_is_materialised_without_changing_a_weight(data, tmp_path):
+    """What an FSDP resume runs before accelerate's load_state (which fills only existing
+    optimizer entries): every parameter gets AdamW state, no weight moves, lr is restored."""
+    trainer = Trainer(
+        load_config(CONFIG, args(data, tmp_path / "run", 4, "optim.weight_decay=0.1"))
+    )
+    before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
+    opt = trainer.optimizer.optimizer
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert not opt.state
+    trainer._materialise_optimizer_state()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(set(opt.state[p]) >= {"exp_avg", "exp_avg_sq", "step"} for p in params)
+    assert all(p.grad is None for p in params)
+    after = trainer.unwrapped.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [g["lr"] for g in opt.param_groups] == lrs
 
 
 KILLER = textwrap.dedent(

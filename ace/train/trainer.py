@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -392,9 +392,27 @@ class Trainer:
             path = Path(where)
             if not (path / "trainer_state.json").is_file():
                 raise ValueError(f"train.resume: {path} is not a complete checkpoint directory")
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            self._materialise_optimizer_state()
         self.accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.nonfinite = state["step"], state["nonfinite"]
+
+    def _materialise_optimizer_state(self) -> None:
+        """Give AdamW its state entries with a step that changes nothing (zero gradients,
+        lr 0: no update, no decay). accelerate's FSDP optimizer loading fills only the
+        entries that exist, and a fresh optimizer has none: without this a resumed FSDP
+        run would restart Adam's moments silently."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # past accelerate's wrapper
+        lrs = [group["lr"] for group in opt.param_groups]
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
 
     def export(self) -> Path:
         """OUTPUT/pipeline: an ACEPipeline with the trained (EMA) weights and the objective's sampler."""
