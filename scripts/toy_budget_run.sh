@@ -9,7 +9,7 @@
 # 1. `train.py` makes the toy LCUs, the toy VAE and the embedding cache in $TOY_WORK
 #    (default /tmp/toy_budget_work, outside OUTDIR) and times 30 steps (the calibration run);
 # 2. max_steps = 90% of steps/s x what is left of the budget, less a reserve for export and
-#    evaluation (60 s on CUDA, 200 s elsewhere), and a fresh run trains that many steps
+#    evaluation (90 s on CUDA, 300 s elsewhere), and a fresh run trains that many steps
 #    (warmup and cosine decay span them) on the same data, VAE and cache;
 # 3. `evaluate.py --suite toy --n 128 --steps 20` scores it.
 # Every step runs under `timeout` with what is left of the budget.
@@ -37,9 +37,9 @@ LOG="$OUT/log.txt"
 : >"$LOG"
 
 if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  RESERVE=60
+  RESERVE=90
 else
-  RESERVE=200
+  RESERVE=300
 fi
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'threads', torch.get_num_threads())" | tee -a "$LOG"
 SHARED=(--config configs/toy.yaml data.manifest="$WORK/data" data.cache="$WORK/cache"
