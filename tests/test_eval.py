@@ -329,3 +329,11 @@ def test_script_end_to_end_on_tiny(tmp_path, capsys, monkeypatch):
     sheet = Image.open(tmp_path / "tmp" / "report.png")
     assert sheet.height == 6 * (64 + SEPARATOR) + SEPARATOR  # one row per sample
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["report.json", "report.png"]
+
+
+def test_leave_one_out_means_by_hand():
+    from ace.eval.metrics import leave_one_out_means
+
+    means = leave_one_out_means([np.zeros(2), np.ones(2), np.full(2, 2.0)])
+    assert [m.tolist() for m in means] == [[1.5, 1.5], [1.0, 1.0], [0.5, 0.5]]
+    assert leave_one_out_means([np.ones(2)]) == [None]  # no other image to average

@@ -46,7 +46,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from ace.eval.metrics import psnr, to_float
+from ace.eval.metrics import leave_one_out_means, psnr, to_float
 
 METRICS = (
     "psnr_change",
@@ -242,13 +242,11 @@ def evaluate(
     order = [t for t in TASKS if t in task_of] + sorted(set(task_of) - set(TASKS))
     for task in order:
         idx = [i for i, t in enumerate(task_of) if t == task]
-        total = np.sum([targets[i] for i in idx], axis=0)  # (H, W, 3)
-        for i in idx:
-            if len(idx) == 1:
+        for i, mean in zip(idx, leave_one_out_means([targets[i] for i in idx])):
+            if mean is None:
                 records[i].update({"mean_change": float("nan"), "mean_keep": float("nan")})
-                continue
-            mean = (total - targets[i]) / (len(idx) - 1)
-            records[i].update(_scores("mean", mean, targets[i], regions[i]))
+            else:
+                records[i].update(_scores("mean", mean, targets[i], regions[i]))
 
     per_task = {}
     for task in order:

@@ -59,3 +59,16 @@ def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> floa
     if mse == 0.0:
         return PSNR_CAP
     return min(PSNR_CAP, 10.0 * math.log10(1.0 / mse))
+
+
+def leave_one_out_means(images: list[np.ndarray]) -> list[np.ndarray | None]:
+    """Per image, the mean of the OTHER images (the mean baseline: an image's own share
+    would flatter it, and with one image be it); None when there is no other image.
+
+    >>> [m.tolist() for m in leave_one_out_means([np.zeros(2), np.ones(2), np.full(2, 2.0)])]
+    [[1.5, 1.5], [1.0, 1.0], [0.5, 0.5]]
+    """
+    if len(images) < 2:
+        return [None] * len(images)
+    total = np.sum(images, axis=0)
+    return [(total - x) / (len(images) - 1) for x in images]

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from ace.conditioning import downsample_mask, to_numpy
 from ace.diffusion import DDPMEpsilon, objective_for_scheduler
-from ace.eval.metrics import psnr
+from ace.eval.metrics import leave_one_out_means, psnr
 from ace.models.rope import apply_rope
 
 
@@ -165,11 +165,8 @@ def probe(
                 row["copy_attention"] = [heads.max().item() for heads in tap.maps]
         rows.setdefault(lcu.task, []).append(row)
     for task, rs in rows.items():  # the mean baseline: each target against the others' mean
-        total = sum(targets[task])
-        n = len(rs)
-        for row, target in zip(rs, targets[task]):
-            others = (total - target) / (n - 1) if n > 1 else None
-            row["mean_psnr"] = psnr(others, target) if others is not None else math.nan
+        for row, target, mean in zip(rs, targets[task], leave_one_out_means(targets[task])):
+            row["mean_psnr"] = math.nan if mean is None else psnr(mean, target)
     per_task = {task: _mean(rs) for task, rs in rows.items()}
     config = {"levels": list(levels), "seed": seed, "objective": objective.name}
     return ProbeReport(per_task, config)
