@@ -261,6 +261,14 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
         "peak_tflops": peak,
         "peak_dtype": peak_dtype,
     }
+
+    def pct_of_peak(kind: str, ms: float | None) -> float | None:
+        return None if ms is None else 100 * flops[kind] / (ms / 1e3) / (peak * 1e12)
+
+    def speedup(kind: str, ms: float | None) -> float | None:  # over the reference
+        ref_ms = row[f"{kind}_ref_ms"]
+        return None if None in (ref_ms, ms) else ref_ms / ms
+
     makers = dict(zip(KINDS, (forward, train_step, denoise)))
     for kind, make in makers.items():
         row[f"{kind}_tflop"] = flops[kind] / 1e12
@@ -275,20 +283,16 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
                 model.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
             row[f"{kind}_{impl}_ms"], row[f"{kind}_{impl}_peak_gib"] = ms, mem
-            row[f"{kind}_{impl}_pct_peak"] = (
-                None if ms is None else 100 * flops[kind] / (ms / 1e3) / (peak * 1e12)
-            )
-        ref_ms, ace_ms = row[f"{kind}_ref_ms"], row[f"{kind}_ace_ms"]
-        row[f"{kind}_speedup"] = None if None in (ref_ms, ace_ms) else ref_ms / ace_ms
+            row[f"{kind}_{impl}_pct_peak"] = pct_of_peak(kind, ms)
+        row[f"{kind}_speedup"] = speedup(kind, row[f"{kind}_ace_ms"])
     if args.cuda_graph:  # the denoise step's forward as one recorded graph, before compiling
         try:
             row.update(time_cuda_graph(ours, tokens, text, t2, packed, ind, args, device))
         except Exception as e:  # a failed capture must not cost the rows above
             row["graph_error"] = f"{type(e).__name__}: {e}"[:500]
         if "denoise_graph_ms" in row:
-            ms, ref_ms = row["denoise_graph_ms"], row["denoise_ref_ms"]
-            row["denoise_graph_pct_peak"] = 100 * flops["denoise"] / (ms / 1e3) / (peak * 1e12)
-            row["denoise_graph_speedup"] = None if ref_ms is None else ref_ms / ms
+            row["denoise_graph_pct_peak"] = pct_of_peak("denoise", row["denoise_graph_ms"])
+            row["denoise_graph_speedup"] = speedup("denoise", row["denoise_graph_ms"])
     if args.compile:
         ours.compile_repeated_blocks(mode=args.compile_mode)
         for kind, make in makers.items():
@@ -299,10 +303,8 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
             row[f"{kind}_compile_s"] = time.perf_counter() - start
             ms = median_ms(make(ours), device, args.repeats, args.warmup)
             row[f"{kind}_compiled_ms"] = ms
-            row[f"{kind}_compiled_pct_peak"] = 100 * flops[kind] / (ms / 1e3) / (peak * 1e12)
-            row[f"{kind}_compiled_speedup"] = (
-                None if row[f"{kind}_ref_ms"] is None else row[f"{kind}_ref_ms"] / ms
-            )
+            row[f"{kind}_compiled_pct_peak"] = pct_of_peak(kind, ms)
+            row[f"{kind}_compiled_speedup"] = speedup(kind, ms)
     # training throughput of the DiT step (forward + backward), image tokens of all frames
     for impl in ("ace", "ref"):
         ms = row[f"fwd_bwd_{impl}_ms"]
