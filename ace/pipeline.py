@@ -41,7 +41,7 @@ from ace.conditioning import (
 )
 from ace.diffusion import apply_guidance
 from ace.lcu import LCU, ConditionUnit
-from ace.models.cuda_graph import GraphedForward, layout_key
+from ace.models.cuda_graph import GraphCache, GraphedForward, layout_key
 
 # diffusers loads a component only from a module that is already imported
 from ace.models.transformer import ACETransformer  # noqa: F401
@@ -125,7 +125,8 @@ class ACEPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ("indicators",)
     max_cuda_graphs = 8
-    """Captured layouts kept by ``enable_cuda_graph()`` (each holds its own GPU memory)."""
+    """Captured layouts kept by ``enable_cuda_graph()`` (each holds its own GPU memory); a
+    new layout beyond these drops the least recently used one."""
 
     def __init__(
         self,
@@ -194,7 +195,7 @@ class ACEPipeline(DiffusionPipeline):
         replaced or re-typed transformer, or another attention backend, records anew;
         calling it again drops every recorded graph.
         """
-        self._cuda_graphs: dict | None = {}
+        self._cuda_graphs: GraphCache | None = GraphCache(self.max_cuda_graphs)
 
     def disable_cuda_graph(self) -> None:
         """Back to plain calls; frees the recorded graphs."""
@@ -226,12 +227,9 @@ class ACEPipeline(DiffusionPipeline):
         # another attention backend, must record anew
         model_key = (id(model), weight.data_ptr(), weight.dtype, model.attention_backend)
         key = (layout_key(packed), tokens.dtype, tokens.device, model_key)
-        graphs = self._cuda_graphs
-        if key not in graphs:
-            while len(graphs) >= self.max_cuda_graphs:
-                graphs.pop(next(iter(graphs)))  # the oldest layout
-            graphs[key] = GraphedForward(model, tokens, text, timesteps, packed, indicators)
-        return graphs[key]
+        return self._cuda_graphs.get(
+            key, lambda: GraphedForward(model, tokens, text, timesteps, packed, indicators)
+        )
 
     def chat(self, **defaults) -> ChatSession:
         """A multi-turn session: each turn's inputs go into the history of the next."""

@@ -326,6 +326,27 @@ def test_cuda_graph_needs_a_cuda_device(pipe):
         GraphedForward(pipe.transformer, x, x, x[:, 0], None)
 
 
+def test_graph_cache_records_once_per_key_and_drops_the_least_recently_used():
+    """GraphCache (what enable_cuda_graph() keeps): a key is recorded once; when full, the
+    layout not used for longest goes, not the first recorded."""
+    from ace.models.cuda_graph import GraphCache
+
+    cache, recorded = GraphCache(max_size=2), []
+
+    def get(key):
+        return cache.get(key, lambda: recorded.append(key) or f"graph {key}")
+
+    assert get("a") == "graph a" and get("b") == "graph b"
+    assert get("a") == "graph a"  # replayed, and now the most recently used
+    get("c")  # full: drops b, which was used longest ago
+    assert recorded == ["a", "b", "c"]
+    assert "a" in cache and "c" in cache and "b" not in cache and len(cache) == 2
+    get("b")
+    assert recorded == ["a", "b", "c", "b"] and "a" not in cache
+    with pytest.raises(ValueError, match="max_size must be >= 1"):
+        GraphCache(0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_sampling_equals_plain_calls_and_reuses_its_graph():
     """The same images with and without graphs (both CFG halves, an input image); a second

@@ -21,7 +21,7 @@ Shapes: T image tokens, Tt text tokens, B samples, K indicator rows, E text widt
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor, nn
@@ -90,3 +90,30 @@ class GraphedForward:
             self.indicators.copy_(indicators)
         self.graph.replay()
         return self.out
+
+
+class GraphCache:
+    """At most ``max_size`` recorded graphs by key; a full cache drops the least recently
+    used one (each graph holds its own GPU memory pool)."""
+
+    def __init__(self, max_size: int) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self.max_size = max_size
+        self._graphs: dict[Hashable, Callable] = {}  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._graphs
+
+    def get(self, key: Hashable, record: Callable[[], Callable]) -> Callable:
+        """The graph for ``key``, recorded by ``record()`` on first use."""
+        if key in self._graphs:
+            self._graphs[key] = self._graphs.pop(key)  # now the most recently used
+        else:
+            while len(self._graphs) >= self.max_size:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = record()
+        return self._graphs[key]
