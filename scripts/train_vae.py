@@ -4,6 +4,7 @@
     python scripts/train_vae.py --out outputs/toy-vae
     python scripts/train_vae.py --out outputs/toy-vae --steps 300 --n-images 1024 --seed 1
     python scripts/train_vae.py --out outputs/toy-vae --data outputs/toy-data
+    python scripts/train_vae.py --out outputs/toy-vae --device cuda
 
 Without ``--data`` it trains on the first ``--n-images`` images of the toy stream
 (``sample_stream(n, seed, split="train", weights=TOY_VAE_WEIGHTS)``: inputs and targets,
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--latent-channels", type=int, default=8, help="latent channels (default 8)")
     p.add_argument("--eval-images", type=int, default=256, help="held-out toy images to score")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, mps ... (default: cuda when available)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -71,9 +75,29 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {out} exists and is not empty (--overwrite replaces it)")
 
 
+def pick_device(name: str | None):
+    """``--device`` as a torch.device (default: cuda when available); ValueError for a name
+    torch does not know or a device this machine does not have."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps ...)"
+        ) from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
+        raise ValueError(f"--device {name}: this machine has no {device.type} device")
+    return device
+
+
 def train(args: argparse.Namespace) -> dict:
     """Check the arguments, train, score and save; returns what ``training.json`` holds."""
     check_args(args)
+    device = pick_device(args.device)
     from ace.train.vae import (  # lazy: --help and argument errors need no torch
         TOY_VAE_WEIGHTS,
         load_images,
@@ -97,6 +121,7 @@ def train(args: argparse.Namespace) -> dict:
             latent_channels=args.latent_channels,
             weights=None if args.mix == "dit" else TOY_VAE_WEIGHTS,
             progress=not args.quiet,
+            device=device,
         )
     images = load_images(args.data, limit=args.n_images)
     held_out = toy_images(args.eval_images, seed=args.seed, split="eval")
@@ -109,6 +134,7 @@ def train(args: argparse.Namespace) -> dict:
         seed=args.seed,
         config=toy_vae_config(args.latent_channels),
         progress=not args.quiet,
+        device=device,
     )
     info = {
         "data": str(args.data),
@@ -122,8 +148,9 @@ def train(args: argparse.Namespace) -> dict:
         "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
         "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
         "scaling_factor": vae.config.scaling_factor,
+        "device": str(vae.device),
     }
-    save_vae(vae, args.out, info)
+    save_vae(vae.to("cpu"), args.out, info)
     return info
 
 

@@ -189,8 +189,9 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1
     code, _, _ = script([*argv, "--overwrite", "--mix", "dit"], capsys)
     assert code == 0 and json.loads((out / "training.json").read_text())["weights"] == {}
-    code, _, _ = script([*argv, "--overwrite", "--data", _manifest(tmp_path)], capsys)
-    assert code == 0 and json.loads((out / "training.json").read_text())["data"]
+    code, _, _ = script([*argv, "--overwrite", "--device", "cpu", "--data", _manifest(tmp_path)], capsys)  # fmt: skip
+    info = json.loads((out / "training.json").read_text())
+    assert code == 0 and info["data"] and info["device"] == "cpu"
 
 
 def _manifest(tmp_path: Path) -> Path:
@@ -208,6 +209,14 @@ def _manifest(tmp_path: Path) -> Path:
         (["--seed", -1], "--seed"),
         (["--data", "/nonexistent/data"], "does not exist"),
         (["--data", ".", "--mix", "dit"], "cannot be used with --data"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+        pytest.param(
+            ["--device", "cuda"],
+            "this machine has no cuda device",
+            marks=pytest.mark.skipif(
+                torch.cuda.is_available(), reason="needs a machine without CUDA"
+            ),
+        ),
     ],
 )
 def test_script_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, extra, match):
