@@ -105,6 +105,9 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["world_size"] == 2 for r in rows)
+    # the schedule counts optimizer steps, not steps times processes (toy.yaml: lr 2e-3,
+    # warm-up over 50 steps); accelerate's default would step it twice per step here
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * (k + 1) / 51 for k in (1, 2, 3, 4)])
     ranks = json.loads((out / "ranks.json").read_text())
     assert len(ranks["checksums"]) == 2 and ranks["in_sync"]
     ACEPipeline.from_pretrained(out / "pipeline")
@@ -233,14 +236,31 @@ def test_non_finite_micro_batch_skips_its_accumulation_window(data, tmp_path, mo
     monkeypatch.setattr(trainer.objective, "loss", loss)
     params = lambda: {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}  # noqa: E731
     before = params()
-    rows = [trainer.train_step(), trainer.train_step()]  # window 1: NaN, then finite
-    assert [r["skipped_step"] for r in rows] == [True, False]
+    row = trainer.train_step()  # window 1: NaN, then finite
+    assert row["skipped_step"] and len(calls) == 2
     assert all(torch.equal(before[n], p) for n, p in params().items())  # window 1 did not step
-    rows = [trainer.train_step(), trainer.train_step()]  # window 2: both finite
+    row = trainer.train_step()  # window 2: both finite
     after = params()
-    assert not any(r["skipped_step"] for r in rows)
+    assert not row["skipped_step"] and len(calls) == 4
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)  # window 2 stepped
+
+
+def test_max_steps_and_the_lr_schedule_count_optimizer_steps(data, tmp_path):
+    """With train.grad_accum=2 a step is two micro-batches: max_steps, the rows and the
+    LR warm-up all count optimizer steps (lr_factor by hand: warm-up over 10 steps)."""
+    out = tmp_path / "accum"
+    extra = ["train.grad_accum=2", "optim.warmup_steps=10", "train.log_every=1", "optim.lr=1e-3"]
+    trainer = Trainer(load_config(CONFIG, args(data, out, 3, *extra)))
+    micro = []
+    real = trainer.forward_loss
+    trainer.forward_loss = lambda index: micro.append(index) or real(index)
+    trainer.train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and micro == [0, 1, 2, 3, 4, 5]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * (k + 1) / 11 for k in (1, 2, 3)])
+    # a micro-batch: 2 text-to-image LCUs (one 16-token frame) and 2 edits (two frames)
+    assert rows[0]["tokens"] == 2 * (2 * 16 + 2 * 32)
 
 
 def test_train_step_runs_without_train(data, tmp_path):

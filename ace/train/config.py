@@ -122,7 +122,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no, bf16 or fp16."""
     grad_accum: int = 1
-    """Gradient accumulation steps."""
+    """Micro-batches per optimizer step; max_steps, checkpoint_every and log_every count
+    optimizer steps."""
     log_every: int = 1
     """Write a metrics.jsonl row every N steps."""
     max_nonfinite: int = 5

@@ -142,6 +142,9 @@ class Trainer:
             cpu=cpu,
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.grad_accum,
+            # the LR schedule is written in optimizer steps: by default accelerate would step
+            # it once per process on every optimizer step (world_size times too fast)
+            step_scheduler_with_optimizer=False,
             log_with=list(t.trackers) or None,
             project_dir=str(Path(t.output_dir) / "logs"),
         )
@@ -244,11 +247,14 @@ class Trainer:
         )
         return loss, batch.num_tokens, batch.num_samples
 
-    def train_step(self) -> dict:
+    def micro_step(self, index: int) -> tuple[float, float, float, bool]:
+        """Forward and backward of micro-batch ``index``; the optimizer steps at the end of
+        each accumulation window whose every micro-batch had a finite loss on every rank.
+        Returns the summed loss, tokens and samples over the ranks, and whether the loss was
+        finite on every rank."""
         acc, cfg = self.accelerator, self.cfg
-        start = time.perf_counter()
         with acc.accumulate(self.model):
-            loss, tokens, samples = self.forward_loss(self.step)
+            loss, tokens, samples = self.forward_loss(index)
             # backward runs whatever the loss, so that the step's one host sync (below) comes
             # after forward and backward are queued, not between them; a non-finite loss
             # only makes non-finite gradients, which the skip below throws away
@@ -271,7 +277,8 @@ class Trainer:
                 if cfg.optim.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
-                self.schedule.step()
+                if not self.optimizer.step_was_skipped:  # fp16's GradScaler may skip it
+                    self.schedule.step()
             if acc.sync_gradients:
                 self.window_finite = True
             self.optimizer.zero_grad(set_to_none=True)
@@ -286,16 +293,24 @@ class Trainer:
             self.nonfinite = 0
         if stepped and self.ema is not None:
             self.ema.step(self.unwrapped.parameters())
+        return loss_sum, tokens, samples, finite
+
+    def train_step(self) -> dict:
+        """One optimizer step: ``train.grad_accum`` micro-batches (numbered from
+        ``step * grad_accum``, so a resumed run draws the same ones); returns its log row."""
+        acc, accum = self.accelerator, self.cfg.train.grad_accum
+        start = time.perf_counter()
+        parts = [self.micro_step(self.step * accum + k) for k in range(accum)]
         self.step += 1
         seconds = time.perf_counter() - start
         return {
             "step": self.step,
-            "loss": loss_sum / acc.num_processes,
+            "loss": sum(p[0] for p in parts) / (accum * acc.num_processes),
             "lr": self.schedule.get_last_lr()[0],
-            "tokens": int(tokens),
-            "samples/s": samples / seconds,
+            "tokens": int(sum(p[1] for p in parts)),
+            "samples/s": sum(p[2] for p in parts) / seconds,
             "world_size": acc.num_processes,
-            "skipped_step": not finite,
+            "skipped_step": not all(p[3] for p in parts),
             "skipped_samples": self.batches.skipped,
         }
 
