@@ -36,7 +36,8 @@ class ChatSession:
 
     def lcu(self, instruction: str, images=None, masks=None) -> LCU:
         """The LCU the next turn would run."""
-        if not images and self.outputs:
+        # only None or an empty list means "no images"; anything else build_lcu checks
+        if self.outputs and (images is None or (isinstance(images, (list, tuple)) and not images)):
             images = [self.outputs[-1]]
         return self.pipe.build_lcu(instruction, images, masks, self.history)
 

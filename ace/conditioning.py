@@ -4,7 +4,8 @@ Follows the released ACE inference (scepter ``ace_inference.py``; ACE_REFERENCE.
 sections 1-2). Images: centre crop to aspect ratio <= 4, bicubic resize to
 multiples of 16 with (H/16) * (W/16) <= max seq len (never enlarged), scaled to
 [-1, 1]. Masks: cropped like their image, resized nearest-exact, binarised at
-> 128 (0-255 scale); a missing or all-zero mask means "whole image" (all ones).
+> 128 (0-255 scale; integer tensors whose maximum is 1 and bool tensors are read as
+0/1); a missing or all-zero mask means "whole image" (all ones).
 Inpainting requests set the masked input pixels to -1 (``fill_masked``; the
 caller decides when). Text: ``clean_text``, T5 to ``max_length`` tokens, valid
 tokens kept. Latents: scaling_factor * VAE posterior sample.
@@ -132,9 +133,10 @@ def preprocess_mask(
     """Mask at its image's original size -> float32 (1, H', W') of 0/1 at ``size`` (H', W').
 
     ``mask``: PIL "L" (set where > 128) or "1", or a tensor (1, H, W) / (H, W) that is
-    bool, integer 0-255 (set where > 128) or float in [0, 1] (set where > 128/255).
-    Cropped like its image, resized nearest-exact. None or an all-zero result gives
-    all ones. ``image_size``, if given, is the image's original (H, W).
+    bool, integer 0-255 (set where > 128), integer 0/1 (an integer mask whose maximum is
+    1: set where 1) or float in [0, 1] (set where > 128/255). Cropped like its image,
+    resized nearest-exact. None or an all-zero result gives all ones. ``image_size``, if
+    given, is the image's original (H, W).
     """
     if not (
         isinstance(size, (tuple, list))
@@ -163,8 +165,8 @@ def preprocess_mask(
         if m.is_floating_point():
             _check_unit_range(m, "float mask (use an integer tensor for 0-255)")
             m = m > MASK_THRESHOLD / 255
-        elif m.dtype != torch.bool:
-            m = m > MASK_THRESHOLD
+        elif m.dtype != torch.bool:  # integer: 0/1 when its maximum is 1, else 0-255
+            m = m > (0 if mask.numel() and mask.max() == 1 else MASK_THRESHOLD)
         out = F.interpolate(m[None].float(), size=(h_out, w_out), mode="nearest-exact")[0]
     return out if out.any() else torch.ones_like(out)
 

@@ -277,6 +277,14 @@ def objective_for_scheduler(scheduler) -> Objective:
     raise ValueError(f"no objective matches scheduler {type(scheduler).__name__}")
 
 
+def check_guidance(scale: float, rescale: float) -> None:
+    """The released ranges: guidance scale >= 0, guidance rescale in [0, 1] (NaN refused)."""
+    if not scale >= 0:
+        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
+
+
 def apply_guidance(cond: Tensor, uncond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
     """Classifier-free guidance with guidance rescale (released rule).
 
@@ -288,10 +296,7 @@ def apply_guidance(cond: Tensor, uncond: Tensor, scale: float, rescale: float = 
         raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} differ")
     if cond.ndim < 2:
         raise ValueError(f"guidance needs a (B, ...) sample dim, got {tuple(cond.shape)}")
-    if scale < 0:
-        raise ValueError(f"guidance scale must be >= 0, got {scale}")
-    if not 0.0 <= rescale <= 1.0:
-        raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
+    check_guidance(scale, rescale)
     eps = uncond + scale * (cond - uncond)  # (B, ...)
     if rescale == 0.0:
         return eps

@@ -58,7 +58,9 @@ ImageLike = Image.Image | torch.Tensor
 """An RGB PIL image or a float tensor shaped (3, H, W)."""
 
 MaskLike = Image.Image | torch.Tensor
-"""A PIL image of mode "L" or "1", or a tensor shaped (1, H, W) or (H, W)."""
+"""A PIL image of mode "L" or "1", or a tensor shaped (1, H, W) or (H, W); white (> 128)
+= the region to edit. Tensors: bool, float in [0, 1], integer 0-255, or integer 0/1 when
+the mask's maximum is 1."""
 
 # One pattern for every image reference: "" -> {image}, "2" -> {image2}.
 _IMAGE_REF = re.compile(r"\{image(\d*)\}")
@@ -124,10 +126,10 @@ def _ref_index(digits: str) -> int:
     return int(digits) if digits else 0
 
 
-def _as_list(x: Any, what: str) -> list:
+def _as_list(x: Any, what: str, expected: str = "a list") -> list:
     if isinstance(x, (list, tuple)):
         return list(x)
-    raise ValueError(f"{what}: expected a list, got {_describe(x)}")
+    raise ValueError(f"{what}: expected {expected}, got {_describe(x)}")
 
 
 # ---------------------------------------------------------------------------
@@ -149,12 +151,16 @@ class ConditionUnit:
     images: list[ImageLike] = field(default_factory=list)
     """RGB PIL images or float tensors (3, H, W); at most ``MAX_INPUT_IMAGES``."""
     masks: list[MaskLike | None] | None = None
-    """One mask or None per image, the image's size; None means no masks at all."""
+    """One mask or None per image, the image's size; None means no masks at all. A mask
+    (``MaskLike``) marks the region to edit: PIL "L" > 128, or a bool, float [0, 1],
+    integer 0-255 or integer 0/1 (maximum 1) tensor."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.instruction, str):
             raise ValueError(f"instruction: expected a str, got {_describe(self.instruction)}")
-        self.images = _as_list(self.images, "images")
+        self.images = _as_list(
+            self.images, "images", "a list of RGB PIL images or (3, H, W) float tensors"
+        )
         n = len(self.images)
         if n > MAX_INPUT_IMAGES:
             raise ValueError(f"a condition unit holds at most {MAX_INPUT_IMAGES} images, got {n}")
@@ -189,6 +195,35 @@ class ConditionUnit:
         return _IMAGE_REF.sub(
             lambda m: image_name(first + _ref_index(m.group(1))), self.instruction
         )
+
+
+TURN_KEYS = ("instruction", "images", "masks")
+TURN_EXPECTED = "a ConditionUnit or a dict with keys instruction, images, masks"
+
+
+def as_condition_unit(turn: Any, what: str) -> ConditionUnit:
+    """``turn`` (a ConditionUnit, or a dict with key instruction and optional images,
+    masks) as a ConditionUnit; ValueErrors name ``what`` (e.g. "history[2]")."""
+    if isinstance(turn, ConditionUnit):
+        return turn
+    if not isinstance(turn, dict):
+        raise ValueError(f"{what}: expected {TURN_EXPECTED}, got {_describe(turn)}")
+    unknown = sorted(map(str, set(turn) - set(TURN_KEYS)))
+    if unknown or "instruction" not in turn:
+        problem = f"unknown keys {unknown}" if unknown else "no 'instruction'"
+        raise ValueError(f"{what}: {problem}; expected {TURN_EXPECTED}")
+    try:
+        return ConditionUnit(**turn)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+
+
+def as_history(history: Any) -> list[ConditionUnit]:
+    """None or a list of turns (``as_condition_unit``) as ConditionUnits, oldest first."""
+    turns = _as_list(
+        [] if history is None else history, "history", f"a list of turns ({TURN_EXPECTED})"
+    )
+    return [as_condition_unit(h, f"history[{i}]") for i, h in enumerate(turns)]
 
 
 # ---------------------------------------------------------------------------

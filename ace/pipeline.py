@@ -39,8 +39,8 @@ from ace.conditioning import (
     preprocess_mask,
     to_numpy,
 )
-from ace.diffusion import apply_guidance
-from ace.lcu import LCU, ConditionUnit
+from ace.diffusion import apply_guidance, check_guidance
+from ace.lcu import LCU, ConditionUnit, as_history
 from ace.models.cuda_graph import GraphCache, GraphedForward, layout_key
 
 # diffusers loads a component only from a module that is already imported
@@ -51,6 +51,11 @@ if TYPE_CHECKING:
     from ace.chat import ChatSession
 
 INPAINTING_TASKS = ("inpainting",)
+
+
+def _is_int(x) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 class IndicatorTable(ModelMixin, ConfigMixin):
@@ -173,13 +178,11 @@ class ACEPipeline(DiffusionPipeline):
     def build_lcu(
         self, instruction: str, images=None, masks=None, history=None, task: str = ""
     ) -> LCU:
-        """The LCU of a request; ``history`` holds ConditionUnits or dicts with the same fields."""
-        history = [
-            h if isinstance(h, ConditionUnit) else ConditionUnit(**h) for h in (history or [])
-        ]
+        """The LCU of a request; ``history`` is a list of ConditionUnits or dicts with the
+        same fields (instruction, and optional images, masks)."""
         return LCU(
-            current=ConditionUnit(instruction, list(images or []), masks),
-            history=history,
+            current=ConditionUnit(instruction, [] if images is None else images, masks),
+            history=as_history(history),
             task=task,
         )
 
@@ -259,12 +262,16 @@ class ACEPipeline(DiffusionPipeline):
 
         Args:
             instruction: the current instruction; names its images ``{image}``, ``{image1}``...
-            images: input images (RGB PIL, or float tensors (3, H, W) in [0, 1]).
-            masks: one mask or None per image; white = the region to edit.
-            history: earlier turns, oldest first (ConditionUnits or dicts).
+            images: a list of input images (RGB PIL, or float tensors (3, H, W) in [0, 1]).
+            masks: a list of one mask or None per image; white = the region to edit (PIL
+                "L" > 128; tensors: bool, float in [0, 1], integer 0-255, or integer 0/1
+                when the mask's maximum is 1).
+            history: a list of earlier turns, oldest first (ConditionUnits or dicts with
+                keys instruction, images, masks).
             negative_prompt: replaces the current instruction in the unconditional half.
-            height, width: target size in pixels (multiples of 16). Default: the first
-                input image's size, or a square that fills the token budget.
+            height, width: target size in pixels (ints, multiples of 16), both or neither.
+                Default: the first input image's size, or a square that fills the token
+                budget.
             num_inference_steps, guidance_scale, guidance_rescale: the sampler settings
                 (released: 20 / 4.5 / 0.5 at 512 px).
             generator: for the initial noise.
@@ -276,19 +283,29 @@ class ACEPipeline(DiffusionPipeline):
         # 1. check inputs
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(
+                f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}"
+            )
         for name, side in (("height", height), ("width", width)):
-            if side is not None and (side <= 0 or side % 16):
-                raise ValueError(f"{name} must be a positive multiple of 16, got {side}")
+            if side is not None and (not _is_int(side) or side <= 0 or side % 16):
+                raise ValueError(f"{name} must be a positive int multiple of 16, got {side!r}")
+        if (height is None) != (width is None):
+            raise ValueError(
+                f"give both height and width, or neither (got height={height}, width={width})"
+            )
+        check_guidance(guidance_scale, guidance_rescale)
+        num_inference_steps = int(num_inference_steps)
         lcu = self.build_lcu(instruction, images, masks, history, task)
         device, dtype = self._execution_device, self.transformer.dtype
         cfg = guidance_scale > 1.0
 
         # 2. preprocess images and masks
         size = None
-        if height is not None or width is not None or not lcu.images:
-            size = (height or self.default_size, width or self.default_size)
+        if height is not None:
+            size = (int(height), int(width))
+        elif not lcu.images:
+            size = (self.default_size, self.default_size)
         prepared = prepare_lcu(lcu, self.max_seq_len, size)
         conditioner = self.conditioner
         f = conditioner.vae_factor  # 8 for the released VAE

@@ -13,7 +13,8 @@
     python scripts/infer.py --pipeline DIR --history turns.json --instruction "now make {image} green" \\
         --image previous.png --output out.png
 
-The history file is a list of turns, oldest first:
+The history file is a list of turns, oldest first ("images" and "masks" optional; one mask
+path or null per image):
     [{"instruction": "make {image} red", "images": ["a.png"], "masks": [null]}]
 """
 
@@ -58,8 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    size_help = (
+        "target %s in pixels, a multiple of 16; give both --height and --width, or neither "
+        "(default: the first --image's size, or the pipeline's square)"
+    )
+    p.add_argument("--height", type=int, default=None, help=size_help % "height")
+    p.add_argument("--width", type=int, default=None, help=size_help % "width")
     p.add_argument(
         "--device", default=None, help="cpu, cuda, mps ... (default: cuda when available)"
     )
@@ -80,7 +85,22 @@ def load_image(path: str | Path, mode: str):
         raise UserError(f"cannot read image {path}: {e}") from e
 
 
-def load_history(path: str) -> list[dict]:
+def _paths(turn: dict, key: str, i: int, nulls: bool) -> list:
+    """Turn ``i``'s ``key``: a list of file paths (or nulls, where ``nulls``)."""
+    value = turn.get(key, [])
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) or (nulls and v is None) for v in value
+    ):
+        kind = "file paths or null" if nulls else "file paths"
+        raise UserError(
+            f"history turn {i}: '{key}' must be a list of {kind}, got {json.dumps(value)}"
+        )
+    return value
+
+
+def load_history(path: str) -> list:
+    from ace.lcu import ConditionUnit
+
     file = Path(path)
     if not file.is_file():
         raise UserError(f"history file not found: {file}")
@@ -97,10 +117,15 @@ def load_history(path: str) -> list[dict]:
             raise UserError(
                 f"history turn {i}: needs 'instruction' (and optional 'images', 'masks'); got {sorted(turn)}"
             )
-        images = [load_image(file.parent / p, "RGB") for p in turn.get("images", [])]
-        masks = turn.get("masks") or [None] * len(images)
-        masks = [None if m is None else load_image(file.parent / m, "L") for m in masks]
-        out.append({"instruction": turn["instruction"], "images": images, "masks": masks})
+        images = [load_image(file.parent / p, "RGB") for p in _paths(turn, "images", i, False)]
+        masks = None  # "masks": null or absent -> no masks
+        if turn.get("masks") is not None:
+            masks = _paths(turn, "masks", i, True)
+            masks = [None if m is None else load_image(file.parent / m, "L") for m in masks]
+        try:  # checked here, before the pipeline loads: counts, sizes, references
+            out.append(ConditionUnit(turn["instruction"], images, masks))
+        except ValueError as e:
+            raise UserError(f"history turn {i}: {e}") from e
     return out
 
 
@@ -112,6 +137,10 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--output must end with one of {IMAGE_SUFFIXES}, got {output.name}")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give an image file path")
+    if (args.height is None) != (args.width is None):
+        raise UserError("give both --height and --width, or neither")
     if args.mask and len(args.mask) != len(args.image):
         raise UserError(
             f"got {len(args.image)} --image but {len(args.mask)} --mask; give one --mask per image, or none"

@@ -184,6 +184,24 @@ def test_preprocess_mask_binarises_above_128():
     assert preprocess_mask(torch.tensor([[0.5, 0.51]]), (1, 2)).tolist() == [[[0.0, 1.0]]]
 
 
+def test_preprocess_mask_integer_zero_one_is_read_as_zero_one():
+    a = np.zeros((32, 32), np.uint8)
+    a[8:16, 4:20] = 1
+    expected = torch.from_numpy(a).float()[None]  # (1, 32, 32)
+    for dtype in (torch.uint8, torch.int32, torch.int64):
+        assert torch.equal(preprocess_mask(torch.from_numpy(a).to(dtype), (32, 32)), expected)
+        assert torch.equal(preprocess_mask(torch.from_numpy(a).to(dtype)[None], (32, 32)), expected)
+    assert torch.equal(preprocess_mask(torch.from_numpy(a).bool(), (32, 32)), expected)
+    # 0-255 stays as before: a maximum above 1 means > 128 is white (2 and 128 are not)
+    b = a * 2
+    b[0, 0], b[0, 1] = 128, 200
+    want = torch.zeros(1, 32, 32)
+    want[0, 0, 1] = 1
+    assert torch.equal(preprocess_mask(torch.from_numpy(b), (32, 32)), want)
+    # PIL "L" with 0/1 values is still 0-255: all below 128 -> whole image
+    assert torch.equal(preprocess_mask(Image.fromarray(a), (32, 32)), torch.ones(1, 32, 32))
+
+
 def test_preprocess_mask_all_zero_or_none_is_all_ones():
     ones = torch.ones(1, 16, 24)
     assert torch.equal(preprocess_mask(Image.new("L", (30, 20), 128), (16, 24)), ones)

@@ -189,6 +189,56 @@ def test_bad_requests_raise_value_error(pipe, kwargs, message):
         pipe(**kwargs, num_inference_steps=1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(images=img(32, 32)), r"images: expected a list of RGB PIL images"),
+        (dict(images=torch.rand(3, 32, 32)), r"images: expected a list .*tensor of shape"),
+        (dict(images=[img(32, 32)], masks=box_mask(32, 32)), r"masks: expected a list"),
+        (dict(history=["abc"]), r"history\[0\]: expected a ConditionUnit or a dict .*str 'abc'"),
+        (dict(history=[None]), r"history\[0\]: expected a ConditionUnit or a dict"),
+        (dict(history=[("x", [img(32, 32)])]), r"history\[0\]: expected a ConditionUnit"),
+        (
+            dict(history=[{"instruction": "a", "image": [img(32, 32)]}]),
+            r"history\[0\]: unknown keys \['image'\]; expected .* instruction, images, masks",
+        ),
+        (dict(history=[{"images": [img(32, 32)]}]), r"history\[0\]: no 'instruction'"),
+        (dict(history={"instruction": "a"}), r"history: expected a list of turns"),
+        (
+            dict(history=[ConditionUnit("a"), {"instruction": "b", "images": "a.png"}]),
+            r"history\[1\]: images: expected a list",
+        ),
+        (dict(images=[img(64, 32)], height=32), "give both height and width, or neither"),
+        (dict(width=32), "give both height and width, or neither"),
+        (dict(height=64.0, width=64), r"height must be a positive int multiple of 16, got 64\.0"),
+        (dict(height=64, width=True), "width must be a positive int"),
+        (dict(height=32, width=32, num_inference_steps=2.5), "num_inference_steps must be an int"),
+        (dict(height=32, width=32, guidance_scale=1.0, guidance_rescale=1.5), "rescale"),
+        (dict(height=32, width=32, guidance_scale=0.5, guidance_rescale=-0.1), "rescale"),
+        (dict(height=32, width=32, guidance_scale=-1.0), "guidance scale must be >= 0"),
+    ],
+)
+def test_bad_arguments_name_the_argument(pipe, kwargs, message):
+    kwargs = {"num_inference_steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        pipe("edit {image}" if "images" in kwargs else "a star", **kwargs)
+
+
+def test_numpy_integer_sizes_and_steps_are_accepted(pipe):
+    n = np.int64
+    out = pipe("a star", height=n(32), width=n(48), num_inference_steps=n(1)).images[0]
+    assert out.size == (48, 32)
+
+
+def test_chat_refuses_a_single_image_instead_of_a_list(pipe):
+    chat = pipe.chat(height=32, width=32, num_inference_steps=1)
+    chat("a red square")
+    for bad in (chat.outputs[-1], torch.rand(3, 32, 32)):
+        with pytest.raises(ValueError, match="images: expected a list"):
+            chat("make {image} blue", images=bad)
+    assert len(chat.history) == 1  # a refused turn leaves the session as it was
+
+
 def test_chat_builds_the_same_lcu_and_images_as_explicit_history(pipe):
     kw = dict(height=32, width=32, num_inference_steps=STEPS)
     chat = pipe.chat(**kw)

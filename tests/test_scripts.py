@@ -106,6 +106,44 @@ def test_infer_user_mistakes_exit_2_without_traceback(pipe_dir, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # nothing half-written
 
 
+@pytest.mark.parametrize(
+    ("turns", "message"),
+    [
+        ([{"instruction": "x {image}", "images": "a.png"}], r"history turn 0: 'images' must be a list of file paths, got \"a.png\""),
+        ([{"instruction": "x", "images": None}], r"history turn 0: 'images' must be a list of file paths, got null"),
+        ([{"instruction": "x {image}", "images": ["a.png"], "masks": [5]}], r"history turn 0: 'masks' must be a list of file paths or null, got \[5\]"),
+        ([{"instruction": "a"}, {"instruction": "x {image}", "images": ["a.png"], "masks": ["m.png"]}], r"history turn 1: masks\[0\]: size \(H, W\) = \(16, 16\) differs"),
+        ([{"instruction": "x {image}", "images": ["a.png"], "masks": [None, None]}], "history turn 0: need one mask"),
+        ([{"instruction": 3}], "history turn 0: instruction: expected a str"),
+    ],
+)  # fmt: skip
+def test_infer_bad_history_names_the_turn_and_key(pipe_dir, tmp_path, capsys, turns, message):
+    save_image(tmp_path / "a.png", 32, 32)
+    save_image(tmp_path / "m.png", 16, 16, mode="L")
+    (tmp_path / "turns.json").write_text(json.dumps(turns))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["--pipeline", pipe_dir, "--instruction", "a star", "--history", tmp_path / "turns.json", "--steps", 1, "--output", tmp_path / "o.png"]  # fmt: skip
+    code, _, err = script("infer.py", argv, capsys)
+    assert code == 2 and err.startswith("infer.py: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_infer_checks_output_and_size_before_loading_the_pipeline(tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(ACEPipeline, "from_pretrained", never)
+    (tmp_path / "model_index.json").write_text("{}")  # looks like a pipeline directory
+    (tmp_path / "x.png").mkdir()
+    base = ["--pipeline", tmp_path, "--instruction", "a star", "--steps", 1]
+    code, _, err = script("infer.py", [*base, "--output", tmp_path / "x.png"], capsys)
+    assert code == 2 and "is a directory" in err and err.count("\n") == 1, err
+    code, _, err = script("infer.py", [*base, "--height", 32, "--output", tmp_path / "o.png"], capsys)  # fmt: skip
+    assert code == 2 and "give both --height and --width, or neither" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_index.json", "x.png"]
+
+
 def test_infer_rejects_a_directory_that_is_not_a_pipeline(tmp_path, capsys):
     code, _, err = script("infer.py", ["--pipeline", tmp_path, "--instruction", "x", "--output", tmp_path / "o.png"], capsys)  # fmt: skip
     assert code == 2 and "not an ACEPipeline directory" in err
