@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,6 +287,54 @@ def test_bad_samples_are_skipped_and_counted(data, tmp_path):
     assert rows[-1]["skipped_samples"] >= 2 and len(rows) == 6
 
 
+def test_a_rank_whose_whole_batch_fails_skips_the_step_and_goes_on(tmp_path):
+    """One sample per step: a missing target and a target too small to train on (it passes
+    the manifest's checks, then resizes to nothing) each skip their step, counted; the run
+    goes on and exports. A dataset where nothing loads stops with a clear error."""
+    data = tmp_path / "data"
+    lcus = list(solid_lcus(4))
+    lcus[2] = LCU(ConditionUnit("a thin strip"), target=Image.new("RGB", (300, 12)), task="t2i")
+    write_manifest(lcus, data, progress=False)
+    records = (data / "manifest.jsonl").read_text().splitlines()
+    (data / json.loads(records[1])["turns"][0]["images"][0]).unlink()
+    out = tmp_path / "run"
+    config = load_config(CONFIG, [*args(data, out, 8, "data.batch_size=1", "train.log_every=1")])
+    with pytest.warns(UserWarning, match="skipping sample"):
+        Trainer(config).train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and (out / "pipeline").is_dir()
+    skipped = [r["skipped_step"] for r in rows]
+    assert sum(skipped) == 4 and rows[-1]["skipped_samples"] == 4  # 2 bad of 4, 2 epochs
+    for r in rows:
+        assert (r["tokens"] == 0) == r["skipped_step"]
+
+    for record in records:  # now every target is missing
+        (data / json.loads(record)["target"]).unlink(missing_ok=True)
+    config = load_config(CONFIG, [*args(data, tmp_path / "none", 8, "data.batch_size=1")])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no sample of the dataset loads"):  # fmt: skip
+        Trainer(config).train()
+
+
+def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
+    """A checkpoint restores the optimizer's lr, betas ... as they were: a resume that asks
+    for others is refused, naming them. A path or max_steps may change; rows the crashed run
+    logged after its last checkpoint are not repeated."""
+    out = tmp_path / "run"
+    Trainer(load_config(CONFIG, args(data, out, 4, "train.checkpoint_every=3", "train.keep_last=2"))).train()  # fmt: skip
+    for extra, named in (
+        (["optim.lr=1e-5"], r"\(optim\.lr=0\.0003 there, 1e-05 now\)"),
+        (["ema.enabled=true"], "ema.enabled"),
+        (["model.overrides.depth=1"], "model.overrides.depth"),
+    ):
+        resumed = load_config(CONFIG, [*args(data, out, 6, "train.resume=latest", *extra)])
+        with pytest.raises(ValueError, match=named):
+            Trainer(resumed).train()
+    shutil.rmtree(out / "checkpoint-4")  # as if the run had crashed after logging step 4
+    Trainer(load_config(CONFIG, [*args(data, out, 6, "train.resume=latest", "train.log_every=1")])).train()  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -293,6 +342,10 @@ def test_bad_samples_are_skipped_and_counted(data, tmp_path):
         (["optim.lr=fast"], "optim.lr"),
         (["train.max_steps"], "key=value"),
         (["data.cond_dropout=1.5"], "cond_dropout"),
+        (["train.checkpoint_every=0"], "train.checkpoint_every must be >= 1"),
+        (["train.log_every=0"], "train.log_every must be >= 1"),
+        (["train.keep_last=0"], "train.keep_last must be >= 1"),
+        (["train.max_nonfinite=0"], "train.max_nonfinite must be >= 1"),
     ],
 )
 def test_bad_config_names_the_key(data, overrides, message):
@@ -308,6 +361,14 @@ def test_missing_manifest_and_script_errors(tmp_path, capsys):
     assert not (tmp_path / "none").exists()  # failed before making toy data for the words encoder
     with pytest.raises(ValueError, match="no manifest at"):
         Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", "data.toy_n=0"]))
+    named = tmp_path / "toy" / "train.jsonl"  # toy_n writes DIR/manifest.jsonl, not this
+    with pytest.raises(ValueError, match=r"give data\.manifest as that directory"):
+        Trainer(load_config(CONFIG, [f"data.manifest={named}", "data.toy_n=4"]))
+    assert not (tmp_path / "toy").exists()
+    with pytest.raises(ValueError, match=r"model\.text_encoder: .* is not tiny, words or a T5"):
+        Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", f"model.text_encoder={tmp_path / 'no-t5'}"]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"data.shards=.*no sample"):
+        Trainer(load_config(CONFIG, [f"data.shards={tmp_path / 'none.tar'}", f"train.output_dir={tmp_path / 'sh'}"])).train()  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(CONFIG), "train.bogus=1"],
         capture_output=True, text=True, timeout=300, env={**os.environ},

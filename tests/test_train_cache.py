@@ -112,20 +112,64 @@ def test_the_same_vae_loaded_from_another_path_reuses_the_cache(cache, manifest,
     assert digests == {cache.info["fingerprint"]["vae"]}
 
 
-def test_an_interrupted_build_keeps_whole_shards_and_finishes(manifest, parts, tmp_path, cache):
+def interrupted_build(dataset, conditioner, root, monkeypatch):
+    """A build killed while writing its second shard: shard 0 landed, nothing else."""
+    import ace.train.cache as cache_module
+
+    real, calls = cache_module.save_file, []
+
+    def save_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "save_file", save_file)
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(dataset, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
+    assert shard_path(root, 0).is_file() and not shard_path(root, 1).is_file()
+    assert not (root / "cache.json").exists()
+
+
+def test_an_interrupted_build_keeps_whole_shards_and_finishes(
+    manifest, parts, tmp_path, cache, monkeypatch
+):
     conditioner, _ = parts
     root = tmp_path / "emb"
-    build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
-    # as if killed after shard 0: shards 1 and 2 and cache.json never landed
-    (root / "cache.json").unlink()
-    for s in (1, 2):
-        shard_path(root, s).unlink()
+    interrupted_build(manifest, conditioner, root, monkeypatch)
     kept = os.stat(shard_path(root, 0)).st_mtime_ns
     finished = build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
     assert os.stat(shard_path(root, 0)).st_mtime_ns == kept  # not rewritten
     for i in range(len(manifest)):
         a, b = finished[i], cache[i]
         assert all(torch.equal(x, y) for x, y in zip(a.means + a.texts, b.means + b.texts))
+
+
+def test_shards_of_an_interrupted_build_of_other_data_are_not_reused(parts, tmp_path, monkeypatch):
+    """The same manifest text over regenerated images of another size: another fingerprint
+    (the images' byte sizes are in it), so the old build's shard is deleted, not mixed in,
+    and a finished cache of the old images is refused."""
+    conditioner, _ = parts
+    data, root = tmp_path / "data", tmp_path / "emb"
+    write_manifest((s.lcu for s in sample_stream(10, seed=3, size=32)), data, progress=False)
+    interrupted_build(LCUManifest(data), conditioner, root, monkeypatch)
+    text = (data / "manifest.jsonl").read_text()
+    for image in (data / "images").iterdir():
+        image.unlink()
+    write_manifest((s.lcu for s in sample_stream(10, seed=3, size=64)), data, progress=False, overwrite=True)  # fmt: skip
+    assert (data / "manifest.jsonl").read_text() == text  # only the images changed
+    with pytest.warns(UserWarning, match="deleting 1 shards"):
+        cache = build_cache(LCUManifest(data), conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)  # fmt: skip
+    for i in range(10):
+        assert cache[i].means[0].shape[-1] == 64 // conditioner.vae_factor  # new images only
+    fresh = build_cache(LCUManifest(data), conditioner, tmp_path / "fresh", MAX_SEQ_LEN, shard_size=4, progress=False)  # fmt: skip
+    assert cache.info["fingerprint"] == fresh.info["fingerprint"]
+    old = tmp_path / "old"
+    write_manifest((s.lcu for s in sample_stream(10, seed=3, size=32)), old, progress=False)
+    build_cache(LCUManifest(old), conditioner, tmp_path / "emb32", MAX_SEQ_LEN, shard_size=4, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="different manifest"):
+        build_cache(LCUManifest(data), conditioner, tmp_path / "emb32", MAX_SEQ_LEN, shard_size=4)  # fmt: skip
 
 
 def test_a_broken_sample_is_skipped_and_named(parts, tmp_path):

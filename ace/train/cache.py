@@ -27,8 +27,10 @@ latent noise, from the step's generator exactly as the uncached path does. Files
     DIR/cache.json                written last: the fingerprint, shard size and counts
 
 A shard is written to a temporary file and renamed, so an interrupted build leaves whole
-shards, and the next build skips them. ``cache.json`` holds a fingerprint of the manifest
-(its size and the hashes of its first and last MiB), the encoders (their configs and a
+shards, and the next build of the same fingerprint skips them (``building.json``, written
+before the first shard, holds it; shards left by a build of another fingerprint are
+deleted first). ``cache.json`` holds a fingerprint of the manifest (a hash of the whole
+file and of the byte size of every image it names), the encoders (their configs and a
 checksum of their weights), the token budget and the text length; a cache whose
 fingerprint differs from the run's is refused with a ValueError that names what changed.
 """
@@ -55,6 +57,7 @@ from ace.conditioning import downsample_mask
 from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
+BUILDING_FILE = "building.json"  # the fingerprint of a build in progress
 FORMAT = 2  # bump when what a shard holds changes
 CHUNK = 32  # LCUs per encoder call while building
 
@@ -97,14 +100,21 @@ def _module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a file's size and its first and last MiB (cheap for huge manifests)."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
+def _manifest_digest(dataset) -> str:
+    """sha256 of the whole manifest file and of the byte size of every image it names (a
+    regenerated image almost always changes size; an edit that keeps it is not seen)."""
+    h = hashlib.sha256()
+    with open(dataset.path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    for record in dataset.records:
+        paths = [record["target"], record.get("target_mask")]
+        for turn in record["turns"]:
+            paths += [*turn.get("images", []), *(turn.get("masks") or [])]
+        for rel in paths:
+            if rel is not None:
+                file = dataset.root / rel
+                h.update(f"{rel}:{file.stat().st_size if file.is_file() else -1};".encode())
     return h.hexdigest()[:16]
 
 
@@ -112,7 +122,7 @@ def cache_fingerprint(dataset, conditioner, max_seq_len: int) -> dict[str, Any]:
     """What a cache must agree with to be reused: manifest, encoders, token budget, text length."""
     return {
         "format": FORMAT,
-        "manifest": _file_digest(Path(dataset.path)),
+        "manifest": _manifest_digest(dataset),
         "num_samples": len(dataset),
         "text_encoder": _module_digest(conditioner.text_encoder),
         "vae": _module_digest(conditioner.vae),
@@ -230,6 +240,10 @@ def build_cache(
     rank = 0 if accelerator is None else accelerator.process_index
     world = 1 if accelerator is None else accelerator.num_processes
     is_main = rank == 0
+    if is_main:  # shards are reused only by a build of the same fingerprint
+        _start_build(root, fingerprint)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     skipped = build_shards(
         dataset, conditioner, root, max_seq_len, shard_size, rank, world, progress and is_main
     )
@@ -242,12 +256,36 @@ def build_cache(
             "num_shards": num_shards(len(dataset), shard_size),
             "skipped_by_rank0": skipped,
         }
-        tmp = root / f".{CACHE_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, root / CACHE_FILE)
+        _write_json(root / CACHE_FILE, info)
+        (root / BUILDING_FILE).unlink(missing_ok=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return EmbeddingCache(root, fingerprint)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _start_build(root: Path, fingerprint: dict) -> None:
+    """Record the fingerprint of the build about to run; shards of an interrupted build of
+    another fingerprint (or of unknown origin) are deleted, not mixed into this one."""
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / BUILDING_FILE
+    previous = json.loads(marker.read_text()) if marker.is_file() else None
+    if previous != fingerprint:
+        stale = sorted(root.glob("shard-*.safetensors"))
+        if stale:
+            warnings.warn(
+                f"embedding cache {root}: deleting {len(stale)} shards of an interrupted "
+                "build of other data or encoders",
+                stacklevel=3,
+            )
+        for path in stale:
+            path.unlink()
+        _write_json(marker, fingerprint)
 
 
 # ---------------------------------------------------------------------------

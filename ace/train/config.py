@@ -128,7 +128,8 @@ class TrainConfig:
     """Write a metrics.jsonl row every N steps."""
     max_nonfinite: int = 5
     """Stop after this many non-finite losses in a row (each one skips its step; with
-    gradient accumulation, the optimizer step of its whole window)."""
+    gradient accumulation, the optimizer step of its whole window), or this many
+    micro-batches in a row where some rank could load none of its samples (skipped too)."""
     trackers: list[str] = field(default_factory=list)
     """accelerate trackers fed with every logged row, e.g. [tensorboard] (logs in output_dir/logs)."""
 
@@ -172,6 +173,10 @@ def _check(cfg: Config) -> None:
         ("train.max_steps", t.max_steps),
         ("data.batch_size", d.batch_size),
         ("train.grad_accum", t.grad_accum),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.log_every", t.log_every),
+        ("train.keep_last", t.keep_last),
+        ("train.max_nonfinite", t.max_nonfinite),
         ("data.cache_shard_size", d.cache_shard_size),
     ):
         if value < 1:

@@ -27,6 +27,11 @@ def build_dataset(cfg: DataConfig, accelerator=None):
 
     path = Path(cfg.manifest)
     manifest = path / "manifest.jsonl" if path.suffix != ".jsonl" else path
+    if not manifest.is_file() and cfg.toy_n > 0 and manifest.name != "manifest.jsonl":
+        raise ValueError(
+            f"data.manifest={cfg.manifest}: data.toy_n writes a toy split as DIR/manifest.jsonl; "
+            "give data.manifest as that directory"
+        )
     is_main = accelerator is None or accelerator.is_main_process
     if not manifest.is_file() and cfg.toy_n > 0 and is_main:
         from ace.data.manifest import write_manifest
@@ -65,7 +70,9 @@ class ManifestBatches:
         self, dataset, cfg: DataConfig, seed: int, rank: int, world: int, max_seq_len: int
     ):
         self.dataset, self.cfg, self.seed, self.rank, self.world = dataset, cfg, seed, rank, world
+        self.max_seq_len = max_seq_len
         self.skipped = 0
+        self._stand_in: list | None = None
         self.items = dataset  # what take() reads: the manifest, or an embedding cache of it
         self._epochs: list[list[list[int]]] = []  # token-budget mode: the batches of each epoch
         if cfg.max_tokens:
@@ -106,11 +113,35 @@ class ManifestBatches:
         out = []
         for i in self.indices(step):
             try:
-                out.append(self.items[i])
+                out.append(self._load(i))
             except ValueError as e:
                 self.skipped += 1
                 warnings.warn(f"skipping sample {i}: {e}", stacklevel=2)
         return out
+
+    def _load(self, i: int):
+        from ace.data.batching import lcu_tokens
+        from ace.lcu import LCU
+
+        item = self.items[i]
+        if isinstance(item, LCU):  # not cached: an image too small to train on raises here
+            lcu_tokens(item, self.max_seq_len)
+        return item
+
+    def stand_in(self) -> list:
+        """One loadable sample (the first in dataset order), for a rank whose whole batch
+        failed to load: it runs the step's forward and backward with its loss times zero,
+        so that every rank's collectives still meet; the step itself is skipped."""
+        if self._stand_in is None:
+            for i in range(len(self.items)):
+                try:
+                    self._stand_in = [self._load(i)]
+                    break
+                except ValueError:
+                    continue
+            else:
+                raise ValueError("no sample of the dataset loads")
+        return self._stand_in
 
 
 class ShardBatches:
@@ -120,6 +151,7 @@ class ShardBatches:
         from ace.data.batching import TokenBudgetBatcher
         from ace.data.shards import ShardStream
 
+        self.cfg = cfg
         self.stream = ShardStream(
             cfg.shards,
             seed=seed,
@@ -144,7 +176,13 @@ class ShardBatches:
     def take(self, step: int) -> list:
         if self._it is None:
             self._it = iter(self.source)
-        return next(self._it)
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise ValueError(
+                f"data.shards={self.cfg.shards}: the stream gave no sample "
+                f"({self.skipped} skipped): are the shards there and readable?"
+            ) from None
 
     def state_dict(self) -> dict:
         return self.source.state_dict()

@@ -73,14 +73,22 @@ def ensure_vae(cfg: Config, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def check_vae_dir(cfg: Config) -> None:
-    """Raise ValueError unless ``model.vae`` is "tiny" or a directory (or the model comes
-    whole from ``model.pretrained``): before any data is made for a run that cannot start."""
+def check_model_dirs(cfg: Config) -> None:
+    """Raise ValueError unless ``model.vae`` is "tiny" or a directory and
+    ``model.text_encoder`` is "tiny", "words" or a directory (or the model comes whole from
+    ``model.pretrained``): before any data is made for a run that cannot start."""
     m = cfg.model
-    if not m.pretrained and m.vae != "tiny" and not Path(m.vae).is_dir():
+    if m.pretrained:
+        return
+    if m.vae != "tiny" and not Path(m.vae).is_dir():
         raise ValueError(
             f"model.vae: no VAE directory at {m.vae} "
             "(set model.vae_toy_steps > 0 to train the toy VAE there first)"
+        )
+    if m.text_encoder not in ("tiny", "words") and not Path(m.text_encoder).is_dir():
+        raise ValueError(
+            f"model.text_encoder: {m.text_encoder} is not tiny, words or a T5 directory "
+            "(a transformers T5 encoder with its tokenizer)"
         )
 
 
@@ -99,7 +107,7 @@ def build_components(cfg: Config, accelerator=None, dataset=None):
 
         pipe = ACEPipeline.from_pretrained(m.pretrained)
         return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer
-    check_vae_dir(cfg)
+    check_model_dirs(cfg)
     if m.text_encoder == "tiny":
         tokenizer, text_encoder = testing.tiny_text_encoder()
     elif m.text_encoder == "words":
@@ -133,6 +141,55 @@ def manifest_word_encoder(cfg: Config, accelerator=None, dataset=None):
     return word_text_encoder(texts, seed=cfg.train.seed)
 
 
+FIXED_ON_RESUME = ("model.preset", "model.overrides", "objective.", "optim.lr", "optim.betas",
+                   "optim.eps", "optim.weight_decay", "ema.")  # fmt: skip
+"""Config keys (or prefixes) a resumed run must share with the run it continues: they
+shape the weights and the optimizer state, which the checkpoint restores as they were.
+Paths (model.vae, data.manifest ...) may move, and train.max_steps may grow."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(cfg: Config, saved: Path) -> None:
+    """ValueError naming every ``FIXED_ON_RESUME`` key where ``cfg`` differs from the
+    config the checkpoint's run wrote (``saved``; nothing to check if it is absent)."""
+    if not saved.is_file():
+        return
+    old = _flat(json.loads(saved.read_text()))
+    new = _flat(json.loads(json.dumps(to_dict(cfg))))  # as written: tuples become lists
+    changed = [
+        f"{k}={old.get(k)!r} there, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if k.startswith(FIXED_ON_RESUME) and old.get(k) != new.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            f"train.resume: the checkpoint was trained with other settings ({'; '.join(changed)}); "
+            "resume with the same ones, or start a new train.output_dir"
+        )
+
+
+def drop_rows_after(metrics: Path, step: int) -> None:
+    """Keep the rows of ``metrics`` up to ``step`` (atomically): a run that crashed after its
+    last checkpoint logged steps the resumed run is about to log again."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(keep) < len(lines):
+        tmp = metrics.with_name(f".{metrics.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, metrics)
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -151,7 +208,7 @@ class Trainer:
         ensure_vae(cfg, self.accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
-        check_vae_dir(cfg)
+        check_model_dirs(cfg)
         # the manifest is read once, here, for the word encoder and the batches alike
         dataset = (
             build_dataset(cfg.data, self.accelerator)
@@ -209,6 +266,7 @@ class Trainer:
             self.accelerator.register_for_checkpointing(self.batches)
         self.step = 0
         self.nonfinite = 0
+        self.unloaded = 0  # micro-batches in a row with a rank that loaded none of its batch
         self.window_finite = True  # no non-finite loss since the last optimizer step
 
     @property
@@ -218,11 +276,16 @@ class Trainer:
     # ------------------------------------------------------------------------ one step
 
     def forward_loss(self, step: int) -> tuple[torch.Tensor, int, int]:
+        """This rank's loss on micro-batch ``step``, its image tokens and its samples (0 when
+        every sample failed to load: the loss is then a stand-in's times zero)."""
         cfg, acc = self.cfg, self.accelerator
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, acc.process_index))
         lcus = self.batches.take(step)
-        if not lcus:
-            raise ValueError(f"step {step}: every sample of this rank's batch failed to load")
+        loaded = bool(lcus)
+        if not loaded:
+            if not hasattr(self.batches, "stand_in"):
+                raise ValueError(f"step {step}: every sample of this rank's batch failed to load")
+            lcus = self.batches.stand_in()
         model = self.unwrapped
         batch = encode_batch(
             lcus,
@@ -245,13 +308,15 @@ class Trainer:
         loss = self.objective.loss(
             model_fn, batch.x0, batch.packed.target_sample, batch.num_samples, generator=g
         )
+        if not loaded:
+            return loss * 0.0, 0, 0
         return loss, batch.num_tokens, batch.num_samples
 
     def micro_step(self, index: int) -> tuple[float, float, float, bool]:
         """Forward and backward of micro-batch ``index``; the optimizer steps at the end of
         each accumulation window whose every micro-batch had a finite loss on every rank.
-        Returns the summed loss, tokens and samples over the ranks, and whether the loss was
-        finite on every rank."""
+        Returns the summed loss, tokens and samples over the ranks, and whether every rank
+        loaded its batch and had a finite loss."""
         acc, cfg = self.accelerator, self.cfg
         with acc.accumulate(self.model):
             loss, tokens, samples = self.forward_loss(index)
@@ -263,13 +328,16 @@ class Trainer:
             # whether EVERY rank's loss is finite (all ranks must skip a step together)
             loss = loss.detach().float()
             n_tokens, n_samples = loss.new_full((), tokens), loss.new_full((), samples)
-            stats = torch.stack([loss, n_tokens, n_samples, torch.isfinite(loss).float()])
+            loaded = loss.new_full((), float(samples > 0))
+            stats = torch.stack([loss, n_tokens, n_samples, torch.isfinite(loss).float(), loaded])
             if acc.num_processes > 1:
                 stats = acc.reduce(stats, reduction="sum")
-            loss_sum, tokens, samples, n_finite = stats.tolist()  # the step's one host sync
+            loss_sum, tokens, samples, n_finite, n_loaded = stats.tolist()  # one host sync
             finite = int(n_finite) == acc.num_processes
-            # with gradient accumulation, one non-finite micro-batch spoils its whole window
-            self.window_finite = self.window_finite and finite
+            # a rank whose whole batch failed to load ran a stand-in: nobody steps on it
+            loaded = int(n_loaded) == acc.num_processes
+            # with gradient accumulation, one skipped micro-batch spoils its whole window
+            self.window_finite = self.window_finite and finite and loaded
             stepped = acc.sync_gradients and self.window_finite
             if stepped:
                 # clipped only on a step that is taken: with fp16, clipping unscales the
@@ -291,9 +359,15 @@ class Trainer:
                 )
         else:
             self.nonfinite = 0
+        self.unloaded = 0 if loaded else self.unloaded + 1
+        if self.unloaded >= cfg.train.max_nonfinite:
+            raise ValueError(
+                f"{self.unloaded} micro-batches in a row at step {self.step} had a rank whose "
+                "every sample failed to load (see the warnings): is the data there?"
+            )
         if stepped and self.ema is not None:
             self.ema.step(self.unwrapped.parameters())
-        return loss_sum, tokens, samples, finite
+        return loss_sum, tokens, samples, finite and loaded
 
     def train_step(self) -> dict:
         """One optimizer step: ``train.grad_accum`` micro-batches (numbered from
@@ -411,11 +485,14 @@ class Trainer:
             path = Path(where)
             if not (path / "trainer_state.json").is_file():
                 raise ValueError(f"train.resume: {path} is not a complete checkpoint directory")
+        check_resumable(self.cfg, path.parent / "config.json")
         if self.accelerator.distributed_type == DistributedType.FSDP:
             self._materialise_optimizer_state()
         self.accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.nonfinite = state["step"], state["nonfinite"]
+        if self.accelerator.is_main_process:
+            drop_rows_after(self.out / "metrics.jsonl", self.step)
 
     def _materialise_optimizer_state(self) -> None:
         """Give AdamW its state entries with a step that changes nothing (zero gradients,
