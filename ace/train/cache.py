@@ -58,7 +58,7 @@ from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
 BUILDING_FILE = "building.json"  # the fingerprint of a build in progress
-FORMAT = 2  # bump when what a shard holds changes
+FORMAT = 3  # bump when what a shard holds, or the fingerprint means, changes
 CHUNK = 32  # LCUs per encoder call while building
 
 
