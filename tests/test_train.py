@@ -329,7 +329,9 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         resumed = load_config(CONFIG, [*args(data, out, 6, "train.resume=latest", *extra)])
         with pytest.raises(ValueError, match=named):
             Trainer(resumed).train()
-    shutil.rmtree(out / "checkpoint-4")  # as if the run had crashed after logging step 4
+    shutil.rmtree(out / "checkpoint-4")  # as if the run had crashed after logging step 4 ...
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # ... and while writing the row of step 5
     Trainer(load_config(CONFIG, [*args(data, out, 6, "train.resume=latest", "train.log_every=1")])).train()  # fmt: skip
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]

@@ -179,11 +179,19 @@ def check_resumable(cfg: Config, saved: Path) -> None:
 
 def drop_rows_after(metrics: Path, step: int) -> None:
     """Keep the rows of ``metrics`` up to ``step`` (atomically): a run that crashed after its
-    last checkpoint logged steps the resumed run is about to log again."""
+    last checkpoint logged steps the resumed run is about to log again, and perhaps half a
+    row, which goes too."""
     if not metrics.is_file():
         return
+
+    def logged_by_then(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
     lines = metrics.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    keep = [line for line in lines if line.endswith("\n") and logged_by_then(line)]
     if len(keep) < len(lines):
         tmp = metrics.with_name(f".{metrics.name}.tmp")
         tmp.write_text("".join(keep))
