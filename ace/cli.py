@@ -1,6 +1,7 @@
-"""What the command-line scripts share: one-line argument errors and plain-text tables.
+"""What the command-line scripts share: one-line argument errors, the --device choice and
+plain-text tables.
 
-    from ace.cli import OneLineParser, UserError, text_table
+    from ace.cli import OneLineParser, UserError, pick_device, text_table
 
     p = OneLineParser(prog="evaluate.py", description=__doc__)
     ...
@@ -18,6 +19,25 @@ from collections.abc import Sequence
 
 class UserError(Exception):
     """A mistake in the command line: reported in one line, exit code 2, nothing written."""
+
+
+def pick_device(name: str | None):
+    """``--device`` as a torch.device: ``name``, or cuda when available; UserError for a
+    name torch does not know or a device this machine does not have."""
+    import torch  # here, not at the top: --help and argument errors stay instant
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps ...)"
+        ) from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
+        raise UserError(f"--device {name}: this machine has no {device.type} device")
+    return device
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ace.cli import OneLineParser, UserError, text_table
+from ace.cli import OneLineParser, UserError, pick_device, text_table
 
 SUITES = ("toy",)
 PROG = "evaluate.py"
@@ -81,13 +81,12 @@ def check(args: argparse.Namespace) -> list[str] | None:
 
 def run(args: argparse.Namespace):
     tasks = check(args)
-    import torch
 
     from ace.eval import evaluate
     from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     pipe = (
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )

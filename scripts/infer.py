@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ace.cli import OneLineParser, UserError
+from ace.cli import OneLineParser, UserError, pick_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> Path:
     masks = [None if m.lower() == "none" else load_image(m, "L") for m in args.mask] or None
     history = load_history(args.history) if args.history else None
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     pipe = ACEPipeline.from_pretrained(args.pipeline).to(device)
     steps = args.steps if args.steps is not None else pipe.config.default_steps
     try:

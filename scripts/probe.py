@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from ace.cli import OneLineParser, UserError, text_table
+from ace.cli import OneLineParser, UserError, pick_device, text_table
 
 PROG = "probe.py"
 
@@ -101,14 +101,13 @@ def lcus(args: argparse.Namespace) -> list:
 
 def run(args: argparse.Namespace):
     levels = check(args)
-    import torch
 
     from ace.eval.probe import probe
     from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
     items = lcus(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     pipe = (
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
@@ -142,7 +141,7 @@ def main(argv=None) -> int:
         return 2
     print(table(report))
     if args.out is not None:
-        from ace.eval.harness import atomic_write
+        from ace.atomic import atomic_write
 
         text = json.dumps(report.to_json(), indent=1)
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from ace.cli import UserError, pick_device
+
 PROG = "train_vae.py"
 
 
@@ -75,29 +77,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {out} exists and is not empty (--overwrite replaces it)")
 
 
-def pick_device(name: str | None):
-    """``--device`` as a torch.device (default: cuda when available); ValueError for a name
-    torch does not know or a device this machine does not have."""
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(
-            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps ...)"
-        ) from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if device.type in available and not available[device.type]():
-        raise ValueError(f"--device {name}: this machine has no {device.type} device")
-    return device
-
-
 def train(args: argparse.Namespace) -> dict:
     """Check the arguments, train, score and save; returns what ``training.json`` holds."""
     check_args(args)
-    device = pick_device(args.device)
+    device = pick_device(args.device)  # before any work
     from ace.train.vae import (  # lazy: --help and argument errors need no torch
         TOY_VAE_WEIGHTS,
         load_images,
@@ -158,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         info = train(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(

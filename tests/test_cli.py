@@ -43,3 +43,32 @@ def test_every_script_reports_a_bad_flag_in_one_line(script, capsys):
     code, _, err = run_script(SCRIPTS / script, ["--no-such-flag"], capsys)
     assert code == 2
     assert err.startswith(f"{script}: error: ") and err.count("\n") == 1, err
+
+
+def test_pick_device_defaults_and_refuses_unknown_or_absent_devices():
+    import torch
+
+    from ace.cli import UserError, pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="'nonsense' is not a torch device"):
+        pick_device("nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="this machine has no cuda device"):
+            pick_device("cuda:0")
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("evaluate.py", ["--suite", "toy", "--n", "1", "--steps", "1"]),
+        ("probe.py", ["--n", "1"]),
+    ],
+)
+def test_scripts_report_a_bad_device_in_one_line(script, argv, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    argv = ["--pipeline", "tiny", "--device", "nonsense", "--out", out, *argv]
+    code, _, err = run_script(SCRIPTS / script, argv, capsys)
+    assert not out.exists()
+    assert code == 2 and err == f"{script}: error: --device 'nonsense' is not a torch device (cpu, cuda, cuda:1, mps ...)\n"  # fmt: skip

@@ -53,6 +53,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ace.atomic import atomic_write
 from ace.conditioning import downsample_mask
 from ace.train.batch import prepare_training_lcu
 
@@ -264,9 +265,7 @@ def build_cache(
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
 
 
 def _start_build(root: Path, fingerprint: dict) -> None:

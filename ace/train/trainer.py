@@ -32,6 +32,7 @@ from accelerate.utils import DistributedType, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ace.atomic import atomic_write
 from ace.conditioning import ConditionTokenizer
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
@@ -193,9 +194,7 @@ def drop_rows_after(metrics: Path, step: int) -> None:
     lines = metrics.read_text().splitlines(keepends=True)
     keep = [line for line in lines if line.endswith("\n") and logged_by_then(line)]
     if len(keep) < len(lines):
-        tmp = metrics.with_name(f".{metrics.name}.tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, metrics)
+        atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(keep)))
 
 
 class Trainer:
