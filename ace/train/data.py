@@ -160,7 +160,7 @@ class ShardBatches:
             world_size=world,
             repeat=True,
         )
-        self.loader = self.stream.loader(cfg.num_workers)
+        self.loader = _Trainable(self.stream.loader(cfg.num_workers), max_seq_len)
         if cfg.max_tokens:
             self.source = TokenBudgetBatcher(
                 self.loader, cfg.max_tokens, max_seq_len, max_samples=cfg.batch_size
@@ -171,7 +171,7 @@ class ShardBatches:
 
     @property
     def skipped(self) -> int:
-        return self.stream.skipped
+        return self.stream.skipped + self.loader.skipped
 
     def take(self, step: int) -> list:
         if self._it is None:
@@ -190,6 +190,35 @@ class ShardBatches:
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state)
         self._it = None
+
+
+class _Trainable:
+    """The LCUs of a resumable stream that can be trained on. One whose image is too small
+    for a patch decodes fine and would then end the run in ``encode_batch``: it is skipped,
+    with a warning, and counted (the count is part of the position, so a resumed run counts
+    as the uninterrupted one did)."""
+
+    def __init__(self, loader, max_seq_len: int):
+        self.loader, self.max_seq_len, self.skipped = loader, max_seq_len, 0
+
+    def __iter__(self):
+        from ace.data.batching import lcu_tokens
+
+        for lcu in self.loader:
+            try:
+                lcu_tokens(lcu, self.max_seq_len)
+            except ValueError as e:
+                self.skipped += 1
+                warnings.warn(f"skipping a streamed sample: {e}", stacklevel=2)
+                continue
+            yield lcu
+
+    def state_dict(self) -> dict:
+        return {"stream": self.loader.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["stream"])
+        self.skipped = int(state["skipped"])
 
 
 class _Chunks:
