@@ -10,7 +10,8 @@ Without ``--data`` it trains on the first ``--n-images`` images of the toy strea
 (``sample_stream(n, seed, split="train", weights=TOY_VAE_WEIGHTS)``: inputs and targets,
 maps more often than the DiT sees them; ``--mix dit``: the DiT's mix); with it, on the
 images of an LCU manifest. It then prints the reconstruction PSNR on held-out toy images
-(``split="eval"``) and writes OUT/ (``config.json``, ``diffusion_pytorch_model.safetensors``
+(``split="eval"``) and the palette error (``ace.train.vae.palette_error``: how far it moves
+the toy world's flat colours, which PSNR hides) and writes OUT/ (``config.json``, ``diffusion_pytorch_model.safetensors``
 and ``training.json``, the arguments and measurements), loadable with
 ``AutoencoderKL.from_pretrained(OUT)``. OUT appears complete or not at all (a temporary
 directory renamed into place). Bad input prints one line
@@ -84,6 +85,7 @@ def train(args: argparse.Namespace) -> dict:
     from ace.train.vae import (  # lazy: --help and argument errors need no torch
         TOY_VAE_WEIGHTS,
         load_images,
+        palette_error,
         reconstruction_psnr,
         save_vae,
         toy_images,
@@ -130,6 +132,7 @@ def train(args: argparse.Namespace) -> dict:
         "eval_images": len(held_out),
         "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
         "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
+        "palette_error": {k: round(v, 4) for k, v in palette_error(vae).items()},
         "scaling_factor": vae.config.scaling_factor,
         "device": str(vae.device),
     }
@@ -149,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         f"PSNR on {info['eval_images']} held-out toy images: {info['psnr_db']:.2f} dB "
         f"(posterior sample: {info['psnr_sampled_db']:.2f} dB); "
         f"scaling_factor {info['scaling_factor']:.4f}"
+    )
+    pe = info["palette_error"]
+    print(
+        f"palette error (largest channel error of a flat colour, 0-1): backgrounds "
+        f"{pe['background']:.3f}, objects {pe['object']:.3f}, worst {pe['worst']:.3f}"
     )
     print(f"wrote {args.out}")
     return 0

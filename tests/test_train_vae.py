@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,10 +11,11 @@ from _scripts import run_script
 from diffusers import AutoencoderKL
 
 from ace.data.manifest import write_manifest
-from ace.data.toy import TASKS, sample_stream
+from ace.data.toy import BACKGROUND_COLORS, COLORS, TASKS, sample_stream
 from ace.train.vae import (
     TOY_VAE_WEIGHTS,
     load_images,
+    palette_error,
     reconstruction_psnr,
     reconstructions,
     toy_images,
@@ -90,6 +92,38 @@ def test_psnr_matches_a_direct_computation(trained, images):
     assert reconstruction_psnr(vae, images, batch_size=3) == pytest.approx(-10 * math.log10(mse))
     originals, recon = reconstructions(vae, images)
     assert torch.allclose(recon, y, atol=1e-6) and torch.equal(originals, images.float() / 255)
+
+
+class _StandInVAE(torch.nn.Module):
+    """Encodes an image as itself; decodes it as all zeros (mid-grey), or as itself with
+    ``shift`` added to channel 1 (green), in [-1, 1] units."""
+
+    def __init__(self, shift: float | None):
+        super().__init__()
+        self.shift = shift
+        self.register_buffer("anchor", torch.zeros(()))
+        self.device, self.dtype = self.anchor.device, self.anchor.dtype
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+    def decode(self, z):
+        if self.shift is None:
+            return SimpleNamespace(sample=torch.zeros_like(z))
+        return SimpleNamespace(sample=z + torch.tensor([0.0, self.shift, 0.0]).view(1, 3, 1, 1))
+
+
+def test_palette_error_by_hand():
+    """Mid-grey for everything: each colour's error is its channel farthest from 0.5. A
+    green shift of -0.2 in [-1, 1] is -0.1 in [0, 1] on every colour (none clips)."""
+    grey = palette_error(_StandInVAE(None))
+    far = [max(abs(v / 255 - 0.5) for v in rgb) for rgb in BACKGROUND_COLORS.values()]
+    assert grey["background"] == pytest.approx(sum(far) / len(far), abs=1e-6)
+    far_objects = [max(abs(v / 255 - 0.5) for v in rgb) for rgb in COLORS.values()]
+    assert grey["object"] == pytest.approx(sum(far_objects) / len(far_objects), abs=1e-6)
+    assert grey["worst"] == pytest.approx(max(far + far_objects), abs=1e-6)
+    shifted = palette_error(_StandInVAE(-0.2))
+    assert shifted == pytest.approx({"background": 0.1, "object": 0.1, "worst": 0.1}, abs=1e-6)
 
 
 def test_save_load_round_trip_decodes_identically(trained, tmp_path):
@@ -183,7 +217,12 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
     assert vae.config.latent_channels == 8 and vae.config.scaling_factor == info["scaling_factor"]
     assert info["train_images"] == 4 and math.isfinite(info["psnr_db"])
     assert info["weights"] == TOY_VAE_WEIGHTS  # the demo VAE's mix, recorded
-    assert info["device"] == "cpu"
+    assert info["device"] == "cpu" and set(info["palette_error"]) == {
+        "background",
+        "object",
+        "worst",
+    }
+    assert "palette error" in stdout
 
     code, _, err = script(argv, capsys)  # --out is not empty now
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1

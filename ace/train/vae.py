@@ -428,6 +428,38 @@ def reconstruction_psnr(
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def palette_error(vae: AutoencoderKL, size: int = 64) -> dict[str, float]:
+    """How far the VAE moves the toy world's colours, in [0, 1] units per channel.
+
+    PSNR hides it: a VAE at 21.6 dB turned white, cream and pink backgrounds into one
+    peach, and the DiT can draw no colour its VAE cannot decode (``BENCHMARKS.md``). For
+    each plain background colour (the whole image) and each object colour (a large
+    square in the centre of a plain white background, on its pixels), the mean colour
+    of the reconstruction (posterior mean) is compared with the original's; an entry's
+    error is its largest channel difference. Returns ``{"background": mean over the
+    background colours, "object": mean over the object colours, "worst": the largest}``.
+    """
+    from ace.data.toy import BACKGROUND_COLORS, COLORS, Background, Obj, Scene, object_mask, render
+
+    white = Background("white", "plain")
+    squares = [Obj("square", color, "large", "center") for color in COLORS]
+    scenes = [Scene(Background(c, "plain")) for c in BACKGROUND_COLORS]
+    scenes += [Scene(white, [o]) for o in squares]
+    x, y = reconstructions(vae, [render(scene, size) for scene in scenes])  # (N, 3, H, W)
+    regions = [torch.ones(size, size, dtype=torch.bool)] * len(BACKGROUND_COLORS)
+    regions += [torch.from_numpy(object_mask(o, size)) for o in squares]
+    errors = [
+        (a[:, m].mean(dim=1) - b[:, m].mean(dim=1)).abs().max().item()  # (3,) -> worst channel
+        for a, b, m in zip(x, y, regions)
+    ]
+    n = len(BACKGROUND_COLORS)
+    return {
+        "background": float(np.mean(errors[:n])),
+        "object": float(np.mean(errors[n:])),
+        "worst": float(max(errors)),
+    }
+
+
 # ---------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------
@@ -498,6 +530,7 @@ def train_toy_vae(
         "eval_images": len(held_out),
         "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
         "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
+        "palette_error": {k: round(v, 4) for k, v in palette_error(vae).items()},
         "scaling_factor": vae.config.scaling_factor,
         "device": str(vae.device),
     }
