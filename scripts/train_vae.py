@@ -10,9 +10,10 @@ Without ``--data`` it trains on the first ``--n-images`` images of the toy strea
 (``sample_stream(n, seed, split="train", weights=TOY_VAE_WEIGHTS)``: inputs and targets,
 maps more often than the DiT sees them; ``--mix dit``: the DiT's mix); with it, on the
 images of an LCU manifest. It then prints the reconstruction PSNR on held-out toy images
-(``split="eval"``) and the palette error (``ace.train.vae.palette_error``: how far it moves
-the toy world's flat colours, which PSNR hides) and writes OUT/ (``config.json``, ``diffusion_pytorch_model.safetensors``
-and ``training.json``, the arguments and measurements), loadable with
+(``split="eval"``) and the palette error (``ace.train.vae.palette_error``: how far it
+moves the toy world's flat colours, which PSNR hides) and writes OUT/ (``config.json``,
+``diffusion_pytorch_model.safetensors`` and ``training.json``, the arguments and
+measurements), loadable with
 ``AutoencoderKL.from_pretrained(OUT)``. OUT appears complete or not at all (a temporary
 directory renamed into place). Bad input prints one line
 ``train_vae.py: error: ...`` and exits with status 2.

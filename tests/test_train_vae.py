@@ -124,6 +124,8 @@ def test_palette_error_by_hand():
     assert grey["worst"] == pytest.approx(max(far + far_objects), abs=1e-6)
     shifted = palette_error(_StandInVAE(-0.2))
     assert shifted == pytest.approx({"background": 0.1, "object": 0.1, "worst": 0.1}, abs=1e-6)
+    with pytest.raises(ValueError, match="impossible image size 40"):
+        palette_error(_StandInVAE(None), size=40)
 
 
 def test_save_load_round_trip_decodes_identically(trained, tmp_path):

@@ -439,8 +439,18 @@ def palette_error(vae: AutoencoderKL, size: int = 64) -> dict[str, float]:
     error is its largest channel difference. Returns ``{"background": mean over the
     background colours, "object": mean over the object colours, "worst": the largest}``.
     """
-    from ace.data.toy import BACKGROUND_COLORS, COLORS, Background, Obj, Scene, object_mask, render
+    from ace.data.toy import (
+        BACKGROUND_COLORS,
+        COLORS,
+        Background,
+        Obj,
+        Scene,
+        check_size,
+        object_mask,
+        render,
+    )
 
+    check_size(size)  # ValueError: a multiple of 16, at least 32
     white = Background("white", "plain")
     squares = [Obj("square", color, "large", "center") for color in COLORS]
     scenes = [Scene(Background(c, "plain")) for c in BACKGROUND_COLORS]
