@@ -86,8 +86,7 @@ def train(args: argparse.Namespace) -> dict:
     from ace.train.vae import (  # lazy: --help and argument errors need no torch
         TOY_VAE_WEIGHTS,
         load_images,
-        palette_error,
-        reconstruction_psnr,
+        measurements,
         save_vae,
         toy_images,
         toy_vae_config,
@@ -130,12 +129,7 @@ def train(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "train_images": len(images),
         "train_seconds": round(time.perf_counter() - start, 1),
-        "eval_images": len(held_out),
-        "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
-        "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
-        "palette_error": {k: round(v, 4) for k, v in palette_error(vae).items()},
-        "scaling_factor": vae.config.scaling_factor,
-        "device": str(vae.device),
+        **measurements(vae, held_out),
     }
     save_vae(vae.to("cpu"), args.out, info)
     return info

@@ -470,6 +470,19 @@ def palette_error(vae: AutoencoderKL, size: int = 64) -> dict[str, float]:
     }
 
 
+def measurements(vae: AutoencoderKL, held_out: torch.Tensor) -> dict[str, Any]:
+    """What ``training.json`` records of a trained VAE: the held-out count, reconstruction
+    PSNR (posterior mean and sample), ``palette_error``, ``scaling_factor`` and device."""
+    return {
+        "eval_images": len(held_out),
+        "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
+        "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
+        "palette_error": {k: round(v, 4) for k, v in palette_error(vae).items()},
+        "scaling_factor": vae.config.scaling_factor,
+        "device": str(vae.device),
+    }
+
+
 # ---------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------
@@ -537,12 +550,7 @@ def train_toy_vae(
         "train_images": len(images),
         "train_seconds": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(),
-        "eval_images": len(held_out),
-        "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
-        "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
-        "palette_error": {k: round(v, 4) for k, v in palette_error(vae).items()},
-        "scaling_factor": vae.config.scaling_factor,
-        "device": str(vae.device),
+        **measurements(vae, held_out),
     }
     save_vae(vae.to("cpu"), out, info)
     return info
