@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +52,7 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
 
+from ace.atomic import atomic_write
 from ace.data.collect.store import PATTERN, load_features, save_feature_shard, shard_name
 
 __all__ = [
@@ -242,14 +242,8 @@ def _check_meta(old: dict[str, Any], new: dict[str, Any], out_dir: Path) -> None
 
 
 def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / META
-    tmp = path.with_name(f".{META}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps(meta, indent=2) + "\n"
+    atomic_write(out_dir / META, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _shard_dim(path: Path) -> int:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
+from ace.atomic import atomic_write
 from ace.data.collect.pairing import PairingResult
 from ace.data.manifest import MANIFEST
 
@@ -118,13 +118,10 @@ def write_pair_manifest(
     records = pair_records(
         result, out, image_root, task, instruction=instruction, both_directions=both_directions
     )
-    path = out / MANIFEST
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(out / MANIFEST, write)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ace.atomic import atomic_write
 
 PATTERN = "features-*.safetensors"
 
@@ -43,14 +44,10 @@ def save_feature_shard(path: str | os.PathLike, ids: list[str], features) -> Pat
         raise ValueError(f"{len(ids)} ids for {x.shape[0]} feature rows")
     if not all(isinstance(i, str) for i in ids):
         raise ValueError("image ids must be str")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file({"features": x.contiguous()}, tmp, metadata={"ids": json.dumps(list(ids))})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    meta = {"ids": json.dumps(list(ids))}
+    return atomic_write(
+        path, lambda tmp: save_file({"features": x.contiguous()}, tmp, metadata=meta)
+    )
 
 
 def read_feature_shard(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
