@@ -148,7 +148,7 @@ def test_an_interrupted_build_keeps_whole_shards_and_finishes(
 
 def test_shards_of_an_interrupted_build_of_other_data_are_not_reused(parts, tmp_path, monkeypatch):
     """The same manifest text over regenerated images of another size: another fingerprint
-    (the images' byte sizes are in it), so the old build's shard is deleted, not mixed in,
+    (the images' byte sizes and times are in it), so the old build's shard is deleted, not mixed in,
     and a finished cache of the old images is refused."""
     conditioner, _ = parts
     data, root = tmp_path / "data", tmp_path / "emb"
@@ -170,6 +170,25 @@ def test_shards_of_an_interrupted_build_of_other_data_are_not_reused(parts, tmp_
     build_cache(LCUManifest(old), conditioner, tmp_path / "emb32", MAX_SEQ_LEN, shard_size=4, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="different manifest"):
         build_cache(LCUManifest(data), conditioner, tmp_path / "emb32", MAX_SEQ_LEN, shard_size=4)  # fmt: skip
+
+
+def test_an_image_edited_in_place_at_the_same_byte_size_is_seen(parts, tmp_path):
+    """Byte sizes alone miss an edit that keeps the size; the modification time is in the
+    fingerprint too, so a finished cache of the old image is refused, as make would."""
+    conditioner, _ = parts
+    data = tmp_path / "data"
+    write_manifest((s.lcu for s in sample_stream(4, seed=5, size=32)), data, progress=False)
+    build_cache(LCUManifest(data), conditioner, tmp_path / "emb", MAX_SEQ_LEN, progress=False)
+    target = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["target"]
+    raw = bytearray(target.read_bytes())
+    raw[-20] ^= 0xFF  # same size, other bytes (PIL need not read it: only the digest does)
+    stat = target.stat()
+    target.write_bytes(bytes(raw))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert target.stat().st_size == stat.st_size
+    with pytest.raises(ValueError, match="different manifest"):
+        build_cache(LCUManifest(data), conditioner, tmp_path / "emb", MAX_SEQ_LEN)
+    assert not list((tmp_path / "emb").glob(".*tmp*"))  # the refused cache is left as it was
 
 
 def test_a_broken_sample_is_skipped_and_named(parts, tmp_path):

@@ -59,7 +59,7 @@ from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
 BUILDING_FILE = "building.json"  # the fingerprint of a build in progress
-FORMAT = 3  # bump when what a shard holds, or the fingerprint means, changes
+FORMAT = 4  # bump when what a shard holds, or the fingerprint means, changes
 CHUNK = 32  # LCUs per encoder call while building
 
 
@@ -102,8 +102,10 @@ def _module_digest(module: torch.nn.Module) -> str:
 
 
 def _manifest_digest(dataset) -> str:
-    """sha256 of the whole manifest file and of the byte size of every image it names (a
-    regenerated image almost always changes size; an edit that keeps it is not seen)."""
+    """sha256 of the whole manifest file and of the byte size and modification time of
+    every image it names: a regenerated or edited image changes the fingerprint, as in
+    make and rsync. A copy that does not keep modification times (``cp -r`` without
+    ``-p``) does too, and the cache is then refused; ``cp -a`` and ``rsync -a`` keep them."""
     h = hashlib.sha256()
     with open(dataset.path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -115,7 +117,9 @@ def _manifest_digest(dataset) -> str:
         for rel in paths:
             if rel is not None:
                 file = dataset.root / rel
-                h.update(f"{rel}:{file.stat().st_size if file.is_file() else -1};".encode())
+                st = file.stat() if file.is_file() else None
+                size, mtime = (st.st_size, st.st_mtime_ns) if st else (-1, -1)
+                h.update(f"{rel}:{size}:{mtime};".encode())
     return h.hexdigest()[:16]
 
 
