@@ -22,20 +22,22 @@ class UserError(Exception):
 
 
 def pick_device(name: str | None):
-    """``--device`` as a torch.device: ``name``, or cuda when available; UserError for a
-    name torch does not know or a device this machine does not have."""
+    """``--device`` as a torch.device: ``name``, or ``ace.device.default_device()`` (the
+    first of cuda, xpu and mps this machine has, else the CPU); UserError for a name torch
+    does not know or a device this machine does not have."""
     import torch  # here, not at the top: --help and argument errors stay instant
 
+    from ace.device import ACCELERATORS, default_device, has_device
+
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(
-            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps ...)"
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, xpu, mps ...)"
         ) from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if device.type in available and not available[device.type]():
+    if device.type in ACCELERATORS and not has_device(device.type):
         raise UserError(f"--device {name}: this machine has no {device.type} device")
     return device
 

@@ -41,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, ... (default: cuda, xpu or mps when available)"
+    )
     p.add_argument(
         "--mix",
         choices=["balanced", "train"],

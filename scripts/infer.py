@@ -66,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help=size_help % "height")
     p.add_argument("--width", type=int, default=None, help=size_help % "width")
     p.add_argument(
-        "--device", default=None, help="cpu, cuda, mps ... (default: cuda when available)"
+        "--device",
+        default=None,
+        help="cpu, cuda, mps ... (default: cuda, xpu or mps when available)",
     )
     p.add_argument("--output", required=True, help="where to write the image (.png, .jpg, .webp)")
     return p.parse_args(argv)

@@ -44,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--levels", default="0.5,0.8,0.95", help="noise levels in (0, 1], comma-separated"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the toy set and of the noise")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, ... (default: cuda, xpu or mps when available)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, help="also write the report here (.json)")
     return p.parse_args(argv)

@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-channels", type=int, default=8, help="latent channels (default 8)")
     p.add_argument("--eval-images", type=int, default=256, help="held-out toy images to score")
     p.add_argument(
-        "--device", default=None, help="cpu, cuda, mps ... (default: cuda when available)"
+        "--device",
+        default=None,
+        help="cpu, cuda, mps ... (default: cuda, xpu or mps when available)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

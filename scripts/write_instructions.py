@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="local LLM (rewrite) or VLM (caption) directory")
     p.add_argument("--variants", type=int, default=1, help="records per input (template, rewrite)")
     p.add_argument("--seed", type=int, default=0, help="seed of templates and sampling")
-    p.add_argument("--device", default=None, help="model device (default: cuda if available)")
+    p.add_argument(
+        "--device", default=None, help="model device (default: cuda, xpu or mps when available)"
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest model output")
     p.add_argument("--prompt", default=None, help="model prompt (rewrite: with {instruction})")

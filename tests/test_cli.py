@@ -45,13 +45,25 @@ def test_every_script_reports_a_bad_flag_in_one_line(script, capsys):
     assert err.startswith(f"{script}: error: ") and err.count("\n") == 1, err
 
 
-def test_pick_device_defaults_and_refuses_unknown_or_absent_devices():
+def test_pick_device_defaults_and_refuses_unknown_or_absent_devices(monkeypatch):
     import torch
 
     from ace.cli import UserError, pick_device
 
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the default is the first accelerator the machine has: cuda, then xpu, then mps
+    for cuda, xpu, mps, expected in [
+        (True, True, True, "cuda"),
+        (False, True, True, "xpu"),
+        (False, False, True, "mps"),
+        (False, False, False, "cpu"),
+    ]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda v=cuda: v)
+        monkeypatch.setattr(torch.xpu, "is_available", lambda v=xpu: v)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda v=mps: v)
+        assert pick_device(None) == torch.device(expected)
+    monkeypatch.undo()
     with pytest.raises(UserError, match="'nonsense' is not a torch device"):
         pick_device("nonsense")
     if not torch.cuda.is_available():
@@ -71,4 +83,4 @@ def test_scripts_report_a_bad_device_in_one_line(script, argv, tmp_path, capsys)
     argv = ["--pipeline", "tiny", "--device", "nonsense", "--out", out, *argv]
     code, _, err = run_script(SCRIPTS / script, argv, capsys)
     assert not out.exists()
-    assert code == 2 and err == f"{script}: error: --device 'nonsense' is not a torch device (cpu, cuda, cuda:1, mps ...)\n"  # fmt: skip
+    assert code == 2 and err == f"{script}: error: --device 'nonsense' is not a torch device (cpu, cuda, cuda:1, xpu, mps ...)\n"  # fmt: skip

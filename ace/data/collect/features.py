@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from ace.atomic import atomic_write
 from ace.data.collect.store import PATTERN, load_features, save_feature_shard, shard_name
+from ace.device import default_device
 
 __all__ = [
     "DTYPES",
@@ -331,7 +332,7 @@ def extract_features(
     if accelerator is not None:
         device, autocast = accelerator.device, accelerator.autocast
     else:
-        device, autocast = torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+        device, autocast = default_device(), None
     if todo:
         model, processor = load_encoder(model_path)
         model.to(device)

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ace.device import default_device
+
 T = TypeVar("T")
 
 
@@ -41,14 +43,8 @@ def load_local(loader: Callable[..., T], path: Path, what: str, **kwargs: Any) -
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or the first of cuda, mps, cpu that is available."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``device``, or ``ace.device.default_device()`` (cuda, xpu or mps when available)."""
+    return torch.device(device) if device is not None else default_device()
 
 
 def derive_seed(*parts: object) -> int:

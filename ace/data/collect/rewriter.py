@@ -46,7 +46,7 @@ class LLMRewriter:
         model_path: a directory with the model and its tokenizer (``save_pretrained``);
             loaded with ``AutoModelForCausalLM`` and ``AutoTokenizer``, offline. If the
             tokenizer has a chat template, the prompt is sent as one user message.
-        device: where the model runs (default: cuda, else mps, else cpu).
+        device: where the model runs (default: ``ace.device.default_device()``).
         dtype: the model's dtype (default: as saved, float32 for most).
         max_new_tokens: the longest completion.
         temperature, top_p: sampling parameters.

@@ -1,0 +1,28 @@
+"""Which device to run on when the user names none: the first accelerator this machine
+has, in the order accelerate uses for training, else the CPU.
+
+    from ace.device import default_device
+    pipe.to(default_device())
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACCELERATORS = ("cuda", "xpu", "mps")
+"""The device types ``default_device`` tries, in this order, before the CPU."""
+
+
+def has_device(device_type: str) -> bool:
+    """Whether this machine has a device of ``device_type`` ("cpu" always)."""
+    if device_type == "cpu":
+        return True
+    if device_type == "mps":
+        return torch.backends.mps.is_available()
+    module = getattr(torch, device_type, None)
+    return bool(module is not None and module.is_available())
+
+
+def default_device() -> torch.device:
+    """The first of ``ACCELERATORS`` this machine has, else the CPU."""
+    return torch.device(next((t for t in ACCELERATORS if has_device(t)), "cpu"))
