@@ -1,0 +1,45 @@
+"""ace.atomic.atomic_write: whole or nothing, with the permissions a plain open gives."""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from ace.atomic import atomic_write
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_new_file_gets_the_umask_permissions_not_owner_only(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "plain.txt") == 0o644
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    os.chmod(path, 0o640)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("new"))
+    assert path.read_text() == "new" and mode(path) == 0o640
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+
+    def fail(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, fail)
+    assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["a.txt"]
