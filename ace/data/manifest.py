@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ace.images import open_image
 from ace.lcu import LCU, ConditionUnit, ImageLike, MaskLike
 
 MANIFEST = "manifest.jsonl"
@@ -186,9 +187,7 @@ def _load(root: Path, rel: str, mode: str, line: int, what: str) -> Image.Image:
     if not path.is_file():
         raise ValueError(f"line {line}: {what}: missing file {rel!r} (looked for {path})")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)
+        return open_image(path, mode)
     except Exception as e:
         raise ValueError(f"line {line}: {what}: unreadable image {rel!r}: {e}") from e
 

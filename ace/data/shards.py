@@ -60,6 +60,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from ace.data.manifest import LCUManifest, _check_record, _to_pil
+from ace.images import open_image
 from ace.lcu import LCU, ConditionUnit
 
 SHARD_NAME = "shard-%06d.tar"
@@ -193,9 +194,7 @@ def sample_to_lcu(sample: Mapping[str, Any]) -> LCU:
         if not isinstance(data, bytes):
             raise ValueError(f"{what}: missing member {name!r}")
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                return im.convert(mode)
+            return open_image(data, mode)
         except Exception as e:
             raise ValueError(f"{what}: unreadable image {name!r}: {e}") from e
 
