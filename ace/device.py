@@ -14,13 +14,14 @@ ACCELERATORS = ("cuda", "xpu", "mps")
 
 
 def has_device(device_type: str) -> bool:
-    """Whether this machine has a device of ``device_type`` ("cpu" always)."""
+    """Whether this machine has a device of ``device_type`` ("cpu" always; a type torch
+    has no ``torch.<type>.is_available()`` for, such as "meta", never)."""
     if device_type == "cpu":
         return True
     if device_type == "mps":
         return torch.backends.mps.is_available()
-    module = getattr(torch, device_type, None)
-    return bool(module is not None and module.is_available())
+    is_available = getattr(getattr(torch, device_type, None), "is_available", None)
+    return bool(callable(is_available) and is_available())
 
 
 def default_device() -> torch.device:

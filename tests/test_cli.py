@@ -66,6 +66,9 @@ def test_pick_device_defaults_and_refuses_unknown_or_absent_devices(monkeypatch)
     monkeypatch.undo()
     with pytest.raises(UserError, match="'nonsense' is not a torch device"):
         pick_device("nonsense")
+    for name in ("meta", "hpu"):  # torch knows the names; this machine has no such device
+        with pytest.raises(UserError, match=f"this machine has no {name} device"):
+            pick_device(name)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="this machine has no cuda device"):
             pick_device("cuda:0")
