@@ -53,6 +53,8 @@ def _is_tensor(x: Any, ndim: int, size: int | None = None, need_float: bool = Tr
 
 
 def _check_unit_range(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what}: values must be finite, got NaN or inf")
     lo, hi = x.aminmax()
     if lo < 0 or hi > 1:
         raise ValueError(f"{what}: values must lie in [0, 1], got [{lo.item():g}, {hi.item():g}]")

@@ -17,6 +17,7 @@ Times ``t`` are per sample (B,) in training and per row (N,) inside ``add_noise`
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -278,9 +279,10 @@ def objective_for_scheduler(scheduler) -> Objective:
 
 
 def check_guidance(scale: float, rescale: float) -> None:
-    """The released ranges: guidance scale >= 0, guidance rescale in [0, 1] (NaN refused)."""
-    if not scale >= 0:
-        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+    """The released ranges: guidance scale >= 0 and finite, guidance rescale in [0, 1]
+    (NaN refused). A scale <= 1 samples without guidance, as the released code does."""
+    if not (scale >= 0 and math.isfinite(scale)):
+        raise ValueError(f"guidance scale must be finite and >= 0, got {scale}")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
 

@@ -58,6 +58,25 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def check_inputs(
+    num_inference_steps, height, width, guidance_scale, guidance_rescale, output_type="pil"
+) -> None:
+    """The call's settings (``ACEPipeline.__call__``'s step 1), checked without a pipeline:
+    a ValueError names the first bad one. ``scripts/infer.py`` runs it before loading."""
+    if output_type not in ("pil", "np", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (not _is_int(side) or side <= 0 or side % 16):
+            raise ValueError(f"{name} must be a positive int multiple of 16, got {side!r}")
+    if (height is None) != (width is None):
+        raise ValueError(
+            f"give both height and width, or neither (got height={height}, width={width})"
+        )
+    check_guidance(guidance_scale, guidance_rescale)
+
+
 class IndicatorTable(ModelMixin, ConfigMixin):
     """The raw image-indicator table: T5 states of ``{image}`` ... ``{image9}`` (first token).
 
@@ -175,11 +194,11 @@ class ACEPipeline(DiffusionPipeline):
         """The square text-to-image side that fills the token budget: 512 px for the 512px model."""
         return int(self.max_seq_len**0.5) * 16
 
-    def build_lcu(
-        self, instruction: str, images=None, masks=None, history=None, task: str = ""
-    ) -> LCU:
+    @staticmethod
+    def build_lcu(instruction: str, images=None, masks=None, history=None, task: str = "") -> LCU:
         """The LCU of a request; ``history`` is a list of ConditionUnits or dicts with the
-        same fields (instruction, and optional images, masks)."""
+        same fields (instruction, and optional images, masks). Needs no weights, so a
+        request can be checked before the pipeline loads."""
         return LCU(
             current=ConditionUnit(instruction, [] if images is None else images, masks),
             history=as_history(history),
@@ -270,8 +289,9 @@ class ACEPipeline(DiffusionPipeline):
                 keys instruction, images, masks).
             negative_prompt: replaces the current instruction in the unconditional half.
             height, width: target size in pixels (ints, multiples of 16), both or neither.
-                Default: the first input image's size, or a square that fills the token
-                budget.
+                Default: the size of the request's first image (oldest turn first, so a
+                history image wins over the current ones, as in the released code) after
+                preprocessing, or a square that fills the token budget.
             num_inference_steps, guidance_scale, guidance_rescale: the sampler settings
                 (released: 20 / 4.5 / 0.5 at 512 px).
             generator: for the initial noise.
@@ -281,20 +301,9 @@ class ACEPipeline(DiffusionPipeline):
                 released inpainting requests do; otherwise masks only mark the region.
         """
         # 1. check inputs
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        if not _is_int(num_inference_steps) or num_inference_steps < 1:
-            raise ValueError(
-                f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}"
-            )
-        for name, side in (("height", height), ("width", width)):
-            if side is not None and (not _is_int(side) or side <= 0 or side % 16):
-                raise ValueError(f"{name} must be a positive int multiple of 16, got {side!r}")
-        if (height is None) != (width is None):
-            raise ValueError(
-                f"give both height and width, or neither (got height={height}, width={width})"
-            )
-        check_guidance(guidance_scale, guidance_rescale)
+        check_inputs(
+            num_inference_steps, height, width, guidance_scale, guidance_rescale, output_type
+        )
         num_inference_steps = int(num_inference_steps)
         lcu = self.build_lcu(instruction, images, masks, history, task)
         device, dtype = self._execution_device, self.transformer.dtype

@@ -4,8 +4,11 @@
     # text-to-image
     python scripts/infer.py --pipeline DIR --instruction "a red circle" --output out.png
     # an edit with a mask (white = the region to change); one --mask per --image, or none
-    python scripts/infer.py --pipeline DIR --instruction "fill {image} with a blue square" \\
+    python scripts/infer.py --pipeline DIR --instruction "make the masked part of {image} blue" \\
         --image in.png --mask mask.png --output out.png
+    # inpainting as the released requests do it: the masked pixels are blanked first
+    python scripts/infer.py --pipeline DIR --instruction "a blue square in {image}" \\
+        --image in.png --mask mask.png --task inpainting --output out.png
     # two reference images
     python scripts/infer.py --pipeline DIR --instruction "put the object of {image1} into {image}" \\
         --image scene.png --image object.png --mask none --mask none --output out.png
@@ -22,11 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from ace.atomic import atomic_write
 from ace.cli import OneLineParser, UserError, pick_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -58,10 +60,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the initial noise (0 <= seed < 2**64)"
+    )
+    p.add_argument(
+        "--task",
+        default="",
+        help="'inpainting' sets the masked pixels of the inputs to -1 first, as the released "
+        "inpainting requests do (default: none; masks only mark the region to edit)",
+    )
     size_help = (
         "target %s in pixels, a multiple of 16; give both --height and --width, or neither "
-        "(default: the first --image's size, or the pipeline's square)"
+        "(default: the size of the request's first image after preprocessing, oldest history "
+        "turn first as in the released code, or the pipeline's square)"
     )
     p.add_argument("--height", type=int, default=None, help=size_help % "height")
     p.add_argument("--width", type=int, default=None, help=size_help % "width")
@@ -75,14 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_image(path: str | Path, mode: str):
-    from PIL import Image
+    from ace.images import open_image
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            return im.convert(mode)
+        return open_image(path, mode)  # upright (EXIF), 16-bit scaled to 8
     except OSError as e:
         raise UserError(f"cannot read image {path}: {e}") from e
 
@@ -134,15 +144,20 @@ def load_history(path: str) -> list:
 def run(args: argparse.Namespace) -> Path:
     import torch
 
-    from ace.pipeline import ACEPipeline
+    from ace.pipeline import ACEPipeline, check_inputs
 
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--output must end with one of {IMAGE_SUFFIXES}, got {output.name}")
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; give an image file path")
+    parent = next(d for d in output.absolute().parents if d.exists())  # "/" exists
+    if not parent.is_dir():
+        raise UserError(f"--output {output}: {parent} is a file, not a directory")
     if (args.height is None) != (args.width is None):
         raise UserError("give both --height and --width, or neither")
+    if not 0 <= args.seed < 2**64:
+        raise UserError(f"--seed must lie in [0, 2**64), got {args.seed}")
     if args.mask and len(args.mask) != len(args.image):
         raise UserError(
             f"got {len(args.image)} --image but {len(args.mask)} --mask; give one --mask per image, or none"
@@ -151,13 +166,21 @@ def run(args: argparse.Namespace) -> Path:
         raise UserError(
             f"--pipeline {args.pipeline} is not an ACEPipeline directory (no model_index.json)"
         )
+    device = pick_device(args.device)
     images = [load_image(p, "RGB") for p in args.image]
     masks = [None if m.lower() == "none" else load_image(m, "L") for m in args.mask] or None
     history = load_history(args.history) if args.history else None
+    steps = args.steps
+    try:  # the request and its settings, checked before the (slow) pipeline load
+        check_inputs(
+            1 if steps is None else steps, args.height, args.width, args.guidance, args.rescale
+        )
+        ACEPipeline.build_lcu(args.instruction, images, masks, history, args.task)
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
-    device = pick_device(args.device)
     pipe = ACEPipeline.from_pretrained(args.pipeline).to(device)
-    steps = args.steps if args.steps is not None else pipe.config.default_steps
+    steps = steps if steps is not None else pipe.config.default_steps
     try:
         result = pipe(
             args.instruction,
@@ -171,20 +194,12 @@ def run(args: argparse.Namespace) -> Path:
             guidance_rescale=args.rescale,
             num_inference_steps=steps,
             generator=torch.Generator(device).manual_seed(args.seed),
+            task=args.task,
         )
     except ValueError as e:  # the pipeline's checks name the problem
         raise UserError(str(e)) from e
-    # write atomically: a crash never leaves half an image behind
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=output.suffix, dir=output.parent)
-    os.close(fd)
-    try:
-        result.images[0].save(tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return output
+    # written atomically: a crash never leaves half an image behind
+    return atomic_write(output, result.images[0].save)
 
 
 def main(argv=None) -> int:

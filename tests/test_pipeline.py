@@ -215,7 +215,18 @@ def test_bad_requests_raise_value_error(pipe, kwargs, message):
         (dict(height=32, width=32, num_inference_steps=2.5), "num_inference_steps must be an int"),
         (dict(height=32, width=32, guidance_scale=1.0, guidance_rescale=1.5), "rescale"),
         (dict(height=32, width=32, guidance_scale=0.5, guidance_rescale=-0.1), "rescale"),
-        (dict(height=32, width=32, guidance_scale=-1.0), "guidance scale must be >= 0"),
+        (dict(height=32, width=32, guidance_scale=-1.0), "guidance scale must be finite and >= 0"),
+        (dict(height=32, width=32, guidance_scale=float("inf")), "guidance scale must be finite"),
+        (
+            dict(
+                images=[
+                    torch.rand(3, 32, 32).index_put_(
+                        (torch.tensor(0),) * 3, torch.tensor(float("nan"))
+                    )
+                ]
+            ),
+            "image tensor: values must be finite",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument(pipe, kwargs, message):

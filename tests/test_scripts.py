@@ -141,7 +141,46 @@ def test_infer_checks_output_and_size_before_loading_the_pipeline(tmp_path, caps
     assert code == 2 and "is a directory" in err and err.count("\n") == 1, err
     code, _, err = script("infer.py", [*base, "--height", 32, "--output", tmp_path / "o.png"], capsys)  # fmt: skip
     assert code == 2 and "give both --height and --width, or neither" in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_index.json", "x.png"]
+    # the request and its settings too: a typo costs no pipeline load (minutes with T5-XXL)
+    a = save_image(tmp_path / "a.png", 32, 32)
+    m = save_image(tmp_path / "m.png", 16, 16, mode="L")
+    (tmp_path / "file").write_text("")
+    out = ["--output", tmp_path / "o.png"]
+    for extra, message in [
+        (["--height", 50, "--width", 64, *out], "height must be a positive int multiple of 16"),
+        (["--steps", 0, *out], "num_inference_steps must be an int >= 1, got 0"),
+        (["--guidance", "inf", *out], "guidance scale must be finite"),
+        (["--rescale", 2, *out], "guidance rescale must lie in"),
+        (["--seed", 2**70, *out], r"--seed must lie in \[0, 2\*\*64\)"),
+        (["--instruction", "{image2}", "--image", a, "--image", a, *out], r"\{image2\}"),
+        (["--instruction", "edit {image}", "--image", a, "--mask", m, *out], "differs"),
+        (["--output", tmp_path / "file" / "o.png"], "is a file, not a directory"),
+    ]:
+        code, _, err = script("infer.py", [*base, *extra], capsys)
+        assert code == 2 and err.count("\n") == 1 and re.search(message, err), (extra, err)
+    names = ["a.png", "file", "m.png", "model_index.json", "x.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # nothing written
+
+
+def test_infer_task_inpainting_is_the_pipelines(pipe_dir, tmp_path, capsys):
+    """--task reaches the pipeline: the CLI's inpainting is the API's, not a plain edit."""
+    a = save_image(tmp_path / "a.png", 32, 32)
+    m = save_image(tmp_path / "m.png", 32, 32, mode="L")
+    base = ["--pipeline", pipe_dir, "--instruction", "a square in {image}", "--image", a, "--mask", m, "--steps", 1, "--guidance", 1]  # fmt: skip
+    outs = {}
+    for task in ("inpainting", ""):
+        outs[task] = tmp_path / f"o{task}.png"
+        code, _, err = script("infer.py", [*base, "--task", task, "--output", outs[task]], capsys)
+        assert code == 0, err
+    pipe = ACEPipeline.from_pretrained(pipe_dir)
+    expected = pipe(
+        "a square in {image}", images=[Image.open(a).convert("RGB")], masks=[Image.open(m)],
+        num_inference_steps=1, guidance_scale=1.0, task="inpainting",
+        generator=torch.Generator("cpu").manual_seed(0),
+    ).images[0]  # fmt: skip
+    got = {task: np.asarray(Image.open(path)) for task, path in outs.items()}
+    assert np.array_equal(got["inpainting"], np.asarray(expected))
+    assert not np.array_equal(got["inpainting"], got[""])
 
 
 def test_infer_rejects_a_directory_that_is_not_a_pipeline(tmp_path, capsys):
