@@ -5,7 +5,7 @@
     python scripts/probe.py --pipeline DIR --data outputs/demo/data --n 32 --levels 0.5,0.95 --out probe.json
     python scripts/probe.py --pipeline tiny --n 4
 
-Reads held-out toy LCUs (``--suite toy``, the default) or the first ``--n`` LCUs of a
+Reads held-out toy LCUs (the default) or the first ``--n`` LCUs of a
 manifest (``--data``), and prints per task family (see ``ace.eval.probe``):
 
 - x0 MSE at each noise level, and copy MSE (the first input taken as the answer; "nan"

@@ -15,8 +15,9 @@ its LCU's current turn with its history. Against the exact target, per sample:
 
 - ``*_change``: PSNR over ``change_mask``, the pixels that should change;
 - ``*_keep``: PSNR over ``~change_mask``, the pixels that should stay. Where the whole image
-  should change (``change_mask`` all True: text-to-image, grayscale, ...) it is taken over the
-  whole image and the task is flagged ``keep_is_whole``.
+  should change (``change_mask`` all True: text-to-image, the analysis maps, ...) it is taken
+  over the whole image and the task is flagged ``keep_is_whole`` (grayscale only where no
+  pixel of the input is grey already).
 
 for the model (``psnr_*``) and two baselines on the same samples: ``copy_*`` (the output is
 the LCU's first input image, history first; mid-grey where there is none) and ``mean_*`` (the
