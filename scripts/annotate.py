@@ -27,9 +27,9 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
+from ace.atomic import atomic_write
 from ace.cli import OneLineParser
 
 PROG = "annotate.py"
@@ -56,17 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--copy-images", action="store_true", help="copy the images into OUT/images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a hidden temporary name next to ``path``, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plan(args: argparse.Namespace) -> tuple[list[str], list[Path], list[str], dict]:
@@ -136,7 +125,9 @@ def annotate(args: argparse.Namespace) -> tuple[int, int, int]:
     fns = {  # built once; only those with maps to make
         n: ANNOTATORS[n].build(settings[n].get("model"), args.device) for n in names if missing[n]
     }
-    _write_atomic(out / SETTINGS, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    atomic_write(
+        out / SETTINGS, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n")
+    )
 
     todo = sorted({k for n in names for k in missing[n]})
     written = 0
@@ -146,7 +137,7 @@ def annotate(args: argparse.Namespace) -> tuple[int, int, int]:
             target = out / maps[n][k]
             if not target.is_file():
                 the_map = fns[n](image)
-                _write_atomic(target, lambda tmp, m=the_map: m.save(tmp, format="PNG"))
+                atomic_write(target, lambda tmp, m=the_map: m.save(tmp, format="PNG"))
                 written += 1
 
     directions = LCU_CHOICES[args.lcu]
@@ -156,7 +147,7 @@ def annotate(args: argparse.Namespace) -> tuple[int, int, int]:
         sources = [f"images/{i}" for i in ids]
         for src, rel in zip(images, sources):
             if not (out / rel).is_file():
-                _write_atomic(out / rel, lambda tmp, src=src: shutil.copyfile(src, tmp))
+                atomic_write(out / rel, lambda tmp, src=src: shutil.copyfile(src, tmp))
     else:
         base = os.path.abspath(out)
         sources = [Path(os.path.relpath(os.path.abspath(p), base)).as_posix() for p in images]
@@ -167,7 +158,7 @@ def annotate(args: argparse.Namespace) -> tuple[int, int, int]:
         for record in lcu_records(sources[k], maps[n][k], n, directions, {"id": ids[k]})
     ]
     text = "".join(line + "\n" for line in lines)
-    _write_atomic(out / "manifest.jsonl", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(out / "manifest.jsonl", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return written, len(ids) * len(names) - written, len(lines)
 
 

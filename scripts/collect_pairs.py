@@ -12,8 +12,11 @@ downsampled pixels (--pixel-features: no model; near-identical images only). The
 k-means, the two union-find turns, every pair of each set and the cleaning filters
 (ace.data.collect.pairing). Writes OUT/manifest.jsonl (one source -> target LCU per pair,
 image paths relative to OUT) and OUT/pairs.json (counts per stage, times, settings), each
-atomically; a rerun replaces them. Bad input prints one line
-``collect_pairs.py: error: ...`` and exits with status 2, writing nothing.
+atomically; a rerun replaces them. When no pair passes, only OUT/pairs.json is written
+(its counts show which stage lost them; "manifest": null), a manifest of an earlier run
+is removed, and the exit status is 1. Bad input (the flags, --instruction and --out are
+checked before any feature is computed) or a failed read or write prints one line
+``collect_pairs.py: error: ...`` and exits with status 2; bad input writes nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 
 PROG = "collect_pairs.py"
@@ -71,12 +73,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    from ace.atomic import atomic_write
+
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def check_out(out: Path) -> None:
+    """ValueError unless ``out`` is a directory, or can be made one, that can be written to
+    (nothing is created here: bad input writes nothing)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    base = out
+    while not base.exists() and base != base.parent:  # the nearest existing folder above
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out {out}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {base} is not writable")
+
+
+def check_instruction(text: str | None) -> None:
+    """ValueError unless ``text`` names only the one image of a mined LCU, ``{image}``."""
+    if text is None:
+        return
+    from PIL import Image
+
+    from ace.lcu import ConditionUnit
+
     try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        ConditionUnit(text, [Image.new("RGB", (1, 1))])  # the checks of ace.lcu
+    except ValueError as e:
+        raise ValueError(f"--instruction {text!r}: {e}; a mined LCU has one, {{image}}") from e
 
 
 def collect_pairs(args: argparse.Namespace) -> dict:
@@ -85,12 +113,15 @@ def collect_pairs(args: argparse.Namespace) -> dict:
     from ace.data.collect.pairing import PairingConfig, normalize_features, pair_images
     from ace.data.collect.scorers import FeatureScorer
     from ace.data.collect.store import load_features
+    from ace.data.manifest import MANIFEST
 
     # 1. every check that needs no features: nothing is written before these pass
     for flag in ("t1", "t2", "t_dup", "min_pixel_diff", "t_min", "pixel_tol"):
         value = getattr(args, flag)
         if not 0 <= value <= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     cfg = PairingConfig(
         clusters=args.clusters,
         cluster_size=args.cluster_size,
@@ -105,11 +136,11 @@ def collect_pairs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         pixel_tol=args.pixel_tol,
     )
+    check_instruction(args.instruction)
     root, out = args.images, args.out
     if not root.is_dir():
         raise ValueError(f"--images {root} is not a directory")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    check_out(out)
     progress = not args.quiet
 
     # 2. features: computed (resumable), read, or pixels
@@ -148,24 +179,29 @@ def collect_pairs(args: argparse.Namespace) -> dict:
         raise ValueError(f"{n} feature id(s) are not images under --images {root}, e.g. {first!r}")
     x = normalize_features(x, len(ids), copy=False)
 
-    # 3. pair, then write the manifest and the stage counts
+    # 3. pair, then write the manifest (none without pairs) and the stage counts
     scorer = FeatureScorer(ids, x, normalized=True) if args.scorer == "feature" else None
     result = pair_images(ids, x, cfg, image_root=root, scorer=scorer, copy=False, progress=progress)
-    manifest = write_pair_manifest(
-        result,
-        out,
-        root,
-        args.task,
-        instruction=args.instruction,
-        both_directions=args.both_directions,
-    )
+    if len(result.pairs):
+        manifest = write_pair_manifest(
+            result,
+            out,
+            root,
+            args.task,
+            instruction=args.instruction,
+            both_directions=args.both_directions,
+        ).name
+    else:  # an earlier run's manifest must not pass for this run's result
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        manifest = None
     summary = {
         **result.summary(),
         "images": os.path.abspath(root),
         "features": source,
         "task": args.task,
         "records": len(result.pairs) * (2 if args.both_directions else 1),
-        "manifest": manifest.name,
+        "manifest": manifest,
     }
     _write_json(out / "pairs.json", summary)
     return summary
@@ -175,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = collect_pairs(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for name, n in summary["counts"].items():
         print(f"  {name:<28} {n}")
+    if summary["manifest"] is None:
+        print(f"found 0 pairs: no manifest written; the counts are in {args.out / 'pairs.json'}")
+        return 1
     print(f"wrote {summary['records']} LCUs to {args.out / summary['manifest']}")
     return 0
 

@@ -97,6 +97,8 @@ def check_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     if args.variants < 1:
         raise ValueError(f"--variants must be at least 1, got {args.variants}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.mode == "caption" and args.variants != 1:
         raise ValueError("--variants applies to the template and rewrite modes")
     if args.mode == "template" and args.model is not None:
@@ -267,6 +269,7 @@ def write_instructions(args: argparse.Namespace) -> tuple[Path, dict[str, int]]:
     """Check, load the model, process the inputs not yet done, write the manifest."""
     from tqdm import tqdm
 
+    from ace.atomic import atomic_write
     from ace.data.manifest import MANIFEST
 
     ds, header = check_args(args)
@@ -293,16 +296,19 @@ def write_instructions(args: argparse.Namespace) -> tuple[Path, dict[str, int]]:
             f.flush()
             done[line] = row
     stats = {"inputs": len(ds.records), "records": 0, "short": 0, "missing": 0}
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for line in ds.lines:
-            rows = done[line]["records"]
-            for rec in rows:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            stats["records"] += len(rows)
-            stats["short"] += len(rows) < args.variants
-            stats["missing"] += args.variants - len(rows)
-    os.replace(tmp, out / MANIFEST)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for line in ds.lines:
+                for rec in done[line]["records"]:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    atomic_write(out / MANIFEST, write)  # an interrupt leaves no temporary file
+    for line in ds.lines:
+        n = len(done[line]["records"])
+        stats["records"] += n
+        stats["short"] += n < args.variants
+        stats["missing"] += args.variants - n
     partial.unlink()
     return out / MANIFEST, stats
 

@@ -214,6 +214,14 @@ def test_segmentation_map_colours_follow_the_palette(models):
         SegmentationAnnotator(models.seg_path, palette={"LABEL_0": (0, 0, 256)})
 
 
+def test_palette_is_never_black_and_refuses_indices_past_its_colours():
+    last = 2**24 - 2  # 2**24 - 1 colours besides black
+    assert palette_color(last) == (255, 255, 255) and palette_color(last - 1) != (0, 0, 0)
+    for bad in (-1, last + 1):
+        with pytest.raises(ValueError, match=f"palette index must be in 0..{last}, got {bad}"):
+            palette_color(bad)
+
+
 def test_palette_and_missing_models(tmp_path):
     colors = [palette_color(i) for i in range(1000)]
     assert len(set(colors)) == 1000 and (0, 0, 0) not in colors
@@ -360,7 +368,7 @@ def test_cli_copy_images_and_no_lcus(photos, tmp_path, capsys):
     )
     assert code == 0, err
     ds = LCUManifest(out)
-    assert ds.validate() == [] and ds.tasks == Counter({"colorization": 4})
+    assert ds.validate() == [] and ds.tasks == Counter({"colorize": 4})
     assert ds.records[2]["target"] == "images/sub/b.jpg"
     assert (out / "images/sub/b.jpg").read_bytes() == (photos / "sub/b.jpg").read_bytes()
     out2 = tmp_path / "maps-only"
@@ -414,3 +422,13 @@ def test_docstring_examples():
     from ace.data.collect import annotators
 
     assert doctest.testmod(annotators).failed == 0
+
+
+def test_every_annotator_task_has_templates():
+    """write_instructions.py --mode template can rephrase whatever annotate.py writes."""
+    from ace.data.collect.instructions import TASK_IMAGES, template_instruction
+
+    for spec in ANNOTATORS.values():
+        for task in (spec.analysis_task, spec.generation_task):
+            assert TASK_IMAGES[task] == 1
+            assert "{image}" in template_instruction(task, 0)  # no slot needed

@@ -141,6 +141,8 @@ def test_normalisation_and_near_duplicates_by_hand():
         ("- Instruction 2: paint { Image } red", "paint {image} red"),
         ('"paint {image} red', "paint {image} red"),  # a closing quote cut off
         ("paint {IMAGE1} red", "paint {image1} red"),
+        ("paint {image10} red", "paint {image10} red"),  # no such image: kept, then rejected
+        ("paint { image 12 } red", "paint {image12} red"),
         ("Here is a black-and-white picture", "Here is a black-and-white picture"),  # no colon
         ("", ""),
         ("\n \n", ""),
@@ -216,6 +218,22 @@ def test_rewriter_filters_the_generated_text_through_the_hook():
     assert [k for _, k, _ in llm.calls] == [6, 2]  # oversample 2, then the 1 missing
     assert rw.stats["accepted"] == 3 and rw.stats["generated"] == 7
     assert rw.stats["image references differ"] == 1
+
+
+def test_rewriter_rejects_a_reference_to_no_image_and_goes_on():
+    from ace.data.collect.rewriter import LLMRewriter
+
+    llm = ScriptedLLM(["paint the car in {image10} red", "colour the car in { image 12 } red",
+                       "paint the car in {image} red", "in {image}, give the car a red coat"])  # fmt: skip
+    rw = LLMRewriter(generate_fn=llm)
+    assert rw.rewrite(INSTRUCTION, 2) == [
+        "paint the car in {image} red",
+        "in {image}, give the car a red coat",
+    ]
+    assert rw.stats["image references differ"] == 2
+    assert rejection_reason("paint {image10} red", "make {image} red") == (
+        "image references differ: {image} missing; {image10} added"
+    )
 
 
 def test_rewriter_stops_after_bounded_rounds_and_says_how_many_are_missing():
@@ -624,6 +642,7 @@ def test_resume_after_an_interruption_gives_the_same_manifest(toy_data, tmp_path
         (["{free}", "--mode", "caption", "--model", "{data}"], "VLM: .* has no config.json"),
         (["{free}", "--mode", "caption"], "--mode caption needs --model"),
         (["{free}", "--mode", "template", "--variants", "0"], "--variants must be at least 1"),
+        (["{free}", "--mode", "template", "--seed", "-1"], "--seed must be >= 0, got -1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_writing_nothing(toy_data, tmp_path, capsys, argv, message):
@@ -639,6 +658,23 @@ def test_bad_input_exits_2_with_one_line_writing_nothing(toy_data, tmp_path, cap
     assert err.count("\n") == 1 and err.startswith("write_instructions.py: error: ")
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_an_interrupted_final_write_leaves_no_temporary_file(
+    toy_data, tmp_path, capsys, monkeypatch
+):
+    args = [toy_data / "free", "--out", tmp_path / "o", "--mode", "template", "--quiet"]
+
+    def killed(*a):
+        raise KeyboardInterrupt  # killed as the finished manifest is renamed into place
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            load_script().main(list(map(str, args)))
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["manifest.partial.jsonl"]
+    assert run(args, capsys)[0] == 0  # the rerun finishes from the partial file
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["manifest.jsonl"]
 
 
 def test_existing_output_needs_overwrite(toy_data, tmp_path, capsys):

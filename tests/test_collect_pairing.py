@@ -170,6 +170,23 @@ def test_turn1_equals_union_find_over_all_pairs(block, max_edges):
     assert partition(similarity_components(x, t, block, max_edges)) == want
 
 
+def test_turn1_holds_a_bounded_number_of_edges_in_a_dense_cluster(monkeypatch):
+    import ace.data.collect.unionfind as uf
+
+    held = []
+    real = uf.components
+
+    def spy(m, rows, cols):  # every compaction (and the end) sees all the edges held
+        held.append(sum(len(r) for r in rows))
+        return real(m, rows, cols)
+
+    monkeypatch.setattr(uf, "components", spy)
+    m, block, max_edges = 400, 16, 100
+    x = np.full((m, 4), 0.5, np.float32)  # one image posted 400 times: every pair an edge
+    assert uf.similarity_components(x, 0.9, block, max_edges).tolist() == [0] * m
+    assert len(held) > 1 and max(held) <= max(max_edges, m) + block * block
+
+
 def test_pair_images_turn1_is_union_find_within_each_cluster():
     x, t = clustered_vectors(seed=1), 0.85
     ids = [f"v{i}" for i in range(len(x))]
@@ -298,7 +315,58 @@ def test_an_unreadable_image_drops_its_pairs(filter_case):
     assert r.counts["unreadable_images"] == 1 and r.counts["pairs_after_resolution"] == 6
 
 
+@pytest.mark.parametrize("scorer", ["pixel", "feature", "embedding", "constant"])
+def test_a_truncated_image_is_unreadable_whatever_the_scorer(tmp_path, scorer):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    b = a.copy()
+    b[:50, :50] = 0
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    data = (tmp_path / "b.png").read_bytes()
+    (tmp_path / "b.png").write_bytes(data[: len(data) // 3])  # the header reads, the pixels not
+    ids, x = ["a.png", "b.png"], np.array([[1.0, 0.0], [0.95, 0.312]], np.float32)
+    scorers = {"pixel": None, "feature": FeatureScorer(ids, x), "constant": lambda i, j: 1.0,
+               "embedding": EmbeddingScorer(lambda i: np.ones(3))}  # fmt: skip
+    cfg = PairingConfig(clusters=1, t1=0.5, t2=0.0)
+    r = pair_images(ids, x, cfg, image_root=tmp_path, scorer=scorers[scorer], progress=False)
+    assert r.counts["pairs_sampled"] == 1 and r.counts["unreadable_images"] == 1
+    assert r.counts["pairs_after_resolution"] == 0 and len(r.pairs) == 0
+
+
+def test_no_pair_is_an_empty_result(filter_case):
+    root, ids, x, cfg = filter_case
+    for apart in (np.eye(5), x):  # nothing joined; pairs, all filtered out
+        r = pair_images(ids, apart, replace(cfg, min_side=10_000), image_root=root, progress=False)
+        assert r.pairs.shape == (0, 2) and len(r.cosine) == len(r.score) == 0
+        assert r.counts["pairs_after_too_different"] == 0
+
+
+def test_thresholds_at_their_limits_keep_and_join_exact_copies():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((50, 64)).astype(np.float32)
+    x = np.concatenate([base, base])  # row i + 50 is an exact copy of row i
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    self_cos = np.einsum("nd,nd->n", u, u)
+    assert (self_cos > 1).any() and (np.diag(u @ u.T) < 1).any()  # float32 rounding both ways
+    ids = [f"v{i}" for i in range(100)]
+    cfg = PairingConfig(clusters=1, t1=1.0, t2=0.0, t_dup=1.0, t_min=0.0)
+    r = pair_images(ids, x, cfg, progress=False)  # t1 = 1 joins copies, t_dup = 1 is off
+    assert sorted(map(tuple, r.pairs.tolist())) == [(i, i + 50) for i in range(50)]
+    assert (r.cosine <= 1).all() and r.cosine.min() > 0.9999
+    # t_min = 0 is off too: a pair joined through a chain keeps a negative cosine
+    chain = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], np.float32)
+    r = pair_images(["a", "b", "c"], chain, replace(cfg, t1=0.0, t_dup=0.999), progress=False)
+    assert [tuple(p) for p in r.pairs.tolist()] == [(0, 1), (0, 2), (1, 2)]
+    assert r.cosine.tolist() == [0.0, -1.0, 0.0]
+
+
 # ------------------------------------------------------------------ bad input
+
+
+def test_negative_seed():
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        PairingConfig(seed=-1)
 
 
 @pytest.mark.parametrize("name", ["t1", "t2", "t_dup", "t_min", "min_pixel_diff", "pixel_tol"])
@@ -477,6 +545,47 @@ def test_cli_missing_image_dir_and_corrupt_features(collection, tmp_path, capsys
     argv = ["--images", other, "--out", out, "--features", feats2]
     code, _, stderr = script("collect_pairs.py", argv, capsys)
     assert code == 2 and not out.exists() and "are not images under --images" in stderr
+
+
+def test_cli_with_no_pair_writes_counts_and_no_manifest(collection, tmp_path, capsys):
+    feats, out = write_features(collection, tmp_path / "feats"), tmp_path / "out"
+    argv = ["--images", collection[0], "--out", out, "--features", feats, *CLI]
+    assert script("collect_pairs.py", argv, capsys)[0] == 0 and (out / "manifest.jsonl").exists()
+    code, stdout, stderr = script("collect_pairs.py", [*argv, "--min-side", 10_000], capsys)
+    assert code == 1 and stderr == "" and "found 0 pairs: no manifest written" in stdout
+    assert not (out / "manifest.jsonl").exists()  # the first run's is not this run's result
+    summary = json.loads((out / "pairs.json").read_text())
+    assert summary["records"] == 0 and summary["manifest"] is None
+    assert summary["counts"]["pairs_sampled"] > 0 == summary["counts"]["pairs_after_resolution"]
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--instruction", "put {image1} into {image}"], "--instruction 'put {image1} into"),
+        (["--instruction", "make {image01} red"], "{image01}, which is not an image name"),
+        (["--seed", -1], "--seed must be >= 0, got -1"),
+        (["--out", "{tmp}/file.png/pairs"], "--out .*/file.png/pairs: .*/file.png is not a dir"),
+    ],
+)
+def test_cli_checks_before_any_feature_is_read(collection, tmp_path, capsys, extra, match):
+    (tmp_path / "file.png").write_bytes(b"")
+    out = tmp_path / "out"
+    extra = [str(a).replace("{tmp}", str(tmp_path)) for a in extra]
+    argv = ["--images", collection[0], "--out", out, "--features", tmp_path / "no-features"]
+    code, _, stderr = script("collect_pairs.py", [*argv, *CLI, *extra], capsys)
+    (line,) = stderr.strip().splitlines()  # the check, not the missing features
+    assert code == 2 and re.search(match, line) and line.startswith("collect_pairs.py: error: ")
+    assert not out.exists()
+
+
+def test_cli_a_failed_write_is_one_line(collection, tmp_path, capsys):
+    feats, out = write_features(collection, tmp_path / "feats"), tmp_path / "out"
+    (out / "pairs.json").mkdir(parents=True)  # the summary cannot replace a directory
+    argv = ["--images", collection[0], "--out", out, "--features", feats, *CLI]
+    code, _, stderr = script("collect_pairs.py", argv, capsys)
+    (line,) = stderr.strip().splitlines()
+    assert code == 2 and line.startswith("collect_pairs.py: error: ") and "pairs.json" in line
 
 
 def test_docstring_examples():

@@ -154,11 +154,14 @@ class DepthAnnotator:
 def palette_color(index: int) -> tuple[int, int, int]:
     """The default colour of label ``index``: the PASCAL VOC colour map at index + 1.
 
-    Distinct for every index below 2**24 and never black, which marks unlabelled pixels.
+    Distinct for every index in 0 .. 2**24 - 2 and never black, which marks unlabelled
+    pixels (there are 2**24 - 1 other colours); ValueError for an index outside that range.
 
     >>> [palette_color(i) for i in range(3)]
     [(128, 0, 0), (0, 128, 0), (128, 128, 0)]
     """
+    if not 0 <= index <= 2**24 - 2:
+        raise ValueError(f"palette index must be in 0..{2**24 - 2}, got {index}")
     c, rgb = index + 1, [0, 0, 0]
     for j in range(8):
         for ch in range(3):
@@ -256,7 +259,7 @@ ANNOTATORS: dict[str, AnnotatorSpec] = {
             settings={"sigma": 1.0},
         ),
         AnnotatorSpec(
-            "grayscale", "grayscale", "colorization",
+            "grayscale", "grayscale", "colorize",
             "convert {image} to grayscale",
             "colorize the grayscale image {image}",
             _fixed(grayscale),

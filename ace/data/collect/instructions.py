@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ace.lcu import image_name
+from ace.lcu import MAX_INPUT_IMAGES, image_name
 
 # ---------------------------------------------------------------------------
 # Templates
@@ -73,6 +73,8 @@ TASK_IMAGES: dict[str, int] = {
     "edge_to_image": 1,
     "segmentation_map": 1,
     "segmentation_to_image": 1,
+    "soft_edge_map": 1,
+    "soft_edge_to_image": 1,
     "depth_map": 1,
     "depth_to_image": 1,
     "grayscale": 1,
@@ -176,6 +178,17 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "render the segmentation map {image} as {caption}",
         "{caption}, laid out like {image}",
         "fill in the segmentation {image}: {caption}",
+    ),
+    "soft_edge_map": (
+        "draw the soft edge map of {image}",
+        "extract the soft edges of {image}",
+        "turn {image} into a soft edge map",
+    ),
+    "soft_edge_to_image": (
+        "turn the soft edge map {image} into a realistic picture",
+        "generate an image that follows the soft edges in {image}",
+        "turn the soft edge map {image} into a picture: {caption}",
+        "{caption}, following the soft edges in {image}",
     ),
     "depth_map": (
         "estimate the depth of {image}",
@@ -372,11 +385,16 @@ _QUOTES = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019",
 def clean_generation(text: str) -> str:
     """One instruction from a model's raw output: the first line that is not a preamble
     ("Here are some rewrites:"), with bullets, prefixes ("Rewrite:", "Instruction 2 -") and
-    surrounding quotes removed, spaces collapsed, and loose references (``{ Image }``)
-    respelled ``{image}``. Pure; "" when nothing is left.
+    surrounding quotes removed, spaces collapsed, and loose references (``{ Image }``,
+    ``{image 2}``) respelled ``{image}``, ``{image2}``. A reference past the last image
+    name (``{ image 12 }``) is respelled ``{image12}`` too, never raises: it is no image of
+    any instruction, so ``rejection_reason`` rejects the candidate. Pure; "" when nothing
+    is left.
 
     >>> clean_generation('Sure! Here is a rewrite:\\n  1. "Rewrite: paint { Image } red"\\nmore')
     'paint {image} red'
+    >>> clean_generation("paint { image 12 } red")
+    'paint {image12} red'
     """
     lines = [" ".join(line.split()) for line in text.splitlines()]
     lines = [line for line in lines if line]
@@ -393,7 +411,14 @@ def clean_generation(text: str) -> str:
             out = out[1:].strip()  # an opening quote whose closing one was cut off
         if out == before:
             break
-    return _LOOSE_REF.sub(lambda m: image_name(int(m.group(1) or 0)), out).strip()
+    return _LOOSE_REF.sub(lambda m: _respell(m.group(1)), out).strip()
+
+
+def _respell(digits: str) -> str:
+    """A loose reference's digits as a reference: "" or "0" -> {image}, "02" -> {image2},
+    "12" -> {image12} (no image has that name: the candidate is then rejected)."""
+    i = int(digits or 0)
+    return image_name(i) if i <= MAX_INPUT_IMAGES else f"{{image{i}}}"
 
 
 def rejection_reason(

@@ -14,9 +14,12 @@
    consistency scorer plugs in here).
 4. **Pairs**: every pair of each final set (at most ``max_pairs_per_set``, a seeded
    sample), then the cleaning filters, in order: resolution (the shorter side of both
-   images >= ``min_side``), aspect ratio (<= ``max_aspect``), near-duplicates (cosine >
-   ``t_dup`` or mean thumbnail difference < ``min_pixel_diff``) and too different
-   (cosine < ``t_min``).
+   images >= ``min_side``; an image that cannot be decoded, a truncated file included,
+   never passes), aspect ratio (<= ``max_aspect``), near-duplicates (cosine > ``t_dup``
+   or mean thumbnail difference < ``min_pixel_diff``) and too different (cosine <
+   ``t_min``). Cosines are clipped to [-1, 1] (float32 rounding can put an exact copy's
+   a little above 1); ``t_dup`` = 1 and ``t_min`` = 0 turn their filters off. No pair at
+   all is a normal result (empty arrays).
 
 Pairs near each other in feature space but cut apart by the coarse k-means are lost;
 that is the price of clustering first (the paper's choice), smaller with fewer clusters.
@@ -68,25 +71,27 @@ class PairingConfig:
     cluster_size: int = 1000
     """Mean images per cluster when ``clusters`` is None."""
     t1: float = 0.9
-    """Turn 1: join two images of a cluster when their feature cosine is >= t1."""
+    """Turn 1: join two images of a cluster when their feature cosine is >= t1 (a t1 above
+    ``1 - unionfind.COSINE_TOL`` counts as that: 1 joins exact copies despite rounding)."""
     t2: float = 0.5
     """Turn 2: join two images of a turn-1 set when their pair score is >= t2."""
     max_pairs_per_set: int | None = None
     """Keep at most this many pairs of each final set (a seeded sample); None: all."""
     t_dup: float = 0.995
-    """Near-duplicate filter: drop a pair whose feature cosine is > t_dup (1: off)."""
+    """Near-duplicate filter: drop a pair whose feature cosine is > t_dup (1: off, exact
+    copies kept)."""
     min_pixel_diff: float = 0.002
     """Near-duplicate filter: drop a pair whose mean thumbnail difference (0-1) is below
     this, about half a grey level: re-encoded or resized copies (0: off; needs images)."""
     t_min: float = 0.5
     """Too-different filter: drop a pair whose feature cosine is < t_min (chains of turn-1
-    edges can join far images). 0: off."""
+    edges can join far images). 0: off (negative cosines kept too)."""
     min_side: int = 256
     """Resolution filter: both images' shorter side >= min_side pixels (0: off)."""
     max_aspect: float = 3.0
     """Aspect filter: both images' long / short side <= max_aspect (inf: off)."""
     seed: int = 0
-    """Seed of the k-means sample and initialisation and of the per-set pair sample."""
+    """Seed (>= 0) of the k-means sample and initialisation and of the per-set pair sample."""
     niter: int = 20
     """k-means iterations."""
     max_points_per_centroid: int = 256
@@ -110,6 +115,8 @@ class PairingConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed!r}")
         if self.min_side < 0:
             raise ValueError(f"min_side must be >= 0, got {self.min_side!r}")
         if not self.max_aspect >= 1:
@@ -140,7 +147,9 @@ class PairingResult:
     pixel_diff: np.ndarray
     """(P,) float32 mean thumbnail difference (0-1) of each kept pair; NaN without images."""
     counts: dict[str, int] = field(default_factory=dict)
-    """Images, clusters, sets and pairs after each stage, in order (see ``summary``)."""
+    """Images, clusters, sets and pairs after each stage, in order (see ``summary``);
+    with images, ``unreadable_images`` counts the images of the sampled pairs that could
+    not be decoded (their pairs fail the resolution filter)."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each stage."""
     config: PairingConfig | None = None
@@ -228,19 +237,23 @@ def clean_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The cleaning filters, in order: (P,) keep mask and (P,) mean thumbnail difference.
 
-    ``pairs`` (P, 2) index ``ids``, ``cos`` (P,) is their feature cosine; the pairs left
-    after each filter go to ``counts``. Without ``thumbs`` (no images) the resolution,
-    aspect and pixel filters pass everything and the differences are NaN.
+    ``pairs`` (P, 2) index ``ids`` (P may be 0), ``cos`` (P,) is their feature cosine,
+    clipped to [-1, 1]; the pairs left after each filter go to ``counts``, and the images
+    of the pairs that cannot be decoded (``Thumbnails.size`` decodes each one, whatever
+    the scorer) to ``counts["unreadable_images"]``. Without ``thumbs`` (no images) the
+    resolution, aspect and pixel filters pass everything and the differences are NaN.
+    ``t_dup`` = 1 and ``t_min`` = 0 pass everything.
     """
     a, b = pairs[:, 0], pairs[:, 1]
     keep = np.ones(len(pairs), bool)
     pdiff = np.full(len(pairs), np.nan, np.float32)
     if thumbs is not None:
-        used = np.unique(pairs)
+        used = np.unique(pairs)  # (U,) images of the pairs
         wh = np.zeros((len(ids), 2), np.float64)  # (N, 2) width, height; 0 if not read
-        wh[used] = [thumbs.size(ids[i]) for i in used]
+        for i in used:
+            wh[i] = thumbs.size(ids[i])  # decodes the image: a truncated one is (0, 0)
         short, long = wh.min(axis=1), wh.max(axis=1)
-        counts["unreadable_images"] = len(thumbs.unreadable)
+        counts["unreadable_images"] = sum(ids[i] in thumbs.unreadable for i in used)
         res_ok = short >= max(cfg.min_side, 1)  # an unreadable image (0 x 0) never passes
         keep &= res_ok[a] & res_ok[b]
         counts["pairs_after_resolution"] = int(keep.sum())
@@ -252,9 +265,11 @@ def clean_pairs(
         keep &= ~(pdiff < cfg.min_pixel_diff)
     else:
         counts["pairs_after_resolution"] = counts["pairs_after_aspect"] = len(pairs)
-    keep &= ~(cos > cfg.t_dup)
+    if cfg.t_dup < 1:  # 1: off, even for a cosine rounded above 1
+        keep &= ~(cos > cfg.t_dup)
     counts["pairs_after_near_duplicate"] = int(keep.sum())
-    keep &= cos >= cfg.t_min
+    if cfg.t_min > 0:  # 0: off, even for a negative cosine
+        keep &= cos >= cfg.t_min
     counts["pairs_after_too_different"] = int(keep.sum())
     return keep, pdiff
 
@@ -350,6 +365,7 @@ def pair_images(
     # 5. cleaning filters, cheapest first
     a, b = pairs[:, 0], pairs[:, 1]
     cos = np.einsum("pd,pd->p", x[a], x[b]) if len(pairs) else np.zeros(0, np.float32)  # (P,)
+    cos = np.clip(cos, -1.0, 1.0)  # float32 rounding: an exact copy can be 1.0000001
     counts = {
         "images": n,
         "clusters": len(by_cluster),

@@ -101,10 +101,12 @@ class FeatureScorer:
 class Thumbnails:
     """Small RGB copies (S, S, 3) uint8 of the images under ``root``, and their sizes, by id.
 
-    Images are squashed to S x S with area averaging. An unreadable or missing image gets
-    size (0, 0) and a black thumbnail (the resolution filter then drops its pairs) and is
-    listed in ``unreadable``. The last ``cache`` thumbnails are kept in memory (3 KiB each
-    at S = 32); sizes are kept for every image seen.
+    Images are squashed to S x S with area averaging. An image that cannot be decoded
+    (missing, corrupt, or truncated: a good header is not enough) gets size (0, 0) and a
+    black thumbnail (the resolution filter then drops its pairs) and is listed in
+    ``unreadable``; ``size`` and ``get`` decode it the same way, so whichever comes first
+    tells the same. The last ``cache`` thumbnails are kept in memory (3 KiB each at
+    S = 32); sizes are kept for every image seen.
     """
 
     def __init__(self, root: str | os.PathLike, size: int = 32, cache: int = 100_000) -> None:
@@ -147,14 +149,11 @@ class Thumbnails:
         return np.stack([self.get(i) for i in ids])
 
     def size(self, image_id: str) -> tuple[int, int]:
-        """(width, height) of the full image; (0, 0) if unreadable. Reads the header once."""
+        """(width, height) of the full image; (0, 0) if it cannot be decoded. The first call
+        decodes the image (its thumbnail is cached), so a truncated file whose header reads
+        is (0, 0) too."""
         if image_id not in self._sizes:
-            try:
-                with Image.open(self.root / image_id) as im:
-                    self._sizes[image_id] = (int(im.size[0]), int(im.size[1]))
-            except Exception:
-                self._sizes[image_id] = (0, 0)
-                self.unreadable.add(image_id)
+            self.get(image_id)  # sets the size, or (0, 0) and ``unreadable``
         return self._sizes[image_id]
 
 

@@ -27,6 +27,11 @@ from ace.data.collect.scorers import PairScorer, score_pairs
 
 # Letters: M nodes (images of one cluster or set), D feature dim, P pairs.
 
+COSINE_TOL = 1e-5
+"""How far below 1 float32 rounding can put the cosine of two exact copies (unit rows of up
+to a few thousand dims measure ~1e-6): a turn-1 threshold above ``1 - COSINE_TOL`` counts as
+``1 - COSINE_TOL``, so that t = 1 joins exact copies."""
+
 
 def groups(labels: np.ndarray) -> list[np.ndarray]:
     """Indices of each label, labels ascending, indices ascending within a group."""
@@ -57,12 +62,15 @@ def similarity_components(
 ) -> np.ndarray:
     """Turn 1: (M,) int64 connected components of the graph "cosine >= t" of unit rows (M, D).
 
-    Tiles of ``block`` x ``block`` similarities; when the edges found exceed ``max_edges``
-    (default 4 M + 1e6) they are replaced by a spanning forest, so memory stays
-    O(M + block^2) however dense the cluster.
+    A ``t`` above ``1 - COSINE_TOL`` counts as ``1 - COSINE_TOL`` (exact copies join at 1).
+    Tiles of ``block`` x ``block`` similarities; whenever the edges held exceed
+    ``max_edges`` (default 4 M + 1e6), checked after every tile, they are replaced by a
+    spanning forest (< M edges), so at most max(``max_edges``, M) + block^2 edges are held
+    at once: memory stays O(M + block^2) however dense the cluster.
     """
     m = len(x)
     max_edges = 4 * m + 1_000_000 if max_edges is None else max_edges
+    t = min(t, 1.0 - COSINE_TOL)
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
     n_edges = 0
@@ -76,9 +84,9 @@ def similarity_components(
             rows.append(a[keep])
             cols.append(b[keep])
             n_edges += int(keep.sum())
-        if n_edges > max_edges:
-            r, c = star_edges(components(m, rows, cols))
-            rows, cols, n_edges = [r], [c], len(r)
+            if n_edges > max_edges:  # per tile: a dense cluster never holds a row of tiles
+                r, c = star_edges(components(m, rows, cols))
+                rows, cols, n_edges = [r], [c], len(r)
     return components(m, rows, cols)
 
 
