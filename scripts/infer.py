@@ -57,7 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="denoising steps (default: the pipeline's released count, 20 or 50)",
     )
-    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=4.5,
+        help="classifier-free guidance scale; <= 1 samples without guidance (and without "
+        "--negative), as the released code does",
+    )
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument(
@@ -81,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="cpu, cuda, mps ... (default: cuda, xpu or mps when available)",
     )
-    p.add_argument("--output", required=True, help="where to write the image (.png, .jpg, .webp)")
+    p.add_argument(
+        "--output", required=True, help="where to write the image (.png; .jpg, .webp at quality 95)"
+    )
     return p.parse_args(argv)
 
 
@@ -199,7 +207,7 @@ def run(args: argparse.Namespace) -> Path:
     except ValueError as e:  # the pipeline's checks name the problem
         raise UserError(str(e)) from e
     # written atomically: a crash never leaves half an image behind
-    return atomic_write(output, result.images[0].save)
+    return atomic_write(output, lambda tmp: result.images[0].save(tmp, quality=95))  # jpg, webp
 
 
 def main(argv=None) -> int:
