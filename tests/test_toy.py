@@ -156,7 +156,10 @@ def test_multi_turn_target_is_the_turns_applied_one_by_one():
         for cu, state in zip(s.lcu.turns, states):  # turn k shows the state before edit k
             assert cu.images[0].tobytes() == render(state).tobytes()
         assert s.lcu.target.tobytes() == render(states[-1]).tobytes()
-        assert np.array_equal(s.change_mask, np.any(arr(render(states[0])) != arr(s.lcu.target), 2))
+        # what should change is what the last edit changes, from the current turn's image
+        assert np.array_equal(
+            s.change_mask, np.any(arr(render(states[-2])) != arr(s.lcu.target), 2)
+        )
         assert s.change_mask.any()
         if chain.kind == "undo":  # the answer is in the history, not the current turn
             assert s.lcu.target.tobytes() == s.lcu.history[1].images[0].tobytes()
@@ -224,6 +227,32 @@ def test_balanced_stream_cycles_the_families():
     assert sample_pngs(got) == sample_pngs(make_sample(TASKS[i], rng))
 
 
+def test_bring_back_names_only_the_object_of_the_first_removal():
+    """When the second edit removed an object too, "the object removed earlier" would fit
+    both, and "the {shape} I deleted" both when they share a shape: the instruction then
+    names the colour, or says "two steps ago"."""
+    seen = set()
+    for seed in range(1600):
+        chain = make_chain(rng(seed))
+        if chain.kind != "bring_back":
+            continue
+        start, s1, s2 = chain.scenes()[:3]
+        o = start.at(chain.edits[0].cell)  # what the first edit removed
+        removed = [g for g in s1.objects if s2.at(g.cell) is None]  # what the second did
+        text = chain.instructions[-1]
+        if "two steps ago" in text:
+            seen.add("two steps ago, after a removal" if removed else "two steps ago")
+        elif f"the {o.color} {o.shape} I deleted" in text:
+            assert not [g for g in removed if (g.color, g.shape) == (o.color, o.shape)]
+            seen.add("colour and shape")
+        elif f"the {o.shape} I deleted" in text:
+            assert not [g for g in removed if g.shape == o.shape], (seed, text, removed)
+            seen.add("shape")
+        else:
+            assert "removed earlier" in text and not removed, (seed, text, removed)
+    assert seen == {"two steps ago, after a removal", "two steps ago", "colour and shape", "shape"}
+
+
 # ---------------------------------------------------------------------------
 # Valid LCUs
 # ---------------------------------------------------------------------------
@@ -251,7 +280,7 @@ def test_every_task_builds_a_valid_lcu(task, size):
         assert (lcu.target_mask is not None) == (task == "repaint")
         assert s.change_mask.shape == (size, size) and s.change_mask.dtype == bool
         if task in DIFF_TASKS:
-            first = arr(lcu.images[0])
+            first = arr(lcu.current.images[0])
             assert np.array_equal(s.change_mask, np.any(first != arr(lcu.target), axis=2))
             assert s.change_mask.any()
         else:

@@ -8,7 +8,7 @@ so an edit of one cell changes only that box.
 
 Each task family (``TASKS``) is a generator of ``ToySample``: an ``LCU`` whose
 target is computed exactly from the scene edits, and the ``change_mask`` of
-pixels that should change from the first input image. The generators live in
+pixels that should change from the current turn's first input image. The generators live in
 ``ace.data.toy_tasks``; this module holds the scene model, the rendering and
 the public entry points.
 
@@ -370,8 +370,9 @@ class ToySample:
     """History and current turns (RGB PIL images, "L" masks or None), the target (RGB PIL),
     its mask (the repaint mask for "repaint", else None) and the task family name."""
     change_mask: np.ndarray
-    """(size, size) bool: the pixels that should change from the first input image to the
-    target; all True without an input image or when everything changes (maps, t2i, reference)."""
+    """(size, size) bool: the pixels that should change from the current turn's first
+    input image to the target (for multi-turn, what the last edit changes); all True
+    without an input image or when everything changes (maps, t2i, reference)."""
 
 
 def make_sample(task: str, rng: np.random.Generator, size: int = 64) -> ToySample:

@@ -496,18 +496,37 @@ def make_chain(rng: np.random.Generator) -> Chain:
         t3 = pick(rng, RESTORE_COLOR).format(ref=the_obj(s2, o), image="{image}")
     else:
         o = start.at(e1.cell)
-        e3, t3 = Edit(o.cell, o), pick(rng, BRING_BACK).format(shape=o.shape, image="{image}")
+        e3, t3 = Edit(o.cell, o), _bring_back(pick(rng, BRING_BACK), o, s1, s2)
     return Chain(start, [e1, e2, e3], [t1, t2, t3], kind)
+
+
+def _bring_back(template: str, o: Obj, before: Scene, after: Scene) -> str:
+    """A ``BRING_BACK`` instruction that fits only ``o``, the object of the first removal,
+    when the second edit (``before`` -> ``after``) removed an object too: "removed
+    earlier" then fits both, and "the {shape}" both when they share a shape (then the
+    colour is named too). Where nothing else tells them apart, "two steps ago" does."""
+    removed = [g for g in before.objects if after.at(g.cell) is None]
+    two_steps_ago = BRING_BACK[2]
+    if "{shape}" in template:
+        twins = [g for g in removed if g.shape == o.shape]
+        if any(g.color == o.color for g in twins):
+            template = two_steps_ago
+        elif twins:
+            template = template.replace("{shape}", f"{o.color} {{shape}}")
+    elif removed and template != two_steps_ago:
+        template = two_steps_ago
+    return template.format(shape=o.shape, image="{image}")
 
 
 def multi_turn(rng: np.random.Generator, size: int) -> ToySample:
     """History turn k holds the state before edit k; the current turn the state before the
-    last edit; the target is the final state."""
+    last edit; the target is the final state. What should change is what the last edit
+    changes: earlier edits are already in the current turn's image."""
     chain = make_chain(rng)
     states = [render(s, size) for s in chain.scenes()]
     turns = [ConditionUnit(t, [im]) for t, im in zip(chain.instructions, states)]
     lcu = LCU(current=turns[-1], history=turns[:-1], target=states[-1], task="multi_turn")
-    return ToySample(lcu, changed(states[0], states[-1]))
+    return ToySample(lcu, changed(states[-2], states[-1]))
 
 
 GENERATORS: dict[str, Callable[[np.random.Generator, int], ToySample]] = {

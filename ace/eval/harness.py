@@ -20,7 +20,8 @@ its LCU's current turn with its history. Against the exact target, per sample:
   pixel of the input is grey already).
 
 for the model (``psnr_*``) and two baselines on the same samples: ``copy_*`` (the output is
-the LCU's first input image, history first; mid-grey where there is none) and ``mean_*`` (the
+the image the request would leave unchanged: the current turn's first image, else the
+latest history image; mid-grey where there is none) and ``mean_*`` (the
 output is the mean of the task's other targets among the evaluated samples: leave one out,
 NaN for a task with one sample). A model that learned nothing
 scores about the copy baseline on ``keep`` and the mean baseline on ``change``.
@@ -204,7 +205,7 @@ def evaluate(
                 task=lcu.task,
             ).images[0]
             output = _pixels(out, hw)
-            copy = _pixels(lcu.images[0], hw) if lcu.images else np.full((*hw, 3), 128 / 255)
+            copy = _pixels(_unchanged(lcu), hw) if lcu.images else np.full((*hw, 3), 128 / 255)
             records.append(
                 {
                     "index": i,
@@ -296,6 +297,12 @@ def _spread(task_of: Sequence[str], cap: int) -> list[int]:
             if q and len(picked) < cap:
                 picked.append(q.pop(0))
     return sorted(picked)
+
+
+def _unchanged(lcu):
+    """The image a model that changes nothing returns: the current turn's first input
+    (``{image}``), else the latest history image (the state the request starts from)."""
+    return lcu.current.images[0] if lcu.current.images else lcu.images[-1]
 
 
 def _pixels(image: Any, size: tuple[int, int] | None = None) -> np.ndarray:
