@@ -58,6 +58,7 @@ def test_verdicts_use_the_baseline_each_family_faces():
             "text_to_image": task(12.0, 5.0, 13.0),  # mean: loses
             "edge_map": task(14.0, 20.0, 13.0),  # mean: beats it, whatever copy is
             "edge_to_image": task(16.0, 17.0, 10.0),  # the stronger of both: copy wins
+            "reference": task(14.0, 13.0, 14.5),  # the stronger of both: the mean wins
         }
     }
     rows = {r["task"]: r for r in demo.verdicts(report)}
@@ -67,6 +68,7 @@ def test_verdicts_use_the_baseline_each_family_faces():
     assert (rows["edge_map"]["baseline"], rows["edge_map"]["beats"]) == ("mean", True)
     assert rows["edge_to_image"]["baseline"] == "copy"
     assert rows["edge_to_image"]["baseline_psnr"] == 17.0 and not rows["edge_to_image"]["beats"]
+    assert (rows["reference"]["baseline"], rows["reference"]["beats"]) == ("mean", False)
 
 
 def test_verdicts_skip_missing_baselines():
