@@ -131,6 +131,28 @@ def test_changing_one_frame_text_changes_only_that_frame_in_cross_attention():
     assert diff[:q0].max() == 0 and diff[q1:].max() == 0
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "dense"])  # flex: no backward on CPU
+def test_bf16_autocast_forward_and_backward_run_and_follow_fp32(backend):
+    """Mixed precision as the trainer runs it (fp32 weights, autocast bf16): qk-norm keeps
+    q and k in the compute dtype, so attention sees one dtype; the result is the fp32 one
+    to bf16 accuracy."""
+    _, ours = make_pair()
+    ours.set_attention_backend(backend)
+    # samples 0 and 2 share a length, with sample 1 between them: one attention call
+    # gathers them by index (the path that failed, writing bf16 into a float32 output)
+    samples = [make_sample([(4, 4)], [3]), make_sample([(6, 6)], [2]), make_sample([(4, 4)], [5])]
+    frames, masks, texts = batch(*samples)
+    t, ind = torch.tensor([400.0, 30.0, 900.0]), torch.randn(10, 24)
+    with torch.no_grad():
+        want = torch.cat([o.flatten() for o in ours.predict(frames, masks, texts, t, ind)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours.predict(frames, masks, texts, t, ind)
+    got = torch.cat([o.float().flatten() for o in out])
+    got.square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)  # fmt: skip
+    assert rel_err(got.detach(), want) < 2e-2
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     _, ours = make_pair()
     ours.train()

@@ -18,7 +18,10 @@ from ace.models.rope import apply_rope
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in float32, cast back, then scaled (as released)."""
+    """RMSNorm over the last dim, computed in float32, cast back, then scaled (as released).
+
+    The result keeps ``x``'s dtype: under autocast the weight stays float32, and a float32
+    q and k next to a bfloat16 v would reach attention in two dtypes."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -26,7 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return y.to(x.dtype)  # a no-op but under autocast
 
 
 class TimestepEmbedder(nn.Module):
