@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = p.parse_args(argv)
     from ace.train import Trainer, load_config
+    from ace.train.trainer import TrainingStopped
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 1
     if trainer.accelerator.is_main_process:
         print(f"wrote {out}")
     return 0

@@ -20,6 +20,7 @@ from ace.data.manifest import write_manifest
 from ace.lcu import LCU, ConditionUnit
 from ace.pipeline import ACEPipeline
 from ace.train import Trainer, load_config
+from ace.train.trainer import TrainingStopped
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"  # the plumbing config: seconds per run
@@ -107,8 +108,9 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["world_size"] == 2 for r in rows)
     # the schedule counts optimizer steps, not steps times processes (toy.yaml: lr 2e-3,
-    # warm-up over 50 steps); accelerate's default would step it twice per step here
-    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * (k + 1) / 51 for k in (1, 2, 3, 4)])
+    # warm-up over 50 steps); accelerate's default would step it twice per step here. Row k
+    # logs the rate step k used: lr_factor(k - 1) = k / 51
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * k / 51 for k in (1, 2, 3, 4)])
     ranks = json.loads((out / "ranks.json").read_text())
     assert len(ranks["checksums"]) == 2 and ranks["in_sync"]
     ACEPipeline.from_pretrained(out / "pipeline")
@@ -214,7 +216,7 @@ def test_non_finite_losses_skip_steps_then_stop(data, tmp_path, monkeypatch):
         trainer.objective, "loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
     )
     before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
-    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
         trainer.train()
     assert all(
         torch.equal(before[n], p) for n, p in trainer.unwrapped.named_parameters()
@@ -259,7 +261,7 @@ def test_max_steps_and_the_lr_schedule_count_optimizer_steps(data, tmp_path):
     trainer.train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and micro == [0, 1, 2, 3, 4, 5]
-    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * (k + 1) / 11 for k in (1, 2, 3)])
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * k / 11 for k in (1, 2, 3)])  # used
     # a micro-batch: 2 text-to-image LCUs (one 16-token frame) and 2 edits (two frames)
     assert rows[0]["tokens"] == 2 * (2 * 16 + 2 * 32)
 
@@ -348,11 +350,77 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["train.log_every=0"], "train.log_every must be >= 1"),
         (["train.keep_last=0"], "train.keep_last must be >= 1"),
         (["train.max_nonfinite=0"], "train.max_nonfinite must be >= 1"),
+        (["optim.betas=[0.9,abc]"], r"override 'optim.betas=\[0.9,abc\]'"),
+        (["optim.betas=[0.9]"], r"override 'optim.betas=\[0.9\]'.*length 1"),
+        (["train=3"], "override 'train=3'"),
+        (["optim.lr=-1"], "optim.lr must be > 0"),
+        (["optim.warmup_steps=-3"], "optim.warmup_steps must be >= 0"),
+        (["optim.grad_clip=-1"], "optim.grad_clip must be >= 0"),
+        (["ema.decay=-1"], r"ema.decay must be in \[0, 1\)"),
+        (["ema.decay=2"], r"ema.decay must be in \[0, 1\)"),
+        (["data.max_seq_len=0"], "data.max_seq_len must be >= 1 or null"),
     ],
 )
 def test_bad_config_names_the_key(data, overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(CONFIG, [f"data.manifest={data}", *overrides])
+
+
+def test_bad_yaml_files_are_one_line_errors(data, tmp_path):
+    (tmp_path / "broken.yaml").write_text("train: {max_steps: 3\n")
+    (tmp_path / "list.yaml").write_text("- train\n- data\n")
+    (tmp_path / "betas.yaml").write_text("optim:\n  betas: [0.9, abc]\n")
+    for name, message in [
+        ("broken.yaml", "is not valid YAML"),
+        ("list.yaml", "must hold a mapping"),
+        ("betas.yaml", "betas.yaml"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(tmp_path / name, [f"data.manifest={data}"])
+
+
+def test_an_output_dir_holding_a_run_is_refused_without_resume(data, tmp_path):
+    """A fresh run there would append to the old rows, overwrite config.json and, resumed
+    later, load the old run's optimizer state; a file is no directory either."""
+    out = tmp_path / "run"
+    Trainer(load_config(CONFIG, args(data, out, 2, "train.checkpoint_every=2"))).train()
+    with pytest.raises(ValueError, match=r"already holds a run .*train.resume=latest"):
+        Trainer(load_config(CONFIG, args(data, out, 2, "optim.lr=1e-3")))
+    (tmp_path / "file").write_text("")
+    for where in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(ValueError, match="is a file, not a directory"):
+            Trainer(load_config(CONFIG, args(data, where, 2)))
+    # the checkpoint carries its run's config: a copy moved elsewhere is still checked
+    moved = tmp_path / "moved" / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", moved)
+    resumed = load_config(CONFIG, args(data, tmp_path / "new", 4, f"train.resume={moved}", "optim.lr=1e-3"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        Trainer(resumed).train()
+
+
+def test_fp16_on_cpu_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        Trainer(load_config(CONFIG, args(data, tmp_path / "run", 2, "train.mixed_precision=fp16")))
+
+
+def test_skipped_samples_survive_a_resume(tmp_path):
+    """The running count of skipped samples is every rank's since step 0, resumed or not."""
+    data = tmp_path / "data"
+    write_manifest(solid_lcus(4), data, progress=False)
+    first = json.loads((data / "manifest.jsonl").read_text().splitlines()[0])
+    (data / first["target"]).unlink()
+    extra = ["data.batch_size=1", "train.log_every=1", "train.checkpoint_every=3"]
+    with pytest.warns(UserWarning, match="skipping sample"):
+        Trainer(load_config(CONFIG, args(data, tmp_path / "straight", 8, *extra))).train()
+        Trainer(load_config(CONFIG, args(data, tmp_path / "split", 3, *extra))).train()
+        Trainer(load_config(CONFIG, args(data, tmp_path / "split", 8, *extra, "train.resume=latest"))).train()  # fmt: skip
+
+    def skipped(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["skipped_samples"] for line in lines]
+
+    straight, split = skipped("straight"), skipped("split")
+    assert straight == split and straight[-1] == 2  # 1 bad of 4, 2 epochs
 
 
 def test_missing_manifest_and_script_errors(tmp_path, capsys):

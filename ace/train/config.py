@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -102,7 +102,8 @@ class EMAConfig:
     enabled: bool = False
     """Keep an exponential moving average; the exported weights are then the EMA weights."""
     decay: float = 0.9999
-    """EMA decay."""
+    """EMA decay, in [0, 1). diffusers' EMAModel uses min(decay, (1 + n) / (10 + n)) at its
+    n-th update, so early on the average follows the weights closely."""
 
 
 @dataclass
@@ -110,7 +111,8 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps."""
     output_dir: str = "outputs/run"
-    """Where checkpoints, metrics.jsonl and pipeline/ go."""
+    """Where checkpoints, metrics.jsonl and pipeline/ go. A directory that already holds a
+    run is refused unless ``resume`` continues it."""
     checkpoint_every: int = 500
     """Save a checkpoint every N steps (and at the end)."""
     keep_last: int = 3
@@ -120,7 +122,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights, data order and noise."""
     mixed_precision: str = "no"
-    """no, bf16 or fp16."""
+    """no, bf16 or fp16 (fp16 needs a CUDA GPU)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; max_steps, checkpoint_every and log_every count
     optimizer steps."""
@@ -148,21 +150,41 @@ def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """The defaults, then the YAML file, then ``key=value`` overrides; unknown keys are errors."""
+    import yaml
+
+    def bad(e: OmegaConfBaseException, where: str) -> ValueError:
+        key = getattr(e, "full_key", None)
+        first = str(e).splitlines()[0]
+        return ValueError(f"bad config {where}: {first}" + (f" (key: {key})" if key else ""))
+
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"config file {path} is not valid YAML: {str(e).splitlines()[0]}"
+            ) from e
+        if not isinstance(loaded, DictConfig):
+            raise ValueError(f"config file {path} must hold a mapping of sections, not a list")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as e:
+            raise bad(e, f"in {path}") from e
+    wrong = [o for o in overrides if "=" not in o]
+    if wrong:
+        raise ValueError(f"overrides must look like key=value, got {wrong}")
+    for override in overrides:  # one at a time, so that an error names its override
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise bad(e, f"override {override!r}") from e
     try:
-        cfg = OmegaConf.structured(Config)
-        if path is not None:
-            if not Path(path).is_file():
-                raise ValueError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides must look like key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         out = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise ValueError(
-            f"bad config: {str(e).splitlines()[0]} (key: {getattr(e, 'full_key', '?')})"
-        ) from e
+        raise bad(e, "") from e
     _check(out)
     return out
 
@@ -185,6 +207,27 @@ def _check(cfg: Config) -> None:
         raise ValueError(
             f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}"
         )
+    o, e = cfg.optim, cfg.ema
+    for name, value in (
+        ("optim.lr", o.lr),
+        ("optim.eps", o.eps),
+    ):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    for name, value in (
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.warmup_steps", o.warmup_steps),
+        ("optim.grad_clip", o.grad_clip),
+        ("train.seed", t.seed),
+    ):
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+    if not 0 <= e.decay < 1:
+        raise ValueError(f"ema.decay must be in [0, 1), got {e.decay}")
+    if d.max_seq_len is not None and d.max_seq_len < 1:
+        raise ValueError(f"data.max_seq_len must be >= 1 or null, got {d.max_seq_len}")
     if not 0 <= d.cond_dropout < 1:
         raise ValueError(f"data.cond_dropout must be in [0, 1), got {d.cond_dropout}")
     if not d.manifest and not d.shards:

@@ -42,6 +42,11 @@ from ace.train.data import build_dataset, make_batches
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself: ``train.max_nonfinite`` non-finite losses in a row. Its last
+    checkpoint is intact; ``train.py`` prints the message in one line and exits with 1."""
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of everything random in one step of one rank: a pure function of the three."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
@@ -197,11 +202,35 @@ def drop_rows_after(metrics: Path, step: int) -> None:
         atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(keep)))
 
 
+def check_output_dir(cfg: Config) -> None:
+    """ValueError before any work: ``train.output_dir`` must be a directory (or creatable
+    as one), and one that already holds a run (checkpoints or metrics.jsonl) only with
+    ``train.resume``: a fresh run there would mix its rows, checkpoints and config with the
+    old run's, and a later resume could load the old run's optimizer state."""
+    out = Path(cfg.train.output_dir)
+    parent = next(d for d in (out, *out.absolute().parents) if d.exists())
+    if not parent.is_dir():
+        raise ValueError(f"train.output_dir {out}: {parent} is a file, not a directory")
+    if cfg.train.resume is None and out.is_dir():
+        held = sorted(p.name for p in out.iterdir() if p.name == "metrics.jsonl" or CHECKPOINT.match(p.name))  # fmt: skip
+        if held:
+            raise ValueError(
+                f"train.output_dir {out} already holds a run ({', '.join(held[:3])}); continue "
+                "it with train.resume=latest, or give a new (or emptied) train.output_dir"
+            )
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         t = cfg.train
         cpu = not torch.cuda.is_available()
+        check_output_dir(cfg)
+        if cpu and t.mixed_precision == "fp16":
+            raise ValueError(
+                "train.mixed_precision=fp16 needs a CUDA GPU (on the CPU it would silently run "
+                "in float32); use bf16 or no"
+            )
         self.accelerator = Accelerator(
             cpu=cpu,
             mixed_precision=t.mixed_precision,
@@ -273,6 +302,9 @@ class Trainer:
             self.accelerator.register_for_checkpointing(self.batches)
         self.step = 0
         self.nonfinite = 0
+        # samples every rank skipped: up to the resumed checkpoint, and since (from the
+        # step's all-reduce, against this rank's count when the run or the resume began)
+        self.skipped_before, self.skipped_since, self._skipped_here = 0, 0, 0
         self.unloaded = 0  # micro-batches in a row with a rank that loaded none of its batch
         self.window_finite = True  # no non-finite loss since the last optimizer step
 
@@ -336,10 +368,13 @@ class Trainer:
             loss = loss.detach().float()
             n_tokens, n_samples = loss.new_full((), tokens), loss.new_full((), samples)
             loaded = loss.new_full((), float(samples > 0))
-            stats = torch.stack([loss, n_tokens, n_samples, torch.isfinite(loss).float(), loaded])
+            skipped = loss.new_full((), float(self.batches.skipped - self._skipped_here))
+            stats = [loss, n_tokens, n_samples, torch.isfinite(loss).float(), loaded, skipped]
+            stats = torch.stack(stats)
             if acc.num_processes > 1:
                 stats = acc.reduce(stats, reduction="sum")
-            loss_sum, tokens, samples, n_finite, n_loaded = stats.tolist()  # one host sync
+            loss_sum, tokens, samples, n_finite, n_loaded, skipped = stats.tolist()  # one sync
+            self.skipped_since = int(skipped)
             finite = int(n_finite) == acc.num_processes
             # a rank whose whole batch failed to load ran a stand-in: nobody steps on it
             loaded = int(n_loaded) == acc.num_processes
@@ -360,7 +395,7 @@ class Trainer:
         if not finite:
             self.nonfinite += 1
             if self.nonfinite >= cfg.train.max_nonfinite:
-                raise RuntimeError(
+                raise TrainingStopped(
                     f"{self.nonfinite} non-finite losses in a row at step {self.step}: stopping "
                     "(lower optim.lr, or use train.mixed_precision=bf16 instead of fp16)"
                 )
@@ -376,23 +411,29 @@ class Trainer:
             self.ema.step(self.unwrapped.parameters())
         return loss_sum, tokens, samples, finite and loaded
 
+    @property
+    def skipped_total(self) -> int:
+        """Samples skipped by every rank since step 0 (the metrics' ``skipped_samples``)."""
+        return self.skipped_before + self.skipped_since
+
     def train_step(self) -> dict:
         """One optimizer step: ``train.grad_accum`` micro-batches (numbered from
         ``step * grad_accum``, so a resumed run draws the same ones); returns its log row."""
         acc, accum = self.accelerator, self.cfg.train.grad_accum
         start = time.perf_counter()
+        lr = self.schedule.get_last_lr()[0]  # the rate this step uses (the schedule steps after)
         parts = [self.micro_step(self.step * accum + k) for k in range(accum)]
         self.step += 1
         seconds = time.perf_counter() - start
         return {
             "step": self.step,
             "loss": sum(p[0] for p in parts) / (accum * acc.num_processes),
-            "lr": self.schedule.get_last_lr()[0],
+            "lr": lr,
             "tokens": int(sum(p[1] for p in parts)),
             "samples/s": sum(p[2] for p in parts) / seconds,
             "world_size": acc.num_processes,
             "skipped_step": not all(p[3] for p in parts),
-            "skipped_samples": self.batches.skipped,
+            "skipped_samples": self.skipped_total,
         }
 
     # ------------------------------------------------------------------------ the loop
@@ -466,8 +507,11 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
+            (tmp / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
             (tmp / "trainer_state.json").write_text(
-                json.dumps({"step": self.step, "nonfinite": self.nonfinite})
+                json.dumps(
+                    {"step": self.step, "nonfinite": self.nonfinite, "skipped": self.skipped_total}
+                )
             )
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -492,12 +536,15 @@ class Trainer:
             path = Path(where)
             if not (path / "trainer_state.json").is_file():
                 raise ValueError(f"train.resume: {path} is not a complete checkpoint directory")
-        check_resumable(self.cfg, path.parent / "config.json")
+        own = path / "config.json"  # the run's config, saved with its checkpoint
+        check_resumable(self.cfg, own if own.is_file() else path.parent / "config.json")
         if self.accelerator.distributed_type == DistributedType.FSDP:
             self._materialise_optimizer_state()
         self.accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.nonfinite = state["step"], state["nonfinite"]
+        self.skipped_before, self.skipped_since = state.get("skipped", 0), 0
+        self._skipped_here = self.batches.skipped  # this rank's, as restored (streams keep theirs)
         if self.accelerator.is_main_process:
             drop_rows_after(self.out / "metrics.jsonl", self.step)
 
