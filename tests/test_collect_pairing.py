@@ -354,6 +354,9 @@ def test_thresholds_at_their_limits_keep_and_join_exact_copies():
     r = pair_images(ids, x, cfg, progress=False)  # t1 = 1 joins copies, t_dup = 1 is off
     assert sorted(map(tuple, r.pairs.tolist())) == [(i, i + 50) for i in range(50)]
     assert (r.cosine <= 1).all() and r.cosine.min() > 0.9999
+    # t2 = 1 with the feature scorer too: its cosines of copies round both ways as well
+    r = pair_images(ids, x, replace(cfg, t2=1.0), scorer=FeatureScorer(ids, x), progress=False)
+    assert sorted(map(tuple, r.pairs.tolist())) == [(i, i + 50) for i in range(50)]
     # t_min = 0 is off too: a pair joined through a chain keeps a negative cosine
     chain = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], np.float32)
     r = pair_images(["a", "b", "c"], chain, replace(cfg, t1=0.0, t_dup=0.999), progress=False)

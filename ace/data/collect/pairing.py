@@ -74,7 +74,8 @@ class PairingConfig:
     """Turn 1: join two images of a cluster when their feature cosine is >= t1 (a t1 above
     ``1 - unionfind.COSINE_TOL`` counts as that: 1 joins exact copies despite rounding)."""
     t2: float = 0.5
-    """Turn 2: join two images of a turn-1 set when their pair score is >= t2."""
+    """Turn 2: join two images of a turn-1 set when their pair score is >= t2 (a t2 above
+    ``1 - unionfind.COSINE_TOL`` counts as that, as t1 does)."""
     max_pairs_per_set: int | None = None
     """Keep at most this many pairs of each final set (a seeded sample); None: all."""
     t_dup: float = 0.995

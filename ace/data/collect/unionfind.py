@@ -101,8 +101,11 @@ def pairs_from_linear(m: int, lin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def score_components(
     ids: Sequence[str], scorer: PairScorer, t: float, chunk: int = 65536
 ) -> np.ndarray:
-    """Turn 2: (M,) int64 connected components of the graph "score >= t" over all pairs."""
+    """Turn 2: (M,) int64 connected components of the graph "score >= t" over all pairs;
+    a ``t`` above ``1 - COSINE_TOL`` counts as that, as in turn 1 (a feature scorer's
+    cosine of exact copies can round below 1)."""
     m = len(ids)
+    t = min(t, 1.0 - COSINE_TOL)
     total = m * (m - 1) // 2
     rows, cols = [], []
     for s0 in range(0, total, chunk):
