@@ -398,6 +398,17 @@ def test_an_output_dir_holding_a_run_is_refused_without_resume(data, tmp_path):
         Trainer(resumed).train()
 
 
+def test_resume_past_max_steps_warns_and_stale_temporaries_go(data, tmp_path):
+    out = tmp_path / "run"
+    Trainer(load_config(CONFIG, args(data, out, 2, "train.checkpoint_every=2"))).train()
+    (out / ".tmp-checkpoint-7").mkdir()  # as an interrupted save leaves it
+    (out / ".tmp-pipeline").mkdir()
+    resumed = load_config(CONFIG, args(data, out, 1, "train.resume=latest"))
+    with pytest.warns(UserWarning, match="at step 2, train.max_steps is 1: nothing to train"):
+        Trainer(resumed).train()
+    assert not list(out.glob(".tmp-*")) and (out / "pipeline").is_dir()
+
+
 def test_fp16_on_cpu_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         Trainer(load_config(CONFIG, args(data, tmp_path / "run", 2, "train.mixed_precision=fp16")))

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -441,8 +442,18 @@ class Trainer:
     def train(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
         self.out.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:  # what an interrupted save or export left half-written
+            for stale in [*self.out.glob(".tmp-checkpoint-*"), self.out / ".tmp-pipeline"]:
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
         if cfg.train.resume:
             self.resume(cfg.train.resume)
+            if self.step >= cfg.train.max_steps:
+                warnings.warn(
+                    f"the checkpoint is at step {self.step}, train.max_steps is "
+                    f"{cfg.train.max_steps}: nothing to train; exporting the checkpoint's weights",
+                    stacklevel=2,
+                )
         if acc.is_main_process:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         if cfg.train.trackers:
