@@ -280,7 +280,7 @@ def objective_for_scheduler(scheduler) -> Objective:
 
 def check_guidance(scale: float, rescale: float) -> None:
     """The released ranges: guidance scale >= 0 and finite, guidance rescale in [0, 1]
-    (NaN refused). A scale <= 1 samples without guidance, as the released code does."""
+    (NaN refused). The pipeline samples a scale <= 1 without guidance."""
     if not (scale >= 0 and math.isfinite(scale)):
         raise ValueError(f"guidance scale must be finite and >= 0, got {scale}")
     if not 0.0 <= rescale <= 1.0:

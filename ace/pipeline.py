@@ -50,7 +50,8 @@ from ace.packing import PackedBatch, patchify
 if TYPE_CHECKING:
     from ace.chat import ChatSession
 
-INPAINTING_TASKS = ("inpainting",)
+INPAINTING_TASKS = ("inpainting", "Inpainting", "Try On")
+"""Task tags whose current-turn images are blanked where masked (the released list)."""
 
 
 def _is_int(x) -> bool:
@@ -110,16 +111,20 @@ def prepare_lcu(lcu: LCU, max_seq_len: int, size: tuple[int, int] | None = None)
     """Preprocess an LCU as the released code does (ACE_REFERENCE section 2).
 
     Images: centre crop to aspect <= 4, bicubic resize to a token budget, [-1, 1]; masks
-    cropped and resized with their image, binarised, all-zero = whole image. For an
-    ``"inpainting"`` LCU the masked pixels are set to -1 (the released inpainting fill:
-    the one task-specific step). The target takes the size and mask of the first image
-    of the LCU; without images it is ``size`` with an all-ones mask.
+    cropped and resized with their image, binarised, all-zero or None = whole image. For
+    an inpainting LCU (``INPAINTING_TASKS``) the masked pixels of the current turn's
+    images are set to -1, an image without a mask wholly, as the released code does (its
+    per-image task list holds the request's task for those); history images, whose turns'
+    tasks an LCU does not keep, are blanked only where a mask is given. The target takes
+    the size and mask of the first image of the LCU; without images it is ``size`` with
+    an all-ones mask.
     """
     images, masks = [], []
-    for image, mask in zip(lcu.images, lcu.masks):
+    first_current = len(lcu.images) - len(lcu.current.images)
+    for k, (image, mask) in enumerate(zip(lcu.images, lcu.masks)):
         x = preprocess_image(image, max_seq_len)  # (3, H, W)
         m = preprocess_mask(mask, tuple(x.shape[1:]))  # (1, H, W); None -> ones
-        if lcu.task in INPAINTING_TASKS and mask is not None:  # an unmasked image stays whole
+        if lcu.task in INPAINTING_TASKS and (k >= first_current or mask is not None):
             x = fill_masked(x, m)
         images.append(x)
         masks.append(m)
@@ -287,13 +292,17 @@ class ACEPipeline(DiffusionPipeline):
                 when the mask's maximum is 1).
             history: a list of earlier turns, oldest first (ConditionUnits or dicts with
                 keys instruction, images, masks).
-            negative_prompt: replaces the current instruction in the unconditional half.
+            negative_prompt: the unconditional half's text for the target and the last
+                input image (released: it replaces the last entry of the per-image prompt
+                list); other images keep their instructions.
             height, width: target size in pixels (ints, multiples of 16), both or neither.
                 Default: the size of the request's first image (oldest turn first, so a
                 history image wins over the current ones, as in the released code) after
                 preprocessing, or a square that fills the token budget.
             num_inference_steps, guidance_scale, guidance_rescale: the sampler settings
-                (released: 20 / 4.5 / 0.5 at 512 px).
+                (released: 20 / 4.5 / 0.5 at 512 px). A scale <= 1 samples the conditional
+                prediction alone; the released code then feeds the negative prompt's states
+                under the instruction's text mask, a quirk not reproduced.
             generator: for the initial noise.
             latents: the initial noise of the target, (1, C, H/8, W/8), scaled latent space.
             output_type: "pil", "np" (float arrays in [0, 1]) or "latent".
@@ -324,10 +333,13 @@ class ACEPipeline(DiffusionPipeline):
         turns = lcu.instructions()
         states = conditioner.encode_text([*turns, negative_prompt] if cfg else turns)
         frame_turns = lcu.frame_turns()
-        current = len(turns) - 1
         texts = [[states[i] for i in frame_turns]]
-        if cfg:  # the negative context replaces the current (last) instruction
-            texts.append([states[-1] if i == current else states[i] for i in frame_turns])
+        if cfg:  # released: the negative prompt replaces the LAST entry of the per-image
+            # prompt list, so it reaches the last frame and the target (which reads that
+            # entry); the other frames of a multi-image turn keep their instruction
+            uncond = [states[i] for i in frame_turns]
+            uncond[0] = uncond[-1] = states[-1]
+            texts.append(uncond)
         cond_latents = (
             conditioner.encode_images(prepared.images, generator=generator)
             if prepared.images

@@ -61,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--guidance",
         type=float,
         default=4.5,
-        help="classifier-free guidance scale; <= 1 samples without guidance (and without "
-        "--negative), as the released code does",
+        help="classifier-free guidance scale; <= 1 samples the instruction alone, without "
+        "guidance or --negative",
     )
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
     p.add_argument("--negative", default="", help="negative prompt")

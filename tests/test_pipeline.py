@@ -8,8 +8,8 @@ from PIL import Image
 
 from ace.conditioning import ConditionTokenizer, downsample_mask, preprocess_image
 from ace.diffusion import RectifiedFlow
-from ace.lcu import ConditionUnit
-from ace.pipeline import ACEPipeline
+from ace.lcu import LCU, ConditionUnit
+from ace.pipeline import ACEPipeline, prepare_lcu
 from ace.testing import tiny_pipeline
 
 STEPS = 3
@@ -162,11 +162,50 @@ def test_inpainting_fill_only_for_inpainting_requests(pipe):
     kw = dict(images=[img(32, 32, 10)], masks=[box_mask(32, 32)])
     plain = run(pipe, "fill {image}", **kw)
     assert not same(plain, run(pipe, "fill {image}", task="inpainting", **kw))
-    unmasked = dict(images=[img(32, 32, 10)])  # no mask: nothing to fill
-    assert same(
-        run(pipe, "fill {image}", **unmasked),
-        run(pipe, "fill {image}", task="inpainting", **unmasked),
+    assert same(run(pipe, "fill {image}", task="inpainting", **kw), run(pipe, "fill {image}", task="Try On", **kw))  # fmt: skip
+
+
+def test_inpainting_blanks_an_unmasked_current_image_wholly_as_released():
+    """Released process_edit_image: a missing mask is all-zero, hence all-ones, and an
+    inpainting task sets every masked pixel to -1, so the whole image. History images
+    (their turns' tasks are not kept) are blanked only where masked."""
+    hist, cur = img(32, 32, 3), img(32, 32, 4)
+    lcu = LCU(
+        ConditionUnit("fill {image}", [cur]),
+        history=[ConditionUnit("make {image} red", [hist])],
+        task="inpainting",
     )
+    prepared = prepare_lcu(lcu, 256)
+    assert torch.equal(prepared.images[1], torch.full((3, 32, 32), -1.0))  # current: all -1
+    assert torch.equal(prepared.images[0], preprocess_image(hist, 256))  # history: as it was
+    plain = prepare_lcu(LCU(ConditionUnit("fill {image}", [cur])), 256)
+    assert torch.equal(plain.images[0], preprocess_image(cur, 256))  # no inpainting: whole
+
+
+def test_negative_prompt_replaces_only_the_last_image_text_as_released(pipe):
+    """Two images, no history: the released per-image prompt list is [p, p] and its negative
+    copy [p, neg], so the unconditional texts are [neg (target), p, neg], not all neg."""
+    a, b = img(32, 32, 5), img(32, 32, 6)
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    got = pipe(
+        "put {image1} into {image}", images=[a, b], negative_prompt="blurry", num_inference_steps=1,
+        guidance_scale=3.0, guidance_rescale=0.0, latents=noise, output_type="latent",
+        generator=torch.Generator().manual_seed(1),
+    ).images  # fmt: skip
+    enc = ConditionTokenizer(pipe.tokenizer, pipe.text_encoder, pipe.vae)
+    lat = enc.encode_images([preprocess_image(a, 256), preprocess_image(b, 256)], generator=torch.Generator().manual_seed(1))  # fmt: skip
+    t_p, t_neg = enc.encode_text(["put {image1} into {image}", "blurry"])
+    ones, t = torch.ones(1, 4, 4), torch.tensor([999.0])
+    frames, masks = [[noise[0], lat[0], lat[1]]], [[ones, ones, ones]]
+    with torch.no_grad():
+        c = pipe.transformer.predict(frames, masks, [[t_p, t_p, t_p]], t, pipe.indicators.table)[0]
+        u = pipe.transformer.predict(
+            frames, masks, [[t_neg, t_p, t_neg]], t, pipe.indicators.table
+        )[0]
+    eps = (u + 3.0 * (c - u)).double()
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[999]
+    x0 = (noise[0].double() - (1 - abar).sqrt() * eps) / abar.sqrt()  # one step to t = 0
+    torch.testing.assert_close(got[0].double(), x0, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
