@@ -317,6 +317,31 @@ def test_a_rank_whose_whole_batch_fails_skips_the_step_and_goes_on(tmp_path):
         Trainer(config).train()
 
 
+def test_two_process_shard_stream_resumes_exactly(data, tmp_path):
+    """accelerate writes a registered object's state from the main process only: every
+    rank's stream position must be in it, or rank 1 resumes with rank 0's (refused)."""
+    from ace.data.shards import write_shards
+
+    write_shards(data, tmp_path / "shards", samples_per_shard=4, progress=False)
+    shards = f"data.shards={tmp_path / 'shards' / 'shard-{000000..000003}.tar'}"
+
+    def torchrun(out, steps, *extra):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+            str(ROOT / "scripts" / "train.py"), "--config", str(CONFIG),
+            *args(data, out, steps, shards, "data.batch_size=2", "train.checkpoint_every=2", *extra),
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(tmp_path / "straight", 4)
+    torchrun(tmp_path / "split", 2)
+    torchrun(tmp_path / "split", 4, "train.resume=latest")
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
     """A checkpoint restores the optimizer's lr, betas ... as they were: a resume that asks
     for others is refused, naming them. A path or max_steps may change; rows the crashed run

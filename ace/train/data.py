@@ -151,7 +151,7 @@ class ShardBatches:
         from ace.data.batching import TokenBudgetBatcher
         from ace.data.shards import ShardStream
 
-        self.cfg = cfg
+        self.cfg, self.rank, self.world = cfg, rank, world
         self.stream = ShardStream(
             cfg.shards,
             seed=seed,
@@ -185,9 +185,25 @@ class ShardBatches:
             ) from None
 
     def state_dict(self) -> dict:
-        return self.source.state_dict()
+        """Every rank's stream position: accelerate calls this on every rank but writes
+        only the main process's copy, so the ranks' positions are gathered into it."""
+        import torch.distributed as dist
+
+        own = self.source.state_dict()
+        if self.world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return own
+        states: list = [None] * self.world
+        dist.all_gather_object(states, own)  # a collective: every rank saves together
+        return {"ranks": states}
 
     def load_state_dict(self, state: dict) -> None:
+        if "ranks" in state:
+            if len(state["ranks"]) != self.world:
+                raise ValueError(
+                    f"data.shards: the checkpoint holds the stream positions of "
+                    f"{len(state['ranks'])} ranks; resume with that many processes"
+                )
+            state = state["ranks"][self.rank]
         self.source.load_state_dict(state)
         self._it = None
 
