@@ -5,6 +5,7 @@ import itertools
 import json
 import runpy
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +310,42 @@ def test_resume_of_an_endless_stream_across_epochs(shard_dir):
     fresh = make()
     fresh.load_state_dict(state)
     assert first + names(itertools.islice(fresh.loader(2), 23)) == full
+
+
+def test_an_endless_stream_outlives_an_empty_shard(shard_dir):
+    """Four workers, one shard each per epoch, one shard empty: the epoch that deals it to a
+    worker used to drop that worker for good, until the endless stream ended. Now the
+    worker goes on next epoch, and a resume continues exactly."""
+
+    empty = shard_dir / "shard-000099.tar"
+    tarfile.open(empty, "w").close()  # a shard with no samples
+    urls = [str(shard_dir / f"shard-{k:06d}.tar") for k in range(3)] + [str(empty)]
+
+    def make():
+        return ShardStream(urls, seed=0, shuffle_buffer=2, repeat=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "read no samples", and the worker count
+        full = names(itertools.islice(make().loader(4), 48))
+        s = make()
+        it = iter(s.loader(4))
+        first = [name(next(it)) for _ in range(19)]
+        state = s.state_dict()
+        del it
+        fresh = make()
+        fresh.load_state_dict(state)
+        rest = names(itertools.islice(fresh.loader(4), 29))
+    assert len(full) == 48 and sorted(set(full)) == sorted(names(numbered(6)))
+    assert first + rest == full
+
+
+def test_an_endless_stream_of_unreadable_shards_ends(tmp_path):
+
+    for k in range(2):
+        tarfile.open(tmp_path / f"shard-{k:06d}.tar", "w").close()
+    stream = ShardStream(f"{tmp_path}/shard-{{000000..000001}}.tar", repeat=True)
+    with pytest.warns(UserWarning, match="read no samples"):
+        assert list(stream) == []  # after as many empty epochs as shards, not forever
 
 
 def test_resume_needs_the_same_seed_world_and_workers(shard_dir):

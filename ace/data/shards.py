@@ -342,6 +342,7 @@ class ShardStream(IterableDataset):
                     except Exception as e:
                         on_error(e)
 
+        empty = 0  # epochs in a row that gave this worker nothing
         while True:
             failed.clear()
             shards = self.worker_shards(epoch, worker, num_workers)
@@ -362,10 +363,14 @@ class ShardStream(IterableDataset):
                     where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
                     warnings.warn(f"ShardStream: skipping {where}: {e}", stacklevel=2)
                 yield (worker, epoch, n, skips, False), lcu
-            # at the end of an epoch the position moves to the next one; a worker stops
-            # after one epoch, or when an epoch gave it nothing (never spin on no data)
+            # at the end of an epoch the position moves to the next one. A worker stops
+            # after one epoch; an endless one when it has no shards, or when as many epochs
+            # in a row as there are shards gave it nothing (every shard unreadable: never
+            # spin on no data). One empty or unreadable shard only empties the epochs that
+            # deal it to this worker alone, and shard shuffling deals it elsewhere next.
             epoch, pos = epoch + 1, 0
-            done = not self.repeat or n == 0
+            empty = empty + 1 if n == 0 else 0
+            done = not self.repeat or not shards or empty >= len(self.urls)
             if self.repeat and n == 0 and shards:
                 warnings.warn(f"ShardStream: worker {worker} read no samples", stacklevel=2)
             yield (worker, epoch, pos, skips, done), None
