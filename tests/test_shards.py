@@ -3,6 +3,7 @@
 import io
 import itertools
 import json
+import os
 import runpy
 import tarfile
 import warnings
@@ -164,6 +165,26 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path / "ds", tmp_path / "new" / "out", samples_per_shard=2, progress=False)
     assert calls == [0, 1, 2, 3, 4] and not (tmp_path / "new").exists()
+
+
+def test_a_failed_rename_while_overwriting_puts_the_old_set_back(tmp_path, monkeypatch):
+    write_manifest(numbered(6), tmp_path / "ds", progress=False)
+    out = tmp_path / "out"
+    old = write_shards(tmp_path / "ds", out, samples_per_shard=3, progress=False)  # 2 shards
+    before = {p.name: p.read_bytes() for p in old}
+    real, renames = os.replace, []
+
+    def replace(src, dst):  # the second new shard's rename fails, once
+        renames.append(dst)
+        if str(dst).endswith("shard-000001.tar") and ".old-" not in str(src):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(sh.os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        write_shards(tmp_path / "ds", out, samples_per_shard=2, progress=False, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole
 
 
 def test_bad_record_is_an_error_naming_the_line(tmp_path):

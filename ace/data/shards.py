@@ -125,11 +125,13 @@ def write_shards(
     """Convert an LCU manifest (its directory or ``manifest.jsonl``) into tar shards.
 
     Every record is loaded and validated as it is written (a bad one is a ``ValueError``
-    naming its line); PNGs of the right mode are copied byte for byte. Shards are written under hidden temporary names in ``out_dir`` and renamed
-    into place together at the end; an exception removes them, so ``out_dir`` never
-    holds a partial shard set (SIGKILL may leave ``.shard-*.tmp-*`` files, never a
-    ``shard-*.tar``). Existing ``shard-*.tar`` files are a ``ValueError`` unless
-    ``overwrite=True``, which replaces the whole set. The same manifest gives the same
+    naming its line); PNGs of the right mode are copied byte for byte. Shards are written
+    under hidden temporary names in ``out_dir`` and renamed into place together at the
+    end; an exception (a failed rename, Ctrl-C) removes the new ones and puts back any set
+    they were replacing, so ``out_dir`` never holds a partial or mixed shard set (only
+    SIGKILL during the renames can, and it may leave hidden ``.shard-*`` files). Existing
+    ``shard-*.tar`` files are a ``ValueError`` unless ``overwrite=True``, which replaces the
+    whole set. The same manifest gives the same
     bytes (fixed mtime, sorted members). Returns the shard paths in order.
     """
     if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
@@ -149,6 +151,8 @@ def write_shards(
     starts = range(0, len(ds), samples_per_shard)
     finals = [out / (SHARD_NAME % k) for k in range(len(starts))]
     tmps = [p.with_name(f".{p.name}.tmp-{token}") for p in finals]
+    olds = [p.with_name(f".{p.name}.old-{token}") for p in existing]
+    renamed: list[Path] = []
     try:
         with tqdm(total=len(ds), disable=not progress, unit="LCU", desc=out.name) as bar:
             for start, tmp in zip(starts, tmps):
@@ -156,13 +160,19 @@ def write_shards(
                     for i in range(start, min(start + samples_per_shard, len(ds))):
                         w.write(_shard_sample(ds, i))
                         bar.update()
+        for old, aside in zip(existing, olds):  # the old set steps aside, whole
+            os.replace(old, aside)
         for tmp, final in zip(tmps, finals):
             os.replace(tmp, final)
-        for stale in set(existing) - set(finals):
-            stale.unlink()
-    except BaseException:
-        for tmp in tmps:
+            renamed.append(final)
+        for aside in olds:
+            aside.unlink()
+    except BaseException:  # no partial or mixed set: the new shards go, the old come back
+        for tmp in [*tmps, *renamed]:
             tmp.unlink(missing_ok=True)
+        for old, aside in zip(existing, olds):
+            if aside.exists():
+                os.replace(aside, old)
         for p in created:  # directories this call made, innermost first
             if p.exists() and not any(p.iterdir()):
                 p.rmdir()
