@@ -369,6 +369,23 @@ def test_an_endless_stream_of_unreadable_shards_ends(tmp_path):
         assert list(stream) == []  # after as many empty epochs as shards, not forever
 
 
+def test_a_resume_does_not_count_a_replayed_shard_error_again(shard_dir):
+    urls = [str(shard_dir / "missing.tar")] + [str(shard_dir / f"shard-{k:06d}.tar") for k in range(3)]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = ShardStream(urls)
+        assert len(list(straight)) == 6 and straight.skipped == 1
+        s = ShardStream(urls)
+        it = iter(s)
+        first = [next(it) for _ in range(3)]
+        state = s.state_dict()
+        del it
+        fresh = ShardStream(urls)
+        fresh.load_state_dict(state)
+        rest = list(fresh)
+    assert len(first) + len(rest) == 6 and fresh.skipped == 1  # not 2
+
+
 def test_resume_needs_the_same_seed_world_and_workers(shard_dir):
     s = ShardStream(pattern(shard_dir), seed=2)
     it = iter(s.loader(2))

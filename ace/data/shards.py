@@ -327,13 +327,14 @@ class ShardStream(IterableDataset):
 
         current: list[str] = [""]  # the shard being read
         failed: set[str] = set()
+        seen = [0]  # samples of this epoch read so far
 
         def on_error(exn: Exception) -> bool:  # a shard that cannot be opened or read on
             nonlocal skips
             warnings.warn(f"ShardStream: skipping the rest of a shard: {exn}", stacklevel=2)
-            if current[0] not in failed:  # counted once per shard and epoch
+            if current[0] not in failed:  # counted once per shard and epoch ...
                 failed.add(current[0])
-                skips += 1
+                skips += int(seen[0] >= pos)  # ... and not again when a resume replays it
             return True
 
         def opened(shards: list[str]) -> Iterator[dict[str, Any]]:
@@ -361,8 +362,9 @@ class ShardStream(IterableDataset):
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}:{epoch}:{rank}:{worker}")
                 src = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(src)
-            n = 0
+            n = seen[0] = 0
             for n, sample in enumerate(src, start=1):
+                seen[0] = n
                 if n <= pos:
                     continue  # resuming: discard what was handed out, before decoding
                 try:
