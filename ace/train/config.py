@@ -67,7 +67,10 @@ class DataConfig:
     shuffle_buffer: int = 0
     """Shards: the sample shuffle buffer (0 = the written order)."""
     num_workers: int = 0
-    """Shards: DataLoader workers that read and decode."""
+    """Shards: DataLoader workers that read and decode. Workers take strict turns, so with
+    shuffle_buffer 0 a worker whose shards hold fewer samples (a short last shard) has its
+    samples come up more often, by up to about 20%; a shuffle_buffer > 1 also shuffles
+    the shards every epoch, which evens that out."""
     max_seq_len: int | None = None
     """Token budget per image (released: 1024 at 512 px); default: the model's rope_max_len."""
     cond_dropout: float = 0.1
