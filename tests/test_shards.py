@@ -294,8 +294,9 @@ def test_sample_to_lcu_reads_what_the_manifest_reads(tmp_path):
 # ---------------------------------------------------------------------------------- resume
 
 
-def resumed(make, k: int, workers: int) -> tuple[list[str], list[str]]:
-    """(first k names, the rest after saving and loading the state into a fresh stream)."""
+def resumed(make, k: int, workers: int, rest: int | None = None) -> tuple[list[str], list[str]]:
+    """(first k names, the rest (or the next ``rest``) after saving and loading the state
+    into a fresh stream)."""
     s = make()
     it = iter(s.loader(workers))
     first = [name(next(it)) for _ in range(k)]
@@ -303,7 +304,7 @@ def resumed(make, k: int, workers: int) -> tuple[list[str], list[str]]:
     del it
     fresh = make()
     fresh.load_state_dict(state)
-    return first, names(fresh.loader(workers))
+    return first, names(itertools.islice(fresh.loader(workers), rest))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -348,14 +349,7 @@ def test_an_endless_stream_outlives_an_empty_shard(shard_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "read no samples", and the worker count
         full = names(itertools.islice(make().loader(4), 48))
-        s = make()
-        it = iter(s.loader(4))
-        first = [name(next(it)) for _ in range(19)]
-        state = s.state_dict()
-        del it
-        fresh = make()
-        fresh.load_state_dict(state)
-        rest = names(itertools.islice(fresh.loader(4), 29))
+        first, rest = resumed(make, 19, 4, rest=29)
     assert len(full) == 48 and sorted(set(full)) == sorted(names(numbered(6)))
     assert first + rest == full
 
