@@ -101,6 +101,10 @@ def test_dataset_costs_read_headers_only(tmp_path, monkeypatch):
         costs = dataset_costs(ds, 1024)
     assert "item 3 left out" in str(caught[0].message)
     assert costs[3] is None and None not in costs[:3] + costs[4:]
+    # an image past PIL's decompression-bomb guard is left out too, not the run stopped
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 32 x 32 image is then a "bomb"
+    with pytest.warns(UserWarning, match="left out"):
+        assert dataset_costs(ds, 1024) == [None] * len(ds)
 
 
 # ---------------------------------------------------------------------------------- map-style

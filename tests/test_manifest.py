@@ -122,6 +122,10 @@ def test_round_trip_gives_the_same_lcus(dataset):
     for i, lcu in enumerate(originals):
         assert_same_lcu(lcu, ds[i])
     assert LCUManifest(dataset / "manifest.jsonl").records == ds.records
+    # a manifest an editor saved with a byte-order mark reads the same
+    text = (dataset / "manifest.jsonl").read_text(encoding="utf-8")
+    (dataset / "manifest.jsonl").write_text("\ufeff" + text, encoding="utf-8")
+    assert LCUManifest(dataset).records == ds.records
 
 
 def test_record_layout_and_file_names(tmp_path):

@@ -105,7 +105,7 @@ def dataset_costs(
                 costs.append(_record_tokens(rec, dataset.root, max_seq_len, patch_pixels))
             else:
                 costs.append(lcu_tokens(dataset[i], max_seq_len, patch_pixels))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's size guard too
             costs.append(None)
             bad += 1
             if bad <= 10:

@@ -243,7 +243,7 @@ class LCUManifest(Dataset):
         """One parsed JSON object per LCU."""
         self.lines: list[int] = []
         """The 1-based line number of each record."""
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding="utf-8-sig") as f:  # a BOM some editors write: skipped
             for line, text in enumerate(f, start=1):
                 if not text.strip():
                     continue
