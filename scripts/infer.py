@@ -152,7 +152,8 @@ def load_history(path: str) -> list:
 def run(args: argparse.Namespace) -> Path:
     import torch
 
-    from ace.pipeline import ACEPipeline, check_inputs
+    from ace.pipeline import ACEPipeline
+    from ace.request import check_inputs
 
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:

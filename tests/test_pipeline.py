@@ -9,7 +9,8 @@ from PIL import Image
 from ace.conditioning import ConditionTokenizer, downsample_mask, preprocess_image
 from ace.diffusion import RectifiedFlow
 from ace.lcu import LCU, ConditionUnit
-from ace.pipeline import ACEPipeline, prepare_lcu
+from ace.pipeline import ACEPipeline
+from ace.request import prepare_lcu
 from ace.testing import tiny_pipeline
 
 STEPS = 3

@@ -19,7 +19,7 @@ from torch import Tensor
 from ace.conditioning import ConditionTokenizer, downsample_mask, preprocess_image, preprocess_mask
 from ace.lcu import LCU
 from ace.packing import PackedBatch
-from ace.pipeline import prepare_lcu
+from ace.request import prepare_lcu
 
 
 @dataclass

@@ -1,0 +1,97 @@
+"""One request, checked and preprocessed as the released code does: the first two steps of
+``ACEPipeline.__call__``, and what training shares with them (``ace.train.batch``).
+
+Shapes: (H, W) pixel size.
+
+    from PIL import Image
+    from ace.lcu import LCU, ConditionUnit
+    from ace.request import check_inputs, prepare_lcu
+    check_inputs(20, None, None, 4.5, 0.5)  # the call's settings; ValueError names a bad one
+    lcu = LCU(ConditionUnit("make {image} blue", [Image.new("RGB", (96, 64))]))
+    prepare_lcu(lcu, max_seq_len=1024).target_size  # (64, 96)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ace.conditioning import fill_masked, preprocess_image, preprocess_mask
+from ace.diffusion import check_guidance
+from ace.lcu import LCU
+
+INPAINTING_TASKS = ("inpainting", "Inpainting", "Try On")
+"""Task tags whose current-turn images are blanked where masked (the released list)."""
+
+
+def _is_int(x) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_inputs(
+    num_inference_steps, height, width, guidance_scale, guidance_rescale, output_type="pil"
+) -> None:
+    """The call's settings (``ACEPipeline.__call__``'s step 1), checked without a pipeline:
+    a ValueError names the first bad one. ``scripts/infer.py`` runs it before loading."""
+    if output_type not in ("pil", "np", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (not _is_int(side) or side <= 0 or side % 16):
+            raise ValueError(f"{name} must be a positive int multiple of 16, got {side!r}")
+    if (height is None) != (width is None):
+        raise ValueError(
+            f"give both height and width, or neither (got height={height}, width={width})"
+        )
+    check_guidance(guidance_scale, guidance_rescale)
+
+
+@dataclass
+class PreparedLCU:
+    """An LCU's pixels, ready to encode: frame 0 is the target, then the condition images."""
+
+    lcu: LCU
+    images: list[Tensor]  # (3, H, W) in [-1, 1] per condition image
+    masks: list[Tensor]  # (1, H, W) of 0/1 per condition image (ones = whole image)
+    target_size: tuple[int, int]  # (H, W) of the target
+    target_mask: Tensor  # (1, H, W)
+
+
+def prepare_lcu(lcu: LCU, max_seq_len: int, size: tuple[int, int] | None = None) -> PreparedLCU:
+    """Preprocess an LCU as the released code does (ACE_REFERENCE section 2).
+
+    Images: centre crop to aspect <= 4, bicubic resize to a token budget, [-1, 1]; masks
+    cropped and resized with their image, binarised, all-zero or None = whole image. For
+    an inpainting LCU (``INPAINTING_TASKS``) the masked pixels of the current turn's
+    images are set to -1, an image without a mask wholly, as the released code does (its
+    per-image task list holds the request's task for those); history images, whose turns'
+    tasks an LCU does not keep, are blanked only where a mask is given. The target takes
+    the size and mask of the first image of the LCU; without images it is ``size`` with
+    an all-ones mask.
+    """
+    images, masks = [], []
+    first_current = len(lcu.images) - len(lcu.current.images)
+    for k, (image, mask) in enumerate(zip(lcu.images, lcu.masks)):
+        x = preprocess_image(image, max_seq_len)  # (3, H, W)
+        m = preprocess_mask(mask, tuple(x.shape[1:]))  # (1, H, W); None -> ones
+        if lcu.task in INPAINTING_TASKS and (k >= first_current or mask is not None):
+            x = fill_masked(x, m)
+        images.append(x)
+        masks.append(m)
+    if images:
+        target_size = tuple(images[0].shape[1:]) if size is None else size
+        target_mask = masks[0]
+        if target_mask.shape[1:] != target_size:
+            target_mask = torch.nn.functional.interpolate(
+                target_mask[None], size=target_size, mode="nearest-exact"
+            )[0]
+    else:
+        if size is None:
+            raise ValueError("text-to-image needs a target size")
+        target_size, target_mask = size, torch.ones(1, *size)
+    return PreparedLCU(lcu, images, masks, tuple(target_size), target_mask)
