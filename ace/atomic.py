@@ -27,6 +27,13 @@ def _umask() -> int:
     return mask
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` (made absolute) if it exists, else its nearest existing ancestor: where a
+    ``mkdir -p`` of it would start. Callers check it is a directory before any work."""
+    path = Path(os.path.abspath(path))
+    return next(p for p in (path, *path.parents) if p.exists())  # "/" exists
+
+
 def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``path``, then rename it: never half a file.
 

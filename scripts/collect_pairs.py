@@ -84,9 +84,9 @@ def check_out(out: Path) -> None:
     (nothing is created here: bad input writes nothing)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    base = out
-    while not base.exists() and base != base.parent:  # the nearest existing folder above
-        base = base.parent
+    from ace.atomic import nearest_existing
+
+    base = nearest_existing(out)
     if not base.is_dir():
         raise ValueError(f"--out {out}: {base} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):

@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from ace.atomic import atomic_write
+from ace.atomic import atomic_write, nearest_existing
 from ace.cli import OneLineParser, UserError, pick_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> Path:
         raise UserError(f"--output must end with one of {IMAGE_SUFFIXES}, got {output.name}")
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; give an image file path")
-    parent = next(d for d in output.absolute().parents if d.exists())  # "/" exists
+    parent = nearest_existing(output.parent)
     if not parent.is_dir():
         raise UserError(f"--output {output}: {parent} is a file, not a directory")
     if (args.height is None) != (args.width is None):

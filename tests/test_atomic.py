@@ -43,3 +43,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(path, fail)
     assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_nearest_existing_is_where_mkdir_p_would_start(tmp_path):
+    from ace.atomic import nearest_existing
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "f").write_text("")
+    assert nearest_existing(tmp_path / "a") == tmp_path / "a"
+    assert nearest_existing(tmp_path / "a" / "b" / "c") == tmp_path / "a"
+    assert nearest_existing(tmp_path / "f" / "x") == tmp_path / "f"  # a file: callers refuse it

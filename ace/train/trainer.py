@@ -33,7 +33,7 @@ from accelerate.utils import DistributedType, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ace.atomic import atomic_write
+from ace.atomic import atomic_write, nearest_existing
 from ace.conditioning import ConditionTokenizer
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
@@ -209,7 +209,7 @@ def check_output_dir(cfg: Config) -> None:
     ``train.resume``: a fresh run there would mix its rows, checkpoints and config with the
     old run's, and a later resume could load the old run's optimizer state."""
     out = Path(cfg.train.output_dir)
-    parent = next(d for d in (out, *out.absolute().parents) if d.exists())
+    parent = nearest_existing(out)
     if not parent.is_dir():
         raise ValueError(f"train.output_dir {out}: {parent} is a file, not a directory")
     if cfg.train.resume is None and out.is_dir():
@@ -455,7 +455,7 @@ class Trainer:
                     stacklevel=2,
                 )
         if acc.is_main_process:
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            self.write_config(self.out)
         if cfg.train.trackers:
             acc.init_trackers("ace", config={"lr": cfg.optim.lr, "batch_size": cfg.data.batch_size})
         bar = tqdm(
@@ -518,7 +518,7 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
-            (tmp / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            self.write_config(tmp)  # the checkpoint's own: what a resume is checked against
             (tmp / "trainer_state.json").write_text(
                 json.dumps(
                     {"step": self.step, "nonfinite": self.nonfinite, "skipped": self.skipped_total}
@@ -530,6 +530,10 @@ class Trainer:
                 shutil.rmtree(self.out / f"checkpoint-{old}", ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def write_config(self, directory: Path) -> None:
+        """The run's config as ``directory/config.json`` (the run's, and each checkpoint's)."""
+        (directory / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
 
     def checkpoints(self) -> list[int]:
         if not self.out.is_dir():
