@@ -8,7 +8,8 @@
 
 Without ``--data`` it trains on the first ``--n-images`` images of the toy stream
 (``sample_stream(n, seed, split="train", weights=TOY_VAE_WEIGHTS)``: inputs and targets,
-maps more often than the DiT sees them; ``--mix dit``: the DiT's mix); with it, on the
+maps more often than the DiT sees them; ``--mix dit``: the DiT's mix), half of them
+replaced by flat swatches of the toy palette (``--swatches``, ``TOY_VAE_SWATCHES``); with it, on the
 images of an LCU manifest. It then prints the reconstruction PSNR on held-out toy images
 (``split="eval"``) and the palette error (``ace.train.vae.palette_error``: how far it
 moves the toy world's flat colours, which PSNR hides) and writes OUT/ (``config.json``,
@@ -48,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="toy task mix: TOY_VAE_WEIGHTS (vae, the default: maps more often) or the DiT's",
     )
+    p.add_argument(
+        "--swatches",
+        type=float,
+        default=None,
+        help="fraction of the toy training images that are flat swatches of the toy palette "
+        "(default TOY_VAE_SWATCHES, 0.5; 0 for none); not with --data",
+    )
     p.add_argument("--latent-channels", type=int, default=8, help="latent channels (default 8)")
     p.add_argument("--eval-images", type=int, default=256, help="held-out toy images to score")
     p.add_argument(
@@ -74,6 +82,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--data {args.data} does not exist")
     if args.data is not None and args.mix is not None:
         raise ValueError("--mix picks the toy stream's task mix; it cannot be used with --data")
+    if args.data is not None and args.swatches is not None:
+        raise ValueError("--swatches mixes palette swatches into the toy images; not with --data")
+    if args.swatches is not None and not 0 <= args.swatches < 1:
+        raise ValueError(f"--swatches must be in [0, 1), got {args.swatches}")
     out = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -86,6 +98,7 @@ def train(args: argparse.Namespace) -> dict:
     check_args(args)
     device = pick_device(args.device)  # before any work
     from ace.train.vae import (  # lazy: --help and argument errors need no torch
+        TOY_VAE_SWATCHES,
         TOY_VAE_WEIGHTS,
         load_images,
         measurements,
@@ -107,6 +120,7 @@ def train(args: argparse.Namespace) -> dict:
             lr=args.lr,
             latent_channels=args.latent_channels,
             weights=None if args.mix == "dit" else TOY_VAE_WEIGHTS,
+            swatch_fraction=TOY_VAE_SWATCHES if args.swatches is None else args.swatches,
             progress=not args.quiet,
             device=device,
         )

@@ -5,21 +5,41 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from _scripts import run_script
 from diffusers import AutoencoderKL
 
 from ace.data.manifest import write_manifest
-from ace.data.toy import BACKGROUND_COLORS, COLORS, TASKS, sample_stream
+from ace.data.toy import (
+    BACKGROUND_COLORS,
+    CELLS,
+    COLORS,
+    PATTERNS,
+    SHAPES,
+    TASKS,
+    Background,
+    Obj,
+    Scene,
+    edge_map,
+    render,
+    sample_stream,
+    segmentation_map,
+)
+from ace.train import vae as vae_module
 from ace.train.vae import (
+    TOY_VAE_SWATCHES,
     TOY_VAE_WEIGHTS,
     load_images,
+    palette,
     palette_error,
     reconstruction_psnr,
     reconstructions,
+    swatches,
     toy_images,
     toy_vae_config,
+    train_toy_vae,
     train_vae,
 )
 
@@ -128,6 +148,63 @@ def test_palette_error_by_hand():
         palette_error(_StandInVAE(None), size=40)
 
 
+def _colours(image) -> set[tuple[int, int, int]]:
+    return {tuple(int(v) for v in c) for c in np.asarray(image).reshape(-1, 3)}
+
+
+def test_palette_is_every_flat_colour_the_toy_world_draws():
+    """The palette against the colours found in rendered images: every background colour
+    and pattern with every object colour, the segmentation map of every shape, and an
+    edge map (white on black)."""
+    seen = set()
+    for color in BACKGROUND_COLORS:
+        for pattern in PATTERNS:
+            objects = [Obj("square", c, "small", cell) for c, cell in zip(COLORS, CELLS)]
+            seen |= _colours(render(Scene(Background(color, pattern), objects)))
+    shapes = [Obj(shape, "red", "small", cell) for shape, cell in zip(SHAPES, CELLS)]
+    scene = Scene(Background("white", "stripes"), shapes)
+    seen |= _colours(segmentation_map(scene)) | _colours(edge_map(render(scene)))
+    assert _colours(palette()) == seen
+    assert palette().dtype == np.uint8 and len(palette()) == len(seen)
+
+
+def test_swatches_are_palette_rectangles_on_the_8px_grid():
+    a = swatches(64, seed=0)
+    assert a.shape == (64, 3, 64, 64) and a.dtype == torch.uint8
+    assert torch.equal(a, swatches(64, seed=0)) and not torch.equal(a, swatches(64, seed=1))
+    blocks = a.reshape(64, 3, 8, 8, 8, 8)  # (n, 3, row block, y, column block, x)
+    assert (blocks == blocks[:, :, :, :1, :, :1]).all()  # each 8 x 8 block is one colour
+    colours = set().union(*(_colours(x.permute(1, 2, 0)) for x in a))
+    assert colours == _colours(palette())  # only palette colours, and in 64 images all 28
+    per_image = [len(_colours(x.permute(1, 2, 0))) for x in a]
+    assert min(per_image) >= 1 and max(per_image) <= 16 and np.mean(per_image) > 3
+    assert swatches(2, size=32).shape == (2, 3, 32, 32)
+    for kwargs, match in [({"n": 0}, "n must be"), ({"n": 2, "size": 20}, "size must be")]:
+        with pytest.raises(ValueError, match=match):
+            swatches(**kwargs)
+
+
+def test_train_toy_vae_mixes_in_swatches_after_the_toy_images(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(images, **kwargs):
+        seen.append(images)
+        return train_vae(images, **kwargs)
+
+    monkeypatch.setattr(vae_module, "train_vae", spy)
+    info = train_toy_vae(tmp_path / "vae", steps=1, n_images=8, eval_images=1, batch_size=8, progress=False)  # fmt: skip
+    assert TOY_VAE_SWATCHES == 0.5 and info["swatch_fraction"] == 0.5
+    assert info["train_images"] == 8
+    assert torch.equal(seen[0][:4], toy_images(4, seed=0, weights=TOY_VAE_WEIGHTS))
+    assert torch.equal(seen[0][4:], swatches(4, seed=0))
+    train_toy_vae(tmp_path / "vae", steps=1, n_images=8, eval_images=1, batch_size=8, progress=False, swatch_fraction=0)  # fmt: skip
+    assert torch.equal(seen[1], toy_images(8, seed=0, weights=TOY_VAE_WEIGHTS))
+    for bad in (1, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="swatch_fraction"):
+            train_toy_vae(tmp_path / "bad", steps=1, swatch_fraction=bad, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_save_load_round_trip_decodes_identically(trained, tmp_path):
     vae, _ = trained
     vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
@@ -219,6 +296,7 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
     assert vae.config.latent_channels == 8 and vae.config.scaling_factor == info["scaling_factor"]
     assert info["train_images"] == 4 and math.isfinite(info["psnr_db"])
     assert info["weights"] == TOY_VAE_WEIGHTS  # the demo VAE's mix, recorded
+    assert info["swatch_fraction"] == TOY_VAE_SWATCHES
     assert info["device"] == "cpu" and set(info["palette_error"]) == {
         "background",
         "object",
@@ -228,8 +306,9 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
 
     code, _, err = script(argv, capsys)  # --out is not empty now
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1
-    code, _, _ = script([*argv, "--overwrite", "--mix", "dit"], capsys)
-    assert code == 0 and json.loads((out / "training.json").read_text())["weights"] == {}
+    code, _, _ = script([*argv, "--overwrite", "--mix", "dit", "--swatches", "0"], capsys)
+    info = json.loads((out / "training.json").read_text())
+    assert code == 0 and info["weights"] == {} and info["swatch_fraction"] == 0
     code, _, _ = script([*argv, "--overwrite", "--device", "cpu", "--data", _manifest(tmp_path)], capsys)  # fmt: skip
     info = json.loads((out / "training.json").read_text())
     assert code == 0 and info["data"] and info["device"] == "cpu"
@@ -250,6 +329,8 @@ def _manifest(tmp_path: Path) -> Path:
         (["--seed", -1], "--seed"),
         (["--data", "/nonexistent/data"], "does not exist"),
         (["--data", ".", "--mix", "dit"], "cannot be used with --data"),
+        (["--data", ".", "--swatches", "0.2"], "not with --data"),
+        (["--swatches", "1"], "--swatches must be in [0, 1)"),
         (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
         pytest.param(
             ["--device", "cuda"],
