@@ -25,15 +25,11 @@ LAYOUTS = {
 }
 
 
-def backends_here():
-    names = ["sdpa", "dense", "flex"]
-    if varlen_available(torch.device("cuda"), torch.bfloat16) and torch.cuda.is_available():
-        names.append("varlen")
-    return names
+HAS_VARLEN = varlen_available(torch.device("cuda"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("backend", ["sdpa", "dense", "flex"])
 def test_backend_matches_naive_and_oracle(name, backend):
     q_lens, k_lens = LAYOUTS[name]
     layout = SegmentLayout.build(q_lens, k_lens, "cpu")
@@ -46,6 +42,50 @@ def test_backend_matches_naive_and_oracle(name, backend):
         out = segment_attention(q.float(), k.float(), v.float(), layout, backend)
     torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_VARLEN, reason="varlen_attn needs a CUDA GPU (sm80+) and bf16")
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_varlen_matches_naive_in_bf16(name):
+    q_lens, k_lens = LAYOUTS[name]
+    layout = SegmentLayout.build(q_lens, k_lens, "cuda")
+    q = torch.randn(sum(q_lens), 3, 64, dtype=torch.float64)
+    k, v = torch.randn(2, sum(k_lens), 3, 64, dtype=torch.float64)
+    ref = naive(q, k, v, q_lens, k_lens)
+    with torch.no_grad():
+        out = segment_attention(*(x.cuda().bfloat16() for x in (q, k, v)), layout, "varlen")
+    assert out.dtype == torch.bfloat16
+    err = (out.double().cpu() - ref).norm() / ref.norm()
+    assert err < 2e-2, err
+
+
+def test_varlen_needs_an_ampere_gpu(monkeypatch):
+    """FlashAttention-2 refuses a T4 or V100: auto must not pick varlen there."""
+    layout = SegmentLayout.build([4, 2], [3, 1], "cpu")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in [((7, 5), "sdpa"), ((8, 0), "varlen"), ((9, 0), "varlen")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert varlen_available(cuda, torch.bfloat16) == (expected == "varlen")
+        assert select_backend(layout, cuda, torch.float16) == expected
+        assert select_backend(layout, cuda, torch.float32) == "sdpa"
+        assert select_backend(layout, cuda, torch.bfloat16, head_dim=512) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_backend(layout, cuda, torch.bfloat16) == "sdpa"
+
+
+def test_sdpa_output_takes_the_autocast_dtype():
+    """Ragged groups gathered by index under bf16 autocast: the output buffer is bf16 like
+    SDPA's result (it was q's fp32, and index_copy_ refused the mix)."""
+    q_lens, k_lens = [4, 6, 4], [3, 2, 5]
+    layout = SegmentLayout.build(q_lens, k_lens, "cpu")
+    q = torch.randn(sum(q_lens), 2, 8)
+    k, v = torch.randn(2, sum(k_lens), 2, 8)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        outs = {b: segment_attention(q, k, v, layout, b) for b in ("sdpa", "dense")}
+    assert outs["sdpa"].dtype == outs["dense"].dtype == torch.bfloat16
+    ref = naive(q.double(), k.double(), v.double(), q_lens, k_lens)
+    torch.testing.assert_close(outs["sdpa"].double(), ref, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -72,7 +112,7 @@ def test_auto_choice_on_cpu_is_sdpa_and_bad_names_raise():
     q = torch.randn(6, 1, 4)
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         segment_attention(q, q[:4], q[:4], layout, "fast")
-    with pytest.raises(ValueError, match=r"varlen.*needs CUDA"):
+    with pytest.raises(ValueError, match=r"varlen.*needs a CUDA GPU"):
         segment_attention(q, q[:4], q[:4], layout, "varlen")
 
 

@@ -138,19 +138,18 @@ def _rows(x: Tensor, start: int, index: Tensor | None, n: int, length: int) -> T
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout) -> Tensor:
     """Grouped ``scaled_dot_product_attention``: one call per distinct query length."""
-    out = (
-        None
-        if len(layout.groups) == 1 and layout.groups[0].q_index is None
-        else torch.empty_like(q)
-    )
+    single = len(layout.groups) == 1 and layout.groups[0].q_index is None
+    out = None
     for g in layout.groups:
         qg = _rows(q, g.q_start, g.q_index, g.n, g.lq)  # (n, H, lq, D)
         kg = _rows(k, g.k_start, g.k_index, g.n, g.lk)  # (n, H, lk, D)
         vg = _rows(v, g.k_start, g.k_index, g.n, g.lk)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.k_mask)  # (n, H, lq, D)
         og = og.transpose(1, 2).flatten(0, 1)  # (n*lq, H, D)
-        if out is None:
+        if single:
             return og
+        if out is None:  # SDPA's dtype, which autocast may make other than q's
+            out = q.new_empty(q.shape, dtype=og.dtype)  # (Tq, H, D)
         if g.q_index is None:
             out[g.q_start : g.q_start + g.n * g.lq] = og
         else:
@@ -198,18 +197,25 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout) -> T
     return out.transpose(0, 1)
 
 
-def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where ``varlen_attn`` can run: CUDA, fp16/bf16, PyTorch >= 2.10."""
+def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> bool:
+    """True where ``varlen_attn`` can run: a CUDA GPU of compute capability 8.0 or newer
+    (FlashAttention-2 refuses a T4 or V100), fp16/bf16, PyTorch >= 2.10, and head
+    dimensions up to 256 (when ``head_dim`` is given)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if head_dim is not None and head_dim > 256:
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
-    return True
+    # both are constant-folded under torch.compile; the properties are cached by torch
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def select_backend(layout: SegmentLayout, device: torch.device, dtype: torch.dtype) -> str:
+def select_backend(
+    layout: SegmentLayout, device: torch.device, dtype: torch.dtype, head_dim: int | None = None
+) -> str:
     """The automatic choice: ``varlen`` for ragged layouts on CUDA half precision, else ``sdpa``.
 
     A layout of one group of equal segments is a single batched SDPA call, which is the
@@ -217,7 +223,7 @@ def select_backend(layout: SegmentLayout, device: torch.device, dtype: torch.dty
     lengths) avoid padding with varlen where it exists.
     """
     uniform = len(layout.groups) == 1 and layout.groups[0].k_mask is None
-    if not uniform and varlen_available(device, dtype):
+    if not uniform and varlen_available(device, dtype, head_dim):
         return "varlen"
     return "sdpa"
 
@@ -235,12 +241,13 @@ def segment_attention(
 ) -> Tensor:
     """Attention inside segments: q (Tq, H, D), k and v (Tk, H, D) -> (Tq, H, D)."""
     if backend == "auto":
-        backend = select_backend(layout, q.device, q.dtype)
+        backend = select_backend(layout, q.device, q.dtype, q.shape[-1])
     if backend not in _IMPLS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "varlen" and not varlen_available(q.device, q.dtype):
+    if backend == "varlen" and not varlen_available(q.device, q.dtype, q.shape[-1]):
         raise ValueError(
-            f"attention backend 'varlen' needs CUDA, fp16/bf16 and PyTorch >= 2.10; "
-            f"got device {q.device}, dtype {q.dtype}"
+            f"attention backend 'varlen' needs a CUDA GPU of compute capability >= 8.0, "
+            f"fp16/bf16, head dim <= 256 and PyTorch >= 2.10; got device {q.device}, "
+            f"dtype {q.dtype}, head dim {q.shape[-1]}"
         )
     return _IMPLS[backend](q, k, v, layout)
