@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     if args.out is not None:
         from ace.atomic import atomic_write
 
-        text = json.dumps(report.to_json(), indent=1)
+        text = json.dumps(report.to_json(), indent=1, allow_nan=False)
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
         print(f"wrote {args.out}")
     return 0

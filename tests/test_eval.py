@@ -338,3 +338,11 @@ def test_leave_one_out_means_by_hand():
     means = leave_one_out_means([np.zeros(2), np.ones(2), np.full(2, 2.0)])
     assert [m.tolist() for m in means] == [[1.5, 1.5], [1.0, 1.0], [0.5, 0.5]]
     assert leave_one_out_means([np.ones(2)]) == [None]  # no other image to average
+    # mixed sizes: each image against the others of its own size
+    mixed = leave_one_out_means(
+        [np.zeros((2, 2)), np.ones(3), np.full((2, 2), 4.0), np.ones((2, 2))]
+    )
+    assert mixed[1] is None
+    np.testing.assert_array_equal(mixed[0], np.full((2, 2), 2.5))  # (4 + 1) / 2
+    np.testing.assert_array_equal(mixed[2], np.full((2, 2), 0.5))  # (0 + 1) / 2
+    np.testing.assert_array_equal(mixed[3], np.full((2, 2), 2.0))  # (0 + 4) / 2

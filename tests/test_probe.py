@@ -28,7 +28,10 @@ def copying_model(pipe):
     obj = objective_for_scheduler(pipe.scheduler)
 
     def predict(frames, masks, texts, timesteps, indicators=None):
-        x_t, x1 = frames[0][0], frames[0][1]
+        # the image the request starts from: the current turn's first (the frames that
+        # share the target's text), else the latest history image
+        own = [k for k in range(1, len(frames[0])) if texts[0][k] is texts[0][0]]
+        x_t, x1 = frames[0][0], frames[0][own[0] if own else -1]
         if isinstance(obj, DDPMEpsilon):  # x_t = sqrt(abar) x1 + sqrt(1 - abar) eps
             abar = obj.alphas_cumprod()[timesteps.long()].float()
             return [(x_t - abar.sqrt() * x1) / (1 - abar).sqrt()]
@@ -154,6 +157,31 @@ def test_script_bad_arguments_exit_2_in_one_line(tmp_path, capsys, extra, match)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_multi_turn_copy_scores_start_from_the_current_turn(monkeypatch):
+    """copy_mse is the error of the image the last edit starts from (the harness's copy
+    baseline), not of the chain's first image; a model that copies that image matches it."""
+    pipe = tiny_pipeline(objective="rectified-flow")
+    monkeypatch.setattr(pipe.transformer, "predict", copying_model(pipe))
+    lcus = [s.lcu for s in sample_stream(40, 0, split="eval", tasks=["multi_turn"])][:2]
+    assert all(len(lcu.history) >= 1 for lcu in lcus)
+    m = probe(pipe, lcus, levels=(0.5,), progress=False).per_task["multi_turn"]
+    assert m["x0_mse@0.5"] == pytest.approx(m["copy_mse"], rel=1e-4, abs=1e-6)
+
+
+def test_mixed_target_sizes_get_a_mean_baseline_per_size():
+    """Targets of two sizes in one family: each size is its own mean baseline (here one
+    target each, so NaN), not a crash after every network call."""
+    pipe = tiny_pipeline()
+    lcus = [next(iter(sample_stream(1, i, split="eval", size=size, tasks=["recolor"]))).lcu for i, size in enumerate((32, 64))]  # fmt: skip
+    report = probe(pipe, lcus, levels=(0.5,), progress=False)
+    assert report.per_task["recolor"]["n"] == 2
+    assert np.isnan(report.per_task["recolor"]["mean_psnr"])
+    assert (
+        json.loads(json.dumps(report.to_json(), allow_nan=False))["tasks"]["recolor"]["mean_psnr"]
+        is None
+    )
+
+
 def test_probe_rejects_lcus_it_cannot_probe():
     pipe = tiny_pipeline()
     no_target = LCU(ConditionUnit("a red circle"), task="text_to_image")
@@ -163,3 +191,5 @@ def test_probe_rejects_lcus_it_cannot_probe():
         probe(pipe, edit_lcus(1), levels=(0.5, 1.5), progress=False)
     with pytest.raises(ValueError, match="levels must be"):
         probe(pipe, edit_lcus(1), levels=(), progress=False)
+    with pytest.raises(ValueError, match="levels must be distinct"):
+        probe(pipe, edit_lcus(1), levels=(0.5, 0.50), progress=False)

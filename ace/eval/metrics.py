@@ -62,13 +62,23 @@ def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> floa
 
 
 def leave_one_out_means(images: list[np.ndarray]) -> list[np.ndarray | None]:
-    """Per image, the mean of the OTHER images (the mean baseline: an image's own share
-    would flatter it, and with one image be it); None when there is no other image.
+    """Per image, the mean of the OTHER images of its shape (the mean baseline: an image's
+    own share would flatter it, and with one image be it); None when no other image has
+    its shape (targets of mixed aspect ratios are averaged within each size).
 
     >>> [m.tolist() for m in leave_one_out_means([np.zeros(2), np.ones(2), np.full(2, 2.0)])]
     [[1.5, 1.5], [1.0, 1.0], [0.5, 0.5]]
+    >>> [None if m is None else m.tolist() for m in leave_one_out_means([np.zeros(2), np.ones(3)])]
+    [None, None]
     """
-    if len(images) < 2:
-        return [None] * len(images)
-    total = np.sum(images, axis=0)
-    return [(total - x) / (len(images) - 1) for x in images]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(images):
+        by_shape.setdefault(np.shape(x), []).append(i)
+    out: list[np.ndarray | None] = [None] * len(images)
+    for idx in by_shape.values():
+        if len(idx) < 2:
+            continue
+        total = np.sum([images[i] for i in idx], axis=0)
+        for i in idx:
+            out[i] = (total - images[i]) / (len(idx) - 1)
+    return out

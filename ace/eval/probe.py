@@ -5,13 +5,15 @@ one network call per LCU and noise level, on LCUs that carry their target:
 
 - ``x0_mse@L``: latent MSE of the clean target the model implies at noise level L
   (``Objective.predict_x0``) against the true one. ``copy_mse`` is the same for the
-  first input image taken as the answer: an editing model should beat it at high noise,
-  where only the input can tell it what the target looks like.
+  image the request starts from taken as the answer (the current turn's first image,
+  else the latest history image: the harness's copy baseline): an editing model should
+  beat it at high noise, where only the input can tell it what the target looks like.
 - ``text_effect@L``: |pred - pred with the current instruction blanked| / |pred|, the
-  instruction's pull on the prediction (the blank is the pipeline's unconditional text).
+  instruction's pull on the prediction (every frame of the current turn reads the empty
+  text; the pipeline's unconditional half blanks only the target and the last frame).
 - ``copy_attention``: per self-attention layer, the largest (over heads) mean attention
-  weight from a target token to the first input's token at the same (row, column), at
-  the highest level. Uniform attention gives 1 / (tokens of the sample); a head that
+  weight from a target token to the token at the same (row, column) of that starting
+  image, at the highest level. Uniform attention gives 1 / (tokens of the sample); a head that
   copies the input gives close to 1.
 - ``x0_psnr@L``: PSNR (dB, whole image) of that implied clean target, decoded by the VAE,
   against the target's pixels: the model's best single guess, which a sampler's draw
@@ -62,10 +64,12 @@ class ProbeReport:
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON: an undefined (NaN) metric becomes null."""
+        """Plain JSON: an undefined or infinite metric becomes null, in lists too."""
 
         def clean(v: Any) -> Any:
-            return None if isinstance(v, float) and math.isnan(v) else v
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return None if isinstance(v, float) and not math.isfinite(v) else v
 
         tasks = {t: {k: clean(v) for k, v in m.items()} for t, m in self.per_task.items()}
         return {"tasks": tasks, "config": self.config}
@@ -75,6 +79,9 @@ def _check_levels(levels: Sequence[float]) -> tuple[float, ...]:
     levels = tuple(float(v) for v in levels)
     if not levels or any(not 0 < v <= 1 for v in levels):  # NaN fails too
         raise ValueError(f"levels must be a non-empty list of noise levels in (0, 1], got {levels}")
+    keys = [f"{v:g}" for v in levels]  # the metric names carry the level as :g prints it
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"levels must be distinct (as printed), got {', '.join(keys)}")
     return tuple(sorted(levels))
 
 
@@ -136,8 +143,10 @@ def probe(
         blanked = [blank if k == current else states[k] for k in it.frame_turns]
         masks = [downsample_mask(m, conditioner.vae_factor).to(device) for m in it.masks]
         x0 = lat[0].to(device)
-        first = lat[1].to(device) if len(lat) > 1 else None
-        same_position = partial(_same_position, n=_tokens(model, x0))
+        start = _start_frame(it.frame_turns, current)
+        first = lat[start].to(device) if start is not None else None
+        offset = sum(_tokens(model, lat[j]) for j in range(start or 0))  # its first token
+        same_position = partial(_same_position, n=_tokens(model, x0), offset=offset)
         comparable = first is not None and first.shape == x0.shape
         row: dict[str, Any] = {
             "copy_mse": ((first - x0) ** 2).mean().item() if comparable else math.nan,
@@ -178,11 +187,19 @@ def _pixels(images: Tensor) -> np.ndarray:
     return (to_numpy(images)[0] * 255).astype(np.uint8) / 255.0
 
 
-def _same_position(weights: Tensor, n: int) -> Tensor:
-    """(H, T, T) -> (H,): mean weight from target token j to the first input's token j
-    (frame 0 is the target, frame 1 the first input, both n tokens)."""
+def _start_frame(frame_turns: Sequence[int], current: int) -> int | None:
+    """The frame the request starts from (frame 0 is the target): the current turn's first
+    image, else the latest history image, else None (text-to-image)."""
+    inputs = range(1, len(frame_turns))
+    own = [k for k in inputs if frame_turns[k] == current]
+    return own[0] if own else (inputs[-1] if len(inputs) else None)
+
+
+def _same_position(weights: Tensor, n: int, offset: int) -> Tensor:
+    """(H, T, T) -> (H,): mean weight from target token j (frame 0, n tokens) to token j of
+    the frame that starts at token ``offset`` and has the target's shape."""
     idx = torch.arange(n, device=weights.device)
-    return weights[:, idx, n + idx].mean(-1)
+    return weights[:, idx, offset + idx].mean(-1)
 
 
 def _time(objective, level: float) -> Tensor:
