@@ -11,7 +11,9 @@ same process, so they compare fairly on a shared machine.
 Each row also gives the model FLOPs per call (torch's FlopCounterMode on the reference,
 whose attention is plain matmuls; forward + backward counts 3x the forward), the share
 of the matmul peak that it reaches (the peak is measured in the same run: an 8192^3 bf16
-matmul on CUDA, a 2048^3 one in --dtype on CPU) and, on CUDA, each call's peak memory.
+matmul on CUDA, a 2048^3 one in --dtype on CPU) and, on CUDA, each call's peak memory:
+the model's own weights plus what the call allocates, so that the other model, resident
+beside it, is not counted.
 A call that runs out of GPU memory is reported as such (the released code needs 65 GiB
 for the 8 x 512 px training batch) and the rest goes on.
 
@@ -113,15 +115,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_gib(fn, device) -> float | None:
-    """Peak CUDA memory of one call of fn, in GiB (None on other devices)."""
+def peak_memory_gib(fn, device, model: torch.nn.Module | None = None) -> float | None:
+    """Peak CUDA memory of one call of fn, in GiB (None on other devices).
+
+    With ``model``: what the call allocates above the memory held before it, plus the
+    model's own parameters and buffers, so that another resident model (the reference
+    timed beside it) is not counted. Without: the absolute peak."""
     if device.type != "cuda":
         return None
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     fn()
     sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = torch.cuda.max_memory_allocated(device)
+    if model is None:
+        return peak / 2**30
+    tensors = [*model.parameters(), *model.buffers()]
+    own = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
+    return (peak - before + own) / 2**30
 
 
 def matmul_peak_tflops(device, dtype) -> tuple[float, str]:
@@ -275,7 +287,7 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
         for impl, model in (("ref", ref), ("ace", ours)):
             try:
                 ms = median_ms(make(model), device, args.repeats, args.warmup)
-                mem = peak_memory_gib(make(model), device)
+                mem = peak_memory_gib(make(model), device, model)
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 if not out_of_memory(e):
                     raise
@@ -305,6 +317,18 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
             row[f"{kind}_compiled_ms"] = ms
             row[f"{kind}_compiled_pct_peak"] = pct_of_peak(kind, ms)
             row[f"{kind}_compiled_speedup"] = speedup(kind, ms)
+        # checked like the eager model; after the loop, so compile_s stays the first call's
+        with torch.no_grad():
+            compiled = ours.predict(*inputs)
+        cerr = max(
+            ((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(compiled, b)
+        )
+        if not cerr <= tol:
+            raise SystemExit(
+                f"{name}: compiled ace and the reference disagree (relative error {cerr:.2e} > "
+                f"{tol:g})"
+            )
+        row["compiled_rel_err"] = cerr
     # training throughput of the DiT step (forward + backward), image tokens of all frames
     for impl in ("ace", "ref"):
         ms = row[f"fwd_bwd_{impl}_ms"]
@@ -317,17 +341,23 @@ def time_cuda_graph(model, tokens, text, t, packed, ind, args, device) -> dict:
     the plain call and its median ms."""
     from ace.models.cuda_graph import GraphedForward
 
+    g = torch.Generator().manual_seed(1)
+    other = (tokens + torch.randn(tokens.shape, generator=g).to(tokens), (t * 0.5).to(t.dtype))
     with torch.no_grad():
-        eager = model(tokens, text, t, packed, ind)
         graphed = GraphedForward(model, tokens, text, t, packed, ind)
-        replayed = graphed(tokens, text, t, ind).clone()
+        # replayed on inputs other than the captured ones, then on those again: a graph that
+        # ignored its new inputs would pass a check on the inputs it was captured with
+        err = 0.0
+        for x, tt in (other, (tokens, t)):
+            eager = model(x, text, tt, packed, ind)
+            replayed = graphed(x, text, tt, ind).clone()
+            err = max(err, ((replayed - eager).float().norm() / eager.float().norm()).item())
 
     def run():
         with torch.no_grad():
             c, u = packed.unpack_target(graphed(tokens, text, t, ind))
             apply_guidance(c[None], u[None], 4.5, 0.5)
 
-    err = ((replayed - eager).float().norm() / eager.float().norm()).item()
     if not err <= 1e-3:  # the same kernels replayed: a larger gap is a wrong graph, not rounding
         raise ValueError(f"the replayed graph differs from the plain call (rel err {err:.1e})")
     return {

@@ -115,7 +115,26 @@ def test_attention_benchmark_checks_every_backend(capsys):
         assert r["sdpa_err"] <= 1e-5 and r["flex_err"] <= 1e-5  # against the dense oracle
         assert r["sdpa_fwd_bwd_ms"] > 0 and r["flex_fwd_bwd_ms"] is None  # no flex bwd on CPU
         assert r["auto"] == "sdpa" and "varlen_fwd_ms" not in r  # varlen is CUDA-only
-    assert "FlexAttention does not support backward on CPU" in err
+    assert report["failed"] == []
+
+
+def test_attention_benchmark_fails_a_wrong_backend(capsys, monkeypatch):
+    """The oracle check must be able to fail: sdpa without its segment mask reads every
+    token, and the script says so and exits 1 after printing its table."""
+    from ace.models import attention
+
+    def unmasked(q, k, v, layout):
+        return attention.dense_attention(
+            q, k, v, attention.SegmentLayout.build([len(q)], [len(k)], q.device)
+        )
+
+    monkeypatch.setitem(attention._IMPLS, "sdpa", unmasked)
+    argv = ["--scale", "0.02", "--repeats", "1", "--warmup", "0", "--backends", "sdpa", "--layouts", "self ragged"]  # fmt: skip
+    code, out, err = run_script(ATTENTION, argv, capsys)
+    assert code == 1 and "self ragged" in out
+    assert "check failed: self ragged, sdpa: relative error" in err
+    code, _, err = run_script(ATTENTION, ["--backends", "varlen", "--scale", "0.02"], capsys)
+    assert code == 2 and "none of --backends varlen runs on cpu" in err
 
 
 def test_attention_benchmark_bad_arguments(capsys):

@@ -87,6 +87,11 @@ class GraphedForward:
         if (indicators is None) != (self.indicators is None):
             raise ValueError("indicators must be given exactly when they were at capture")
         if indicators is not None:
+            if indicators.shape != self.indicators.shape:  # copy_ would broadcast a (1, E)
+                raise ValueError(
+                    f"indicators shape {tuple(indicators.shape)} differs from the captured "
+                    f"{tuple(self.indicators.shape)}"
+                )
             self.indicators.copy_(indicators)
         self.graph.replay()
         return self.out
