@@ -242,6 +242,10 @@ class PackedBatch:
 
     def pack_texts(self, texts: list[list[Tensor]]) -> Tensor:
         """Per-sample, per-frame text embeddings (L, E) -> one stream (Tt, E)."""
+        if len(texts) != self.num_samples:
+            raise ValueError(
+                f"got texts for {len(texts)} samples, the layout has {self.num_samples}"
+            )
         flat = []
         for b, (ts, lengths) in enumerate(zip(texts, self.text_lengths)):
             if len(ts) != len(lengths):

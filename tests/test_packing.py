@@ -76,3 +76,5 @@ def test_bad_layouts_raise():
         pb.pack_frames([[torch.randn(4, 4, 2)]])
     with pytest.raises(ValueError, match=r"text 0: shape \(3, 8\), expected \(2, text_dim\)"):
         pb.pack_texts([[torch.randn(3, 8)]])
+    with pytest.raises(ValueError, match="got texts for 2 samples, the layout has 1"):
+        pb.pack_texts([[torch.randn(2, 8)], [torch.randn(2, 8)]])  # zip dropped the second
