@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ace.lcu import LCU, ConditionUnit
+from ace.lcu import LCU, MAX_INPUT_IMAGES, ConditionUnit
 
 if TYPE_CHECKING:
     from ace.pipeline import ACEPipeline
@@ -21,39 +21,87 @@ class ChatSession:
 
     A turn without images edits the previous output, which it names ``{image}``. After
     each turn its CU (instruction, input images, masks) joins the history, so later
-    instructions are read in the context of all earlier turns, as the released chat does.
+    instructions are read in the context of earlier turns, as the released chat does.
+
+    An LCU holds at most ``MAX_INPUT_IMAGES`` (9) images over all its turns, so a turn
+    reads the most recent history turns that fit beside its own images, and at most
+    ``max_history`` of them (None: as many as fit; 0: none). Dropping the oldest turns
+    renames the remaining images, which the model reads through the instructions, and
+    can change the output size when the first image of the combined list goes.
+    ``undo()`` forgets the last turn; ``reset()`` all of them.
     """
 
-    def __init__(self, pipe: ACEPipeline, **defaults):
+    def __init__(self, pipe: ACEPipeline, max_history: int | None = None, **defaults):
         if defaults.get("output_type", "pil") != "pil":
             raise ValueError(
                 "a chat session returns PIL images: each output is the next turn's input"
             )
+        per_turn = sorted({"history", "images", "masks", "instruction"} & set(defaults))
+        if per_turn:
+            raise ValueError(
+                f"{', '.join(per_turn)} belong to a turn, not to the session's defaults: "
+                "pass them to each call (the session keeps the history itself)"
+            )
+        if max_history is not None and (
+            isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 0
+        ):
+            raise ValueError(f"max_history must be None or an int >= 0, got {max_history!r}")
         self.pipe = pipe
+        self.max_history = max_history
         self.defaults = {"num_inference_steps": pipe.config.default_steps, **defaults}
         self.history: list[ConditionUnit] = []
         self.outputs: list = []
 
-    def lcu(self, instruction: str, images=None, masks=None) -> LCU:
-        """The LCU the next turn would run."""
+    def lcu(self, instruction: str, images=None, masks=None, task: str | None = None) -> LCU:
+        """The LCU the next turn would run (its history: the turns that fit)."""
         # only None or an empty list means "no images"; anything else build_lcu checks
         if self.outputs and (images is None or (isinstance(images, (list, tuple)) and not images)):
             images = [self.outputs[-1]]
-        return self.pipe.build_lcu(instruction, images, masks, self.history)
+        if task is None:
+            task = self.defaults.get("task", "")
+        n_current = len(images) if isinstance(images, (list, tuple)) else 0
+        return self.pipe.build_lcu(instruction, images, masks, self._history(n_current), task)
+
+    def _history(self, n_current: int) -> list[ConditionUnit]:
+        """The most recent history turns (at most ``max_history``) whose images fit an LCU
+        beside ``n_current`` images of the current turn."""
+        history = (
+            self.history
+            if self.max_history is None
+            else self.history[len(self.history) - self.max_history :]
+        )
+        while history and sum(len(cu.images) for cu in history) + n_current > MAX_INPUT_IMAGES:
+            history = history[1:]
+        return list(history)
 
     def __call__(self, instruction: str, images=None, masks=None, **kwargs):
         if kwargs.get("output_type", "pil") != "pil":
             raise ValueError(
                 "a chat session returns PIL images: each output is the next turn's input"
             )
-        lcu = self.lcu(instruction, images, masks)
+        if "history" in kwargs:
+            raise ValueError("a chat session keeps its own history: use the pipeline for one")
+        lcu = self.lcu(instruction, images, masks, kwargs.get("task"))
         out = self.pipe(
             instruction,
             lcu.current.images,
             lcu.current.masks,
-            history=self.history,
+            history=lcu.history,
             **{**self.defaults, **kwargs},
         )
         self.history.append(lcu.current)
-        self.outputs.append(out.images[0])
+        # a copy: drawing on the returned image must not change the next turn's input
+        self.outputs.append(out.images[0].copy())
         return out.images[0]
+
+    def undo(self) -> None:
+        """Forget the last turn: its CU and its output (ValueError if there is none)."""
+        if not self.history:
+            raise ValueError("nothing to undo: the session has no turns")
+        self.history.pop()
+        self.outputs.pop()
+
+    def reset(self) -> None:
+        """Forget every turn; the defaults stay."""
+        self.history.clear()
+        self.outputs.clear()

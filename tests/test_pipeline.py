@@ -317,6 +317,52 @@ def test_chat_builds_the_same_lcu_and_images_as_explicit_history(pipe):
     assert same(third, again.images[0])
 
 
+def test_chat_keeps_going_past_nine_images_with_the_turns_that_fit(pipe):
+    """An LCU holds 9 images over all turns: turn 11 (one text-to-image turn, then edits of
+    each previous output) used to fail for good; it now reads the 8 latest history turns."""
+    chat = pipe.chat(height=32, width=32, num_inference_steps=1)
+    chat("a red square")
+    for i in range(10):
+        chat(f"edit {i} of {{image}}")
+    assert len(chat.history) == len(chat.outputs) == 11
+    lcu = chat.lcu("one more edit of {image}")
+    assert len(lcu.images) == 9 and len(lcu.history) == 8
+    assert [cu.instruction for cu in lcu.history] == [cu.instruction for cu in chat.history[-8:]]
+    assert same(lcu.images[-1], chat.outputs[-1])
+    assert len(pipe.chat(max_history=2).lcu("x").history) == 0  # no turns yet
+    short = pipe.chat(height=32, width=32, num_inference_steps=1, max_history=1)
+    short("a red square")
+    short("make {image} blue")
+    assert [cu.instruction for cu in short.lcu("x {image}").history] == ["make {image} blue"]
+    short.undo()
+    assert [cu.instruction for cu in short.history] == ["a red square"] and len(short.outputs) == 1
+    short.reset()
+    assert short.history == [] and short.outputs == []
+    with pytest.raises(ValueError, match="nothing to undo"):
+        short.undo()
+
+
+def test_chat_output_is_not_the_stored_next_input(pipe):
+    chat = pipe.chat(height=32, width=32, num_inference_steps=1)
+    out = chat("a red square")
+    kept = out.copy()
+    out.paste((255, 0, 0), (0, 0, 32, 32))  # the user draws on what they were given
+    assert same(chat.outputs[-1], kept) and same(chat.lcu("x").images[0], kept)
+
+
+def test_chat_refuses_per_turn_defaults_and_passes_its_task(pipe):
+    for bad in ({"history": []}, {"images": []}, {"masks": None}):
+        with pytest.raises(ValueError, match="belong to a turn"):
+            pipe.chat(**bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_history"):
+            pipe.chat(max_history=bad)
+    chat = pipe.chat(task="inpainting")
+    assert chat.lcu("x").task == "inpainting" and chat.lcu("x", task="").task == ""
+    with pytest.raises(ValueError, match="keeps its own history"):
+        chat("x", history=[])
+
+
 def test_pipeline_equals_an_obvious_denoising_loop(pipe):
     """Every step by hand: T5 per frame text, the negative replaces the current instruction,
     the released DDIM update from the DDPM equations, guidance with rescale."""
