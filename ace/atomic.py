@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask, read without changing it where Linux allows (/proc), else by
     setting and restoring it."""
     try:
@@ -49,7 +49,7 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
-            mode = 0o666 & ~_umask()
+            mode = 0o666 & ~umask()
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ace.atomic import umask
 from ace.cli import OneLineParser, UserError
 
 RELEASED_STEPS = {512: 20, 1024: 50}
@@ -64,7 +65,10 @@ def load_weights(path: str) -> dict:
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(file)
+        try:
+            return load_file(file)
+        except Exception as e:  # SafetensorError: truncated, or not safetensors at all
+            raise UserError(f"cannot load {file} as safetensors: {e}") from e
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types
@@ -94,21 +98,44 @@ def build(args: argparse.Namespace):
     for flag in ("t5", "tokenizer"):
         if not Path(getattr(args, flag)).is_dir():
             raise UserError(f"--{flag} {getattr(args, flag)} is not a directory")
-    dit_config = read_json(args.dit_config)
-    transformer = (
-        ACETransformer(**dit_config)
-        if dit_config
-        else ACETransformer.from_preset(f"ace-0.6b-{args.resolution}")
-    )
+    # the small and quick parts first: a bad tokenizer should not wait for T5-XXL's 10 GB
     try:
-        transformer.load_state_dict(official_dit_to_ace(load_weights(args.dit)), strict=True)
-        vae = AutoencoderKL(**(read_json(args.vae_config) or sd_vae_config()))
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokenizer {args.tokenizer}: not a tokenizer directory ({e})") from e
+    dit_config, vae_config = read_json(args.dit_config), read_json(args.vae_config)
+    try:
+        transformer = (
+            ACETransformer(**dit_config)
+            if dit_config
+            else ACETransformer.from_preset(f"ace-0.6b-{args.resolution}")
+        )
+        vae = AutoencoderKL(**(vae_config or sd_vae_config()))
+    except (TypeError, ValueError) as e:  # an unknown or bad key in a --*-config
+        raise UserError(f"bad --dit-config or --vae-config: {e}") from e
+    if vae.config.latent_channels != transformer.config.in_channels:
+        raise UserError(
+            f"the VAE has {vae.config.latent_channels} latent channels and the DiT reads "
+            f"{transformer.config.in_channels} (in_channels)"
+        )
+    try:
+        state = official_dit_to_ace(load_weights(args.dit), transformer.config.in_channels)
+        transformer.load_state_dict(state, strict=True)
         vae.load_state_dict(convert_ldm_vae(load_weights(args.vae), dict(vae.config)), strict=True)
     except (ValueError, RuntimeError) as e:  # unknown keys, wrong shapes
         raise UserError(str(e)) from e
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    text_encoder = T5EncoderModel.from_pretrained(args.t5, torch_dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    try:
+        text_encoder = T5EncoderModel.from_pretrained(
+            args.t5, torch_dtype=dtype, local_files_only=True
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"--t5 {args.t5}: not a T5 encoder directory ({e})") from e
+    if text_encoder.config.d_model != transformer.config.text_dim:
+        raise UserError(
+            f"--t5 {args.t5} gives {text_encoder.config.d_model}-wide states and the DiT reads "
+            f"{transformer.config.text_dim} (text_dim): the released model reads T5-v1.1-XXL"
+        )
     return ACEPipeline(
         transformer=transformer.eval(),
         vae=vae.eval(),
@@ -130,11 +157,15 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             pipe.save_pretrained(tmp, safe_serialization=True)
-            tmp.rename(out)
+            tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the group out
+            try:
+                tmp.rename(out)
+            except OSError as e:  # --out appeared while converting
+                raise UserError(f"--out {out} appeared while converting: {e}") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except UserError as e:
-        print(f"convert_official.py: error: {e}", file=sys.stderr)
+        print(f"convert_official.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -1,6 +1,7 @@
 """scripts/infer.py and scripts/convert_official.py, run as a user would, on tiny components."""
 
 import json
+import os
 import re
 import runpy
 import sys
@@ -261,6 +262,79 @@ def test_convert_official_mistakes_leave_nothing_on_disk(released, tmp_path, cap
     args[args.index(root / "dit.pth")] = tmp_path / "nope.pth"
     code, _, err = script("convert_official.py", args, capsys)
     assert code == 2 and "file not found" in err
+
+
+@pytest.mark.parametrize(
+    "flag, make, match",
+    [
+        (
+            "--dit",
+            lambda d: _file(d / "dit.safetensors", b"\x08\x00\x00"),
+            "cannot load .* as safetensors",
+        ),
+        (
+            "--vae",
+            lambda d: _file(d / "vae.safetensors", b"not safetensors"),
+            "cannot load .* as safetensors",
+        ),
+        (
+            "--dit-config",
+            lambda d: _file(d / "c.json", b'{"dept": 2}'),
+            "bad --dit-config or --vae-config: .*dept",
+        ),
+        (
+            "--vae-config",
+            lambda d: _file(d / "c.json", b'{"latent_channel": 4}'),
+            "bad --dit-config or --vae-config",
+        ),
+        ("--t5", lambda d: _dir(d / "t5"), "--t5 .*: not a T5 encoder directory"),
+        ("--tokenizer", lambda d: _dir(d / "tok"), "--tokenizer .*: not a tokenizer directory"),
+    ],
+)
+def test_convert_official_bad_files_exit_2_in_one_line(
+    released, tmp_path, capsys, flag, make, match
+):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    args = convert_args(released[0], tmp_path / "pipe")
+    args[args.index(flag) + 1] = make(bad)
+    code, _, err = script("convert_official.py", args, capsys)
+    assert code == 2 and re.search(match, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "pipe").exists()
+
+
+def _file(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _dir(path):
+    path.mkdir()
+    return path
+
+
+def test_convert_official_refuses_a_t5_of_another_width(released, tmp_path, capsys):
+    """T5-XL (2048 wide) given for the XXL the DiT reads: refused, not a pipeline that
+    fails at its first call."""
+    from transformers import T5Config, T5EncoderModel
+
+    root = released[0]
+    T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)).save_pretrained(tmp_path / "t5")  # fmt: skip
+    args = convert_args(root, tmp_path / "pipe")
+    args[args.index("--t5") + 1] = tmp_path / "t5"
+    code, _, err = script("convert_official.py", args, capsys)
+    assert code == 2 and f"gives 16-wide states and the DiT reads {TEXT_DIM}" in err
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_converted_pipeline_gets_umask_permissions(released, tmp_path, capsys):
+    out = tmp_path / "pipe"
+    old = os.umask(0o022)
+    try:
+        assert script("convert_official.py", convert_args(released[0], out), capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755  # mkdtemp gave 0700
 
 
 def test_pipeline_built_directly_matches_converted(released, tmp_path, capsys):
