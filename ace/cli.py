@@ -1,5 +1,5 @@
-"""What the command-line scripts share: one-line argument errors, the --device choice and
-plain-text tables.
+"""What the command-line scripts share: one-line argument errors, the --device choice, the
+output-path check and plain-text tables.
 
     from ace.cli import OneLineParser, UserError, pick_device, text_table
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -40,6 +41,20 @@ def pick_device(name: str | None):
     if not has_device(device.type):  # meta, or hpu without its torch plugin, too
         raise UserError(f"--device {name}: this machine has no {device.type} device")
     return device
+
+
+def check_out(path: Path, flag: str = "--out", *siblings: str) -> None:
+    """UserError unless a file can be written at ``path`` (and at its ``siblings``, the same
+    path with other suffixes, written beside it): none is a directory, and the nearest
+    existing ancestor is a directory. For scripts that write only after long work."""
+    from ace.atomic import nearest_existing
+
+    for target in (path, *(path.with_suffix(suffix) for suffix in siblings)):
+        if target.is_dir():
+            raise UserError(f"{flag} {path}: {target} is a directory; give a file path")
+    parent = nearest_existing(path.parent)
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
 
 
 class OneLineParser(argparse.ArgumentParser):

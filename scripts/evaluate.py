@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ace.cli import OneLineParser, UserError, pick_device, text_table
+from ace.cli import OneLineParser, UserError, check_out, pick_device, text_table
 
 SUITES = ("toy",)
 PROG = "evaluate.py"
@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> list[str] | None:
     """Every check that needs no model; returns the task list."""
+    from ace.diffusion import check_guidance
     from ace.eval import check_tasks
 
     if args.suite not in SUITES:
@@ -67,10 +68,17 @@ def check(args: argparse.Namespace) -> list[str] | None:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.size < 16 or args.size % 16:
-        raise UserError(f"--size must be a positive multiple of 16, got {args.size}")
-    if Path(args.out).suffix.lower() != ".json":
-        raise UserError(f"--out must end with .json, got {args.out}")
+    if args.seed + args.n > 2**64:
+        raise UserError(
+            f"--seed + --n must be at most 2**64 (sample i uses seed + i), got {args.seed + args.n}"
+        )
+    if args.size < 32 or args.size % 16:
+        raise UserError(f"--size must be a multiple of 16, at least 32, got {args.size}")
+    try:
+        check_guidance(args.guidance, args.rescale)
+    except ValueError as e:
+        raise UserError(f"--guidance / --rescale: {e}") from e
+    check_out(Path(args.out), "--out", ".png")
     if args.pipeline != "tiny" and not (Path(args.pipeline) / "model_index.json").is_file():
         raise UserError(
             f"--pipeline {args.pipeline} is not an ACEPipeline directory (no model_index.json)"
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace):
     pipe = (
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
+    check_fits(pipe, args.size)
     report = evaluate(
         pipe.to(device),
         n=args.n,
@@ -106,6 +115,19 @@ def run(args: argparse.Namespace):
     )
     report.config = {"pipeline": str(args.pipeline), **report.config}
     return report
+
+
+def check_fits(pipe, size: int) -> None:
+    """UserError when a --size square is more tokens than the pipeline's DiT places (its
+    ``rope_max_len``), before the first sample fails on it."""
+    per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px per side
+    tokens = (size // per_token) ** 2
+    if tokens > pipe.max_seq_len:
+        raise UserError(
+            f"--size {size} gives {tokens} tokens per image, more than this pipeline's "
+            f"rope_max_len={pipe.max_seq_len}; at most "
+            f"{int(pipe.max_seq_len**0.5) * per_token} px"
+        )
 
 
 def table(report) -> str:

@@ -28,8 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-from ace.atomic import atomic_write, nearest_existing
-from ace.cli import OneLineParser, UserError, pick_device
+from ace.atomic import atomic_write
+from ace.cli import OneLineParser, UserError, check_out, pick_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -158,11 +158,7 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--output must end with one of {IMAGE_SUFFIXES}, got {output.name}")
-    if output.is_dir():
-        raise UserError(f"--output {output} is a directory; give an image file path")
-    parent = nearest_existing(output.parent)
-    if not parent.is_dir():
-        raise UserError(f"--output {output}: {parent} is a file, not a directory")
+    check_out(output, "--output")
     if (args.height is None) != (args.width is None):
         raise UserError("give both --height and --width, or neither")
     if not 0 <= args.seed < 2**64:

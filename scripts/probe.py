@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from ace.cli import OneLineParser, UserError, pick_device, text_table
+from ace.cli import OneLineParser, UserError, check_out, pick_device, text_table
 
 PROG = "probe.py"
 
@@ -56,8 +56,8 @@ def check(args: argparse.Namespace) -> list[float]:
     """Every check that needs no model; returns the levels."""
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**64:
+        raise UserError(f"--seed must lie in [0, 2**64), got {args.seed}")
     try:
         levels = [float(v) for v in args.levels.split(",")]
     except ValueError:
@@ -66,8 +66,12 @@ def check(args: argparse.Namespace) -> list[float]:
         ) from None
     if any(not 0 < v <= 1 for v in levels):
         raise UserError(f"--levels must lie in (0, 1], got {args.levels}")
+    if len({f"{v:g}" for v in levels}) < len(levels):
+        raise UserError(f"--levels must be distinct, got {args.levels}")
     if args.out is not None and Path(args.out).suffix.lower() != ".json":
         raise UserError(f"--out must end with .json, got {args.out}")
+    if args.out is not None:
+        check_out(Path(args.out))
     if args.pipeline != "tiny" and not (Path(args.pipeline) / "model_index.json").is_file():
         raise UserError(
             f"--pipeline {args.pipeline} is not an ACEPipeline directory (no model_index.json)"

@@ -50,7 +50,7 @@ def test_psnr_over_a_region():
 
 
 def test_psnr_cap_nan_and_errors():
-    a = np.random.default_rng(0).random((8, 8, 3))
+    a = np.random.default_rng(0).random((8, 8, 3)) * 0.8  # room for + 0.1 inside [0, 1]
     assert psnr(a, a) == PSNR_CAP == 100.0
     assert psnr(a, a + 1e-9) == PSNR_CAP  # 180 dB, capped
     assert math.isnan(psnr(a, a + 0.1, np.zeros((8, 8), bool)))
@@ -58,6 +58,12 @@ def test_psnr_cap_nan_and_errors():
         psnr(a, a[:4])
     with pytest.raises(ValueError, match="region shape"):
         psnr(a, a, np.ones((4, 8), bool))
+    bad = a.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        psnr(bad, a)  # it scored the 100 dB cap
+    with pytest.raises(ValueError, match=r"0-255 images must be uint8"):
+        psnr(a * 255, a * 255)  # it gave a negative dB figure
 
 
 # ---------------------------------------------------------------------- constructed cases
@@ -134,6 +140,7 @@ def fake_toy(monkeypatch):
         return iter(picked[:n])
 
     module.sample_stream = sample_stream
+    module.check_size = lambda size: None  # the constructed images are 16 px
     monkeypatch.setitem(sys.modules, "ace.data.toy", module)
     return types.SimpleNamespace(samples=samples, seen=seen)
 
@@ -182,9 +189,10 @@ def test_baselines_on_constructed_cases(fake_toy):
 
     # the echo has no VAE: no ceiling
     assert all(math.isnan(m["vae_change"]) and math.isnan(m["vae_keep"]) for m in report.tasks.values())  # fmt: skip
-    # overall: the mean over tasks, NaN ignored
+    # overall: the mean over the tasks with a mean baseline (all but empty), NaN ignored
+    assert report.overall["tasks"] == 3
     for k in METRICS:
-        vals = [m[k] for m in report.tasks.values() if not math.isnan(m[k])]
+        vals = [m[k] for t, m in report.tasks.items() if t != "empty" and not math.isnan(m[k])]
         if vals:
             assert report.overall[k] == pytest.approx(np.mean(vals))
         else:
@@ -235,7 +243,7 @@ def test_bad_arguments(fake_toy):
     for kwargs, match in [
         ({"tasks": "keep,nonsense"}, "unknown task.*nonsense"),
         ({"n": 0}, "n must be"),
-        ({"size": 20}, "size must be"),
+        ({"seed": 2**64 - 1, "n": 2}, "seed \\+ n must be at most 2\\*\\*64"),
         ({"steps": 0}, "steps must be"),
         ({"seed": -1}, "seed must be"),
     ]:
@@ -267,6 +275,31 @@ def test_contact_sheet_rows_and_padding(fake_toy, tmp_path):
         contact_sheet([], tmp_path / "none.png")
 
 
+@pytest.mark.skipif(not HAVE_TOY, reason="ace/data/toy.py is not there yet")
+def test_bad_size_is_refused_before_any_sample():
+    pipe = EchoPipe()
+    for size in (16, 20):
+        with pytest.raises(ValueError, match=f"impossible image size {size}"):
+            evaluate(pipe, n=2, size=size, progress=False)
+    assert pipe.calls == []
+
+
+def test_overall_averages_the_model_and_baselines_over_the_same_tasks(fake_toy):
+    """The constructed set: empty has one sample and so no mean baseline; the overall row
+    averages the other three tasks, for the model and both baselines alike (it averaged
+    the model over four tasks and the mean baseline over three). With one sample in all,
+    there is no mean baseline anywhere, and the row falls back to every task."""
+    report = evaluate(EchoPipe(), n=8, size=16, progress=False)
+    complete = [t for t, m in report.tasks.items() if not math.isnan(m["mean_change"])]
+    assert sorted(complete) == ["full", "keep", "t2i"] and report.overall["tasks"] == 3
+    for k in METRICS:
+        vals = [report.tasks[t][k] for t in complete if not math.isnan(report.tasks[t][k])]
+        want = np.mean(vals) if vals else math.nan
+        assert report.overall[k] == pytest.approx(want, nan_ok=True), k
+    one = evaluate(EchoPipe(), n=1, size=16, tasks="keep", progress=False)
+    assert one.overall["tasks"] == 1 and math.isnan(one.overall["mean_change"])
+
+
 def test_report_is_plain_data():
     r = EvalReport({"a": {"psnr_change": float("nan"), "n": 1}}, {"n": 1})
     assert r.to_json() == {"tasks": {"a": {"psnr_change": None, "n": 1}}, "overall": {"n": 1}, "config": {}}  # fmt: skip
@@ -280,7 +313,7 @@ def script(argv, capsys):
 
 
 def test_script_mix_train_draws_the_training_mix(fake_toy, tmp_path, capsys):
-    argv = ["--pipeline", "tiny", "--suite", "toy", "--n", 2, "--steps", 1, "--size", 16]
+    argv = ["--pipeline", "tiny", "--suite", "toy", "--n", 2, "--steps", 1, "--size", 32]
     code, out, _ = script(
         [*argv, "--mix", "train", "--quiet", "--out", tmp_path / "r.json"], capsys
     )
@@ -298,6 +331,17 @@ def test_script_mix_train_draws_the_training_mix(fake_toy, tmp_path, capsys):
         (["--pipeline", "tiny", "--suite", "toy", "--n", "x"], "invalid int value"),
         (["--pipeline", "tiny", "--suite", "toy", "--tasks", "nonsense"], "unknown task"),
         (["--pipeline", "tiny", "--suite", "toy", "--mix", "even"], "invalid choice: 'even'"),
+        (["--pipeline", "tiny", "--suite", "toy", "--size", "16"], "at least 32"),
+        (["--pipeline", "tiny", "--suite", "toy", "--rescale", "5"], "--guidance / --rescale"),
+        (["--pipeline", "tiny", "--suite", "toy", "--guidance", "nan"], "--guidance / --rescale"),
+        (
+            ["--pipeline", "tiny", "--suite", "toy", "--seed", str(2**64 - 1), "--n", "2"],
+            "at most 2**64",
+        ),
+        (
+            ["--pipeline", "tiny", "--suite", "toy", "--size", "512"],
+            "more than this pipeline's rope_max_len=256",
+        ),
     ],
 )
 def test_script_bad_input(args, match, tmp_path, capsys, monkeypatch):
@@ -330,6 +374,18 @@ def test_script_end_to_end_on_tiny(tmp_path, capsys, monkeypatch):
     sheet = Image.open(tmp_path / "tmp" / "report.png")
     assert sheet.height == 6 * (64 + SEPARATOR) + SEPARATOR  # one row per sample
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["report.json", "report.png"]
+
+
+@pytest.mark.parametrize("where", ["file_parent", "out_is_dir", "png_is_dir"])
+def test_script_unwritable_out_is_refused_before_the_run(where, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = {"file_parent": "afile/r.json", "out_is_dir": "d/r.json", "png_is_dir": "d/r.json"}[where]
+    Path("afile").write_text("x")
+    Path("d/r.json" if where == "out_is_dir" else "d/r.png").mkdir(parents=True)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, out_text, err = script(["--pipeline", "tiny", "--suite", "toy", "--n", 1, "--steps", 1, "--quiet", "--out", out], capsys)  # fmt: skip
+    assert code == 2 and out_text == "" and err.count("\n") == 1, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_leave_one_out_means_by_hand():

@@ -147,14 +147,20 @@ def test_script_prints_and_writes_a_report(tmp_path, capsys):
         (["--n", "0"], "--n must be >= 1"),
         (["--out", "x.txt"], "--out must end with .json"),
         (["--data", "nowhere"], "no LCU manifest"),
+        (["--levels", "0.5,0.50"], "--levels must be distinct"),
+        (["--seed", str(2**64)], r"--seed must lie in \[0, 2\*\*64\)"),
+        (["--out", "a_file/p.json"], "a_file is a file, not a directory"),
     ],
 )
-def test_script_bad_arguments_exit_2_in_one_line(tmp_path, capsys, extra, match):
+def test_script_bad_arguments_exit_2_in_one_line(tmp_path, capsys, monkeypatch, extra, match):
+    monkeypatch.chdir(tmp_path)
+    if "a_file/p.json" in extra:
+        (tmp_path / "a_file").write_text("x")
     code, _, err = run_script(SCRIPT, ["--pipeline", "tiny", "--quiet", *extra], capsys)
     assert code == 2
     assert err.count("\n") == 1
     assert __import__("re").search(match, err)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == (["a_file"] if "a_file/p.json" in extra else [])
 
 
 def test_multi_turn_copy_scores_start_from_the_current_turn(monkeypatch):

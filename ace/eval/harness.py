@@ -8,9 +8,9 @@
     contact_sheet(report.rows, "report.png", labels=report.labels)
 
 Each sample of ``sample_stream(n, seed, split="eval", balanced=True)`` (seeds disjoint from
-every training split; sample i of family ``tasks[i % len(tasks)]``, so that every family
-is scored on n / len(tasks) samples, where the training mix would leave the rare ones
-with one or two; ``balanced=False`` draws the training mix) runs through the pipeline on
+every training split; sample i of family ``tasks[i % len(tasks)]``, so that each family
+is scored on n // len(tasks) samples or one more, where the training mix would leave the
+rare ones with one or two; ``balanced=False`` draws the training mix) runs through the pipeline on
 its LCU's current turn with its history. Against the exact target, per sample:
 
 - ``*_change``: PSNR over ``change_mask``, the pixels that should change;
@@ -23,7 +23,9 @@ for the model (``psnr_*``) and two baselines on the same samples: ``copy_*`` (th
 the image the request would leave unchanged: the current turn's first image, else the
 latest history image; mid-grey where there is none) and ``mean_*`` (the
 output is the mean of the task's other targets among the evaluated samples: leave one out,
-NaN for a task with one sample). A model that learned nothing
+NaN for a task with one sample). The ``overall`` row averages the tasks that have a mean
+baseline, when some do, so that the model and both baselines are averaged over the same
+tasks (``overall["tasks"]`` counts them). A model that learned nothing
 scores about the copy baseline on ``keep`` and the mean baseline on ``change``.
 
 ``vae_*`` is a ceiling, not a baseline: the target through the pipeline's own VAE (encode,
@@ -162,7 +164,7 @@ def evaluate(
     ``pipe`` is anything called like ``ACEPipeline`` that returns an object with ``.images``.
     The set is materialised first (the mean baseline needs every target of a task).
     """
-    from ace.data.toy import TASKS, sample_stream
+    from ace.data.toy import TASKS, check_size, sample_stream
 
     names = check_tasks(tasks)
     if n < 1:
@@ -171,8 +173,9 @@ def evaluate(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    if size < 16 or size % 16:
-        raise ValueError(f"size must be a positive multiple of 16, got {size}")
+    check_size(size)  # a multiple of 16, at least 32
+    if seed + n > 2**64:
+        raise ValueError(f"seed + n must be at most 2**64 (sample i uses seed + i), got {seed + n}")
 
     samples = list(sample_stream(n, seed, split="eval", tasks=names, size=size, balanced=balanced))
     task_of = [s.lcu.task for s in samples]
@@ -242,8 +245,13 @@ def evaluate(
         per_task[task] = {k: _nanmean([r[k] for r in recs]) for k in METRICS}
         per_task[task]["n"] = len(recs)
         per_task[task]["keep_is_whole"] = any(r["keep_is_whole"] for r in recs)
-    overall: dict[str, Any] = {k: _nanmean([m[k] for m in per_task.values()]) for k in METRICS}
+    # the model and the baselines over the same tasks: those with a mean baseline (a task
+    # sampled once has none), when there are any
+    complete = [m for m in per_task.values() if not np.isnan(m["mean_change"])]
+    basis = complete or list(per_task.values())
+    overall: dict[str, Any] = {k: _nanmean([m[k] for m in basis]) for k in METRICS}
     overall["n"] = len(records)
+    overall["tasks"] = len(basis)
     config = {
         "suite": "toy",
         "split": "eval",

@@ -25,6 +25,13 @@ def to_float(image: np.ndarray | Image.Image) -> np.ndarray:
         return a.astype(np.float64) / 255.0
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"expected a float array in [0, 1] or uint8, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ValueError("expected a float array in [0, 1], got NaN or inf values")
+    if a.size and (a.min() < -1e-6 or a.max() > 1 + 1e-6):
+        raise ValueError(
+            f"expected a float array in [0, 1], got values in [{a.min():g}, {a.max():g}] "
+            "(0-255 images must be uint8)"
+        )
     return a.astype(np.float64)
 
 
@@ -35,7 +42,8 @@ def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> floa
     True and over all channels; all pixels when ``region`` is None. Identical pixels
     give ``PSNR_CAP`` (100 dB) instead of inf; an empty region gives ``nan`` (there is
     nothing to measure, and callers average with ``nanmean``). A shape mismatch, of the
-    two images or of the region against their (H, W), raises ValueError.
+    two images or of the region against their (H, W), raises ValueError, as do float
+    images outside [0, 1] or with NaN (a NaN pixel used to score the 100 dB cap).
 
     >>> a = np.zeros((4, 4, 3)); psnr(a, a + 0.1)  # uniform error 0.1: MSE 0.01
     20.0
