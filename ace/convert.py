@@ -53,8 +53,21 @@ def _unwrap(state_dict: dict) -> dict[str, Tensor]:
         )
     for wrapper in ("state_dict", "model", "module"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            others = sorted(
+                k for k, v in state_dict.items() if k != wrapper and isinstance(v, dict)
+            )
+            if others:  # a training checkpoint: {"model": ..., "ema": ...}
+                raise ValueError(
+                    f"the checkpoint wraps several state dicts ({[wrapper, *others]}); pass "
+                    f"the one to convert, e.g. checkpoint[{others[0]!r}] for EMA weights"
+                )
             state_dict = state_dict[wrapper]
             break
+    if any(re.match(r"^blocks\.\d+\.cross_attn\.kv\.", k) for k in state_dict):
+        raise ValueError(
+            "the checkpoint is already in ace's layout (attn.qkv, cross_attn.kv): load it "
+            "into ACETransformer directly; converting it again would overwrite norm_k"
+        )
     # strip prefixes that trainers add: DDP's "module.", scepter's "model."
     out = {}
     for k, v in state_dict.items():
@@ -83,20 +96,22 @@ def official_dit_to_ace(state_dict: dict, in_channels: int = 4) -> dict[str, Ten
     out: dict[str, Tensor] = {}
     # 1. stack split projections into our fused ones
     for key in list(sd):
-        m = re.match(r"^(blocks\.\d+)\.(attn|cross_attn)\.q\.(weight|bias)$", key)
+        if key not in sd:  # popped with its block's q
+            continue
+        m = re.match(r"^(blocks\.\d+)\.(attn|cross_attn)\.([qkv])\.(weight|bias)$", key)
         if not m:
             continue
-        blk, kind, what = m.groups()
-        names = ("q", "k", "v") if kind == "attn" else ("k", "v")
-        parts = [f"{blk}.{kind}.{n}.{what}" for n in names]
+        blk, kind, _, what = m.groups()
+        parts = [f"{blk}.{kind}.{n}.{what}" for n in ("q", "k", "v")]
         missing = [p for p in parts if p not in sd]
         if missing:
             raise ValueError(f"split checkpoint: {key} is present but {missing} are missing")
+        key = parts[0]
         if kind == "attn":
             out[f"{blk}.attn.qkv.{what}"] = torch.cat([sd.pop(p) for p in parts])
         else:
             out[f"{blk}.cross_attn.q.{what}"] = sd.pop(key)
-            out[f"{blk}.cross_attn.kv.{what}"] = torch.cat([sd.pop(p) for p in parts])
+            out[f"{blk}.cross_attn.kv.{what}"] = torch.cat([sd.pop(p) for p in parts[1:]])
     # 2. rename the rest
     for key, value in sd.items():
         for pattern, repl in _RENAMES:

@@ -102,3 +102,15 @@ def test_bad_checkpoints_raise():
         official_dit_to_ace(broken)
     with pytest.raises(ValueError, match="expected a state dict"):
         official_dit_to_ace([1, 2])
+    no_q = {k: v for k, v in sd.items() if k != "blocks.0.attn.q.weight"}
+    with pytest.raises(
+        ValueError, match=r"blocks.0.attn.k.weight is present but \['blocks.0.attn.q.weight'\]"
+    ):
+        official_dit_to_ace(no_q)  # it said "unknown keys" about k and v
+    with pytest.raises(
+        ValueError, match=r"several state dicts \(\['model', 'ema'\]\).*checkpoint\['ema'\]"
+    ):
+        official_dit_to_ace({"model": sd, "ema": sd})  # it took "model" and dropped the EMA
+    ours = official_dit_to_ace(sd)
+    with pytest.raises(ValueError, match="already in ace's layout"):
+        official_dit_to_ace(ours)  # a second pass would have copied norm_q over norm_k
