@@ -265,52 +265,27 @@ def test_convert_official_mistakes_leave_nothing_on_disk(released, tmp_path, cap
 
 
 @pytest.mark.parametrize(
-    "flag, make, match",
+    "flag, name, content, match",
     [
-        (
-            "--dit",
-            lambda d: _file(d / "dit.safetensors", b"\x08\x00\x00"),
-            "cannot load .* as safetensors",
-        ),
-        (
-            "--vae",
-            lambda d: _file(d / "vae.safetensors", b"not safetensors"),
-            "cannot load .* as safetensors",
-        ),
-        (
-            "--dit-config",
-            lambda d: _file(d / "c.json", b'{"dept": 2}'),
-            "bad --dit-config or --vae-config: .*dept",
-        ),
-        (
-            "--vae-config",
-            lambda d: _file(d / "c.json", b'{"latent_channel": 4}'),
-            "bad --dit-config or --vae-config",
-        ),
-        ("--t5", lambda d: _dir(d / "t5"), "--t5 .*: not a T5 encoder directory"),
-        ("--tokenizer", lambda d: _dir(d / "tok"), "--tokenizer .*: not a tokenizer directory"),
+        ("--dit", "dit.safetensors", b"\x08\x00\x00", "cannot load .* as safetensors"),
+        ("--vae", "vae.safetensors", b"not safetensors", "cannot load .* as safetensors"),
+        ("--dit-config", "c.json", b'{"dept": 2}', "bad --dit-config or --vae-config: .*dept"),
+        ("--vae-config", "c.json", b'{"latent_channel": 4}', "bad --dit-config or --vae-config"),
+        ("--t5", "t5", None, "--t5 .*: not a T5 encoder directory"),  # None: an empty directory
+        ("--tokenizer", "tok", None, "--tokenizer .*: not a tokenizer directory"),
     ],
 )
 def test_convert_official_bad_files_exit_2_in_one_line(
-    released, tmp_path, capsys, flag, make, match
+    released, tmp_path, capsys, flag, name, content, match
 ):
-    bad = tmp_path / "bad"
-    bad.mkdir()
+    bad = tmp_path / "bad" / name
+    bad.parent.mkdir()
+    bad.mkdir() if content is None else bad.write_bytes(content)
     args = convert_args(released[0], tmp_path / "pipe")
-    args[args.index(flag) + 1] = make(bad)
+    args[args.index(flag) + 1] = bad
     code, _, err = script("convert_official.py", args, capsys)
     assert code == 2 and re.search(match, err) and err.count("\n") == 1, err
     assert not (tmp_path / "pipe").exists()
-
-
-def _file(path, data: bytes):
-    path.write_bytes(data)
-    return path
-
-
-def _dir(path):
-    path.mkdir()
-    return path
 
 
 def test_convert_official_refuses_a_t5_of_another_width(released, tmp_path, capsys):
