@@ -8,8 +8,9 @@
 
 Without ``--data`` it trains on the first ``--n-images`` images of the toy stream
 (``sample_stream(n, seed, split="train", weights=TOY_VAE_WEIGHTS)``: inputs and targets,
-maps more often than the DiT sees them; ``--mix dit``: the DiT's mix), half of them
-replaced by flat swatches of the toy palette (``--swatches``, ``TOY_VAE_SWATCHES``); with it, on the
+maps more often than the DiT sees them; ``--mix dit``: the DiT's mix), with
+``--swatches F`` a fraction F of them replaced by flat swatches of the toy palette
+(``ace.train.vae.TOY_VAE_SWATCHES``: better colours, not a better demo DiT); with it, on the
 images of an LCU manifest. It then prints the reconstruction PSNR on held-out toy images
 (``split="eval"``) and the palette error (``ace.train.vae.palette_error``: how far it
 moves the toy world's flat colours, which PSNR hides) and writes OUT/ (``config.json``,
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="fraction of the toy training images that are flat swatches of the toy palette "
-        "(default TOY_VAE_SWATCHES, 0.5; 0 for none); not with --data",
+        "(default 0: none, as the demo's); not with --data",
     )
     p.add_argument("--latent-channels", type=int, default=8, help="latent channels (default 8)")
     p.add_argument("--eval-images", type=int, default=256, help="held-out toy images to score")

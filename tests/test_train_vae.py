@@ -192,12 +192,13 @@ def test_train_toy_vae_mixes_in_swatches_after_the_toy_images(tmp_path, monkeypa
         return train_vae(images, **kwargs)
 
     monkeypatch.setattr(vae_module, "train_vae", spy)
-    info = train_toy_vae(tmp_path / "vae", steps=1, n_images=8, eval_images=1, batch_size=8, progress=False)  # fmt: skip
-    assert TOY_VAE_SWATCHES == 0.5 and info["swatch_fraction"] == 0.5
+    info = train_toy_vae(tmp_path / "vae", steps=1, n_images=8, eval_images=1, batch_size=8, progress=False, swatch_fraction=0.5)  # fmt: skip
+    assert info["swatch_fraction"] == 0.5
     assert info["train_images"] == 8
     assert torch.equal(seen[0][:4], toy_images(4, seed=0, weights=TOY_VAE_WEIGHTS))
     assert torch.equal(seen[0][4:], swatches(4, seed=0))
-    train_toy_vae(tmp_path / "vae", steps=1, n_images=8, eval_images=1, batch_size=8, progress=False, swatch_fraction=0)  # fmt: skip
+    info = train_toy_vae(tmp_path / "vae", steps=1, n_images=8, eval_images=1, batch_size=8, progress=False)  # fmt: skip
+    assert TOY_VAE_SWATCHES == 0 and info["swatch_fraction"] == 0  # the demo's: none
     assert torch.equal(seen[1], toy_images(8, seed=0, weights=TOY_VAE_WEIGHTS))
     for bad in (1, 1.5, -0.1, True, "0.5"):
         with pytest.raises(ValueError, match="swatch_fraction"):
@@ -306,9 +307,9 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
 
     code, _, err = script(argv, capsys)  # --out is not empty now
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1
-    code, _, _ = script([*argv, "--overwrite", "--mix", "dit", "--swatches", "0"], capsys)
+    code, _, _ = script([*argv, "--overwrite", "--mix", "dit", "--swatches", "0.5"], capsys)
     info = json.loads((out / "training.json").read_text())
-    assert code == 0 and info["weights"] == {} and info["swatch_fraction"] == 0
+    assert code == 0 and info["weights"] == {} and info["swatch_fraction"] == 0.5
     code, _, _ = script([*argv, "--overwrite", "--device", "cpu", "--data", _manifest(tmp_path)], capsys)  # fmt: skip
     info = json.loads((out / "training.json").read_text())
     assert code == 0 and info["data"] and info["device"] == "cpu"
