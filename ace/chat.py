@@ -65,11 +65,10 @@ class ChatSession:
     def _history(self, n_current: int) -> list[ConditionUnit]:
         """The most recent history turns (at most ``max_history``) whose images fit an LCU
         beside ``n_current`` images of the current turn."""
-        history = (
-            self.history
-            if self.max_history is None
-            else self.history[len(self.history) - self.max_history :]
-        )
+        if self.max_history is None:
+            history = self.history
+        else:  # the latest max_history turns ([-0:] would be all of them)
+            history = self.history[-self.max_history :] if self.max_history else []
         while history and sum(len(cu.images) for cu in history) + n_current > MAX_INPUT_IMAGES:
             history = history[1:]
         return list(history)

@@ -49,6 +49,8 @@ def check_out(path: Path, flag: str = "--out", *siblings: str) -> None:
     existing ancestor is a directory. For scripts that write only after long work."""
     from ace.atomic import nearest_existing
 
+    if not path.name or path.is_dir():  # "", ".", "/" or a directory
+        raise UserError(f"{flag} {path} is a directory; give a file path")
     for target in (path, *(path.with_suffix(suffix) for suffix in siblings)):
         if target.is_dir():
             raise UserError(f"{flag} {path}: {target} is a directory; give a file path")

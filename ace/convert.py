@@ -53,21 +53,18 @@ def _unwrap(state_dict: dict) -> dict[str, Tensor]:
         )
     for wrapper in ("state_dict", "model", "module"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            others = sorted(
-                k for k, v in state_dict.items() if k != wrapper and isinstance(v, dict)
-            )
-            if others:  # a training checkpoint: {"model": ..., "ema": ...}
+            # a training checkpoint may hold other weights beside it ({"model", "ema"}); an
+            # optimizer state or a config is not a dict of tensors and does not count
+            others = sorted(k for k, v in state_dict.items() if k != wrapper and _is_weights(v))
+            if others:
+                ema = [k for k in others if "ema" in k.lower()]
+                hint = f"; e.g. checkpoint[{ema[0]!r}] for the EMA weights" if ema else ""
                 raise ValueError(
-                    f"the checkpoint wraps several state dicts ({[wrapper, *others]}); pass "
-                    f"the one to convert, e.g. checkpoint[{others[0]!r}] for EMA weights"
+                    f"the checkpoint holds several state dicts ({[wrapper, *others]}): pass "
+                    f"the one to convert{hint}"
                 )
             state_dict = state_dict[wrapper]
             break
-    if any(re.match(r"^blocks\.\d+\.cross_attn\.kv\.", k) for k in state_dict):
-        raise ValueError(
-            "the checkpoint is already in ace's layout (attn.qkv, cross_attn.kv): load it "
-            "into ACETransformer directly; converting it again would overwrite norm_k"
-        )
     # strip prefixes that trainers add: DDP's "module.", scepter's "model."
     out = {}
     for k, v in state_dict.items():
@@ -75,7 +72,21 @@ def _unwrap(state_dict: dict) -> dict[str, Tensor]:
             if k.startswith(prefix):
                 k = k[len(prefix) :]
         out[k] = v
+    if any(re.match(r"^blocks\.\d+\.cross_attn\.kv\.", k) for k in out):
+        raise ValueError(
+            "the checkpoint is already in ace's layout (attn.qkv, cross_attn.kv): load it "
+            "into ACETransformer directly"
+        )
     return out
+
+
+def _is_weights(value) -> bool:
+    """A non-empty dict whose values are all tensors: a state dict."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(v, Tensor) for v in value.values())
+    )
 
 
 def official_dit_to_ace(state_dict: dict, in_channels: int = 4) -> dict[str, Tensor]:

@@ -78,6 +78,8 @@ def check(args: argparse.Namespace) -> list[str] | None:
         check_guidance(args.guidance, args.rescale)
     except ValueError as e:
         raise UserError(f"--guidance / --rescale: {e}") from e
+    if Path(args.out).suffix.lower() != ".json":  # the sheet goes beside it, as .png
+        raise UserError(f"--out must end with .json, got {args.out}")
     check_out(Path(args.out), "--out", ".png")
     if args.pipeline != "tiny" and not (Path(args.pipeline) / "model_index.json").is_file():
         raise UserError(

@@ -111,6 +111,10 @@ def test_bad_checkpoints_raise():
         ValueError, match=r"several state dicts \(\['model', 'ema'\]\).*checkpoint\['ema'\]"
     ):
         official_dit_to_ace({"model": sd, "ema": sd})  # it took "model" and dropped the EMA
+    optimizer = {"state": {}, "param_groups": [{"lr": 1e-4}]}  # not a dict of tensors
+    converted = official_dit_to_ace({"model": sd, "optimizer": optimizer, "epoch": 3})
+    assert converted.keys() == official_dit_to_ace(sd).keys()
     ours = official_dit_to_ace(sd)
-    with pytest.raises(ValueError, match="already in ace's layout"):
-        official_dit_to_ace(ours)  # a second pass would have copied norm_q over norm_k
+    for again in (ours, {f"module.{k}": v for k, v in ours.items()}):  # DDP's prefix too
+        with pytest.raises(ValueError, match="already in ace's layout"):
+            official_dit_to_ace(again)

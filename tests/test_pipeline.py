@@ -330,6 +330,11 @@ def test_chat_keeps_going_past_nine_images_with_the_turns_that_fit(pipe):
     assert [cu.instruction for cu in lcu.history] == [cu.instruction for cu in chat.history[-8:]]
     assert same(lcu.images[-1], chat.outputs[-1])
     assert len(pipe.chat(max_history=2).lcu("x").history) == 0  # no turns yet
+    roomy = pipe.chat(max_history=20)  # more than the turns so far: all of them that fit
+    roomy.history = chat.history[:3]
+    assert [cu.instruction for cu in roomy.lcu("x").history] == [
+        cu.instruction for cu in chat.history[:3]
+    ]
     short = pipe.chat(height=32, width=32, num_inference_steps=1, max_history=1)
     short("a red square")
     short("make {image} blue")

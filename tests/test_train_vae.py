@@ -178,7 +178,8 @@ def test_swatches_are_palette_rectangles_on_the_8px_grid():
     assert colours == _colours(palette())  # only palette colours, and in 64 images all 28
     per_image = [len(_colours(x.permute(1, 2, 0))) for x in a]
     assert min(per_image) >= 1 and max(per_image) <= 16 and np.mean(per_image) > 3
-    assert swatches(2, size=32).shape == (2, 3, 32, 32)
+    for size in (16, 24, 32):  # 16 and 24 have one and two places to cut
+        assert swatches(8, size=size).shape == (8, 3, size, size)
     for kwargs, match in [({"n": 0}, "n must be"), ({"n": 2, "size": 20}, "size must be")]:
         with pytest.raises(ValueError, match=match):
             swatches(**kwargs)

@@ -25,7 +25,7 @@ latest history image; mid-grey where there is none) and ``mean_*`` (the
 output is the mean of the task's other targets among the evaluated samples: leave one out,
 NaN for a task with one sample). The ``overall`` row averages the tasks that have a mean
 baseline, when some do, so that the model and both baselines are averaged over the same
-tasks (``overall["tasks"]`` counts them). A model that learned nothing
+tasks (``overall["tasks"]`` counts them, ``overall["n"]`` their samples). A model that learned nothing
 scores about the copy baseline on ``keep`` and the mean baseline on ``change``.
 
 ``vae_*`` is a ceiling, not a baseline: the target through the pipeline's own VAE (encode,
@@ -250,7 +250,7 @@ def evaluate(
     complete = [m for m in per_task.values() if not np.isnan(m["mean_change"])]
     basis = complete or list(per_task.values())
     overall: dict[str, Any] = {k: _nanmean([m[k] for m in basis]) for k in METRICS}
-    overall["n"] = len(records)
+    overall["n"] = sum(m["n"] for m in basis)  # the samples the row averages
     overall["tasks"] = len(basis)
     config = {
         "suite": "toy",

@@ -209,7 +209,8 @@ def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int | N
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
-    # both are constant-folded under torch.compile; the properties are cached by torch
+    # under torch.compile both become constants when traced (is_available is folded, the
+    # capability's ints are baked in): no graph break, to be confirmed on a GPU
     return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 

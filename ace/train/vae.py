@@ -224,7 +224,7 @@ def palette() -> np.ndarray:
 
 def swatches(n: int, seed: int = 0, size: int = 64) -> torch.Tensor:
     """``n`` images of flat ``palette`` colours, uint8 (n, 3, size, size): each a grid of
-    2-4 rows by 2-4 columns cut on the 8 px grid, every rectangle one colour drawn
+    2-4 rows by 2-4 columns (fewer below 32 px) cut on the 8 px grid, every rectangle one colour drawn
     uniformly. Deterministic in ``seed``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -235,8 +235,9 @@ def swatches(n: int, seed: int = 0, size: int = 64) -> torch.Tensor:
     cuts = np.arange(8, size, 8)  # where a rectangle may end
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
-        rows = [0, *np.sort(rng.choice(cuts, rng.integers(1, 4), replace=False)), size]
-        cols = [0, *np.sort(rng.choice(cuts, rng.integers(1, 4), replace=False)), size]
+        most = min(3, len(cuts))  # 16 and 24 px have fewer places to cut
+        rows = [0, *np.sort(rng.choice(cuts, rng.integers(1, most + 1), replace=False)), size]
+        cols = [0, *np.sort(rng.choice(cuts, rng.integers(1, most + 1), replace=False)), size]
         for top, bottom in itertools.pairwise(rows):
             for left, right in itertools.pairwise(cols):
                 out[i, top:bottom, left:right] = colors[rng.integers(len(colors))]
@@ -589,7 +590,7 @@ def train_toy_vae(
     n = min(n_images, steps * batch_size)
     n_swatches = min(n - 1, round(n * swatch_fraction))
     images = toy_images(n - n_swatches, seed=seed, split="train", weights=weights)
-    if n_swatches:  # after the toy images: the scaling factor is set from the first ones
+    if n_swatches:  # after the toy images: the scaling factor comes from the first 256
         images = torch.cat([images, swatches(n_swatches, seed, size=images.shape[-1])])
     held_out = toy_images(eval_images, seed=seed, split="eval")
     start = time.perf_counter()
