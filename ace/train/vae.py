@@ -201,9 +201,9 @@ Saturated colours cover a few per cent of toy pixels, on small objects, and a VA
 to toy images alone decodes them as a few clusters (green as violet, yellow as orange:
 ``palette_error`` 0.27 on objects after the demo's 1000 steps) while its PSNR looks fine.
 With half its images swatches the same steps reach 0.10 at the same or better held-out
-PSNR. Yet the demo's DiT trained on that VAE won fewer task families, with two training
-seeds of two (7 against 8, and 8 against 12; ``BENCHMARKS.md``, session 11), so the demo
-keeps the VAE its DiT does best on."""
+PSNR. Yet the demo's DiT trained on that VAE won fewer task families, with both training
+seeds tried (7 against 8, and 8 against 12), and on a quarter of swatches as many (8;
+``BENCHMARKS.md``, session 11), so the demo keeps the VAE its DiT does best on."""
 
 
 def palette() -> np.ndarray:
