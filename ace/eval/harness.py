@@ -10,8 +10,8 @@
 Each sample of ``sample_stream(n, seed, split="eval", balanced=True)`` (seeds disjoint from
 every training split; sample i of family ``tasks[i % len(tasks)]``, so that each family
 is scored on n // len(tasks) samples or one more, where the training mix would leave the
-rare ones with one or two; ``balanced=False`` draws the training mix) runs through the pipeline on
-its LCU's current turn with its history. Against the exact target, per sample:
+rare ones with one or two; ``balanced=False`` draws the training mix) runs through the
+pipeline on its LCU's current turn with its history. Against the exact target, per sample:
 
 - ``*_change``: PSNR over ``change_mask``, the pixels that should change;
 - ``*_keep``: PSNR over ``~change_mask``, the pixels that should stay. Where the whole image
@@ -25,8 +25,9 @@ latest history image; mid-grey where there is none) and ``mean_*`` (the
 output is the mean of the task's other targets among the evaluated samples: leave one out,
 NaN for a task with one sample). The ``overall`` row averages the tasks that have a mean
 baseline, when some do, so that the model and both baselines are averaged over the same
-tasks (``overall["tasks"]`` counts them, ``overall["n"]`` their samples). A model that learned nothing
-scores about the copy baseline on ``keep`` and the mean baseline on ``change``.
+tasks (``overall["tasks"]`` counts them, ``overall["n"]`` their samples). A model that
+learned nothing scores about the copy baseline on ``keep`` and the mean baseline on
+``change``.
 
 ``vae_*`` is a ceiling, not a baseline: the target through the pipeline's own VAE (encode,
 posterior mode, decode, 8-bit), what a transformer that predicts the target's latents

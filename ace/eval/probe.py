@@ -13,8 +13,8 @@ one network call per LCU and noise level, on LCUs that carry their target:
   text; the pipeline's unconditional half blanks only the target and the last frame).
 - ``copy_attention``: per self-attention layer, the largest (over heads) mean attention
   weight from a target token to the token at the same (row, column) of that starting
-  image, at the highest level. Uniform attention gives 1 / (tokens of the sample); a head that
-  copies the input gives close to 1.
+  image, at the highest level. Uniform attention gives 1 / (tokens of the sample); a
+  head that copies the input gives close to 1.
 - ``x0_psnr@L``: PSNR (dB, whole image) of that implied clean target, decoded by the VAE,
   against the target's pixels: the model's best single guess, which a sampler's draw
   only matches where the model is sure. ``mean_psnr`` is the same for the mean of the

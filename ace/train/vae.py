@@ -224,8 +224,8 @@ def palette() -> np.ndarray:
 
 def swatches(n: int, seed: int = 0, size: int = 64) -> torch.Tensor:
     """``n`` images of flat ``palette`` colours, uint8 (n, 3, size, size): each a grid of
-    2-4 rows by 2-4 columns (fewer below 32 px) cut on the 8 px grid, every rectangle one colour drawn
-    uniformly. Deterministic in ``seed``."""
+    2-4 rows by 2-4 columns (fewer below 32 px) cut on the 8 px grid, every rectangle one
+    colour drawn uniformly. Deterministic in ``seed``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size % 8:
