@@ -61,7 +61,7 @@ step() {
 
 B=scripts/benchmark.py
 if ((GPU)); then
-  # 1. correctness on the device: the CUDA-only tests (varlen against the naive and dense oracles; the
+  # 1. correctness on the device: the CUDA-only tests (varlen against the naive oracle; the
   #    shipped FSDP config trains, resumes and exports on one GPU; CUDA-graph sampling makes
   #    the same images as plain calls)
   step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py \
