@@ -18,6 +18,7 @@ Times ``t`` are per sample (B,) in training and per row (N,) inside ``add_noise`
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,8 +81,15 @@ class Objective(ABC):
         """``add_noise`` without checks."""
 
     @abstractmethod
+    def _predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        """``predict_x0`` without checks."""
+
     def predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
         """The clean sample the network's output ``pred`` implies at x_t (N, ...), t (N,)."""
+        if x_t.shape != pred.shape:
+            raise ValueError(f"x_t {tuple(x_t.shape)} and pred {tuple(pred.shape)} differ in shape")
+        self._check_t(t)
+        return self._predict_x0(x_t, pred, t)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x0, noise (N, ...), t (N,) -> x_t (N, ...)."""
@@ -187,11 +195,12 @@ class DDPMEpsilon(Objective):
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise
 
-    def predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+    def _predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
         # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps  =>  x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
         abar = self.alphas_cumprod(x_t.device)[t.long()]  # (N,)
-        a, b = (_per_row(v.to(x_t.dtype), x_t) for v in (abar.sqrt(), (1 - abar).sqrt()))
-        return (x_t - b * pred) / a
+        dtype = torch.promote_types(x_t.dtype, torch.float32)  # as _noise: no bf16 coefficients
+        a, b = (_per_row(v.to(dtype), x_t) for v in (abar.sqrt(), (1 - abar).sqrt()))
+        return ((x_t.to(dtype) - b * pred.to(dtype)) / a).to(x_t.dtype)
 
     def make_scheduler(self, **overrides: Any) -> DDIMScheduler:
         """The released sampler: DDIM, eta 0, trailing spacing, final alpha 1."""
@@ -230,7 +239,7 @@ class RectifiedFlow(Objective):
         return t * self.num_train_timesteps
 
     def _check_t(self, t: Tensor) -> None:
-        if bool(((t < 0) | (t > 1)).any()):
+        if bool((~((t >= 0) & (t <= 1))).any()):  # NaN fails too
             raise ValueError("flow times s must lie in [0, 1]")
 
     def _noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -240,7 +249,7 @@ class RectifiedFlow(Objective):
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise - x0
 
-    def predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+    def _predict_x0(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
         # x_t = x0 + s (noise - x0) = x0 + s v  =>  x0 = x_t - s v
         return x_t - _per_row(t, x_t).to(x_t.dtype) * pred
 
@@ -281,6 +290,9 @@ def objective_for_scheduler(scheduler) -> Objective:
 def check_guidance(scale: float, rescale: float) -> None:
     """The released ranges: guidance scale >= 0 and finite, guidance rescale in [0, 1]
     (NaN refused). The pipeline samples a scale <= 1 without guidance."""
+    for name, value in (("scale", scale), ("rescale", rescale)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"guidance {name} must be a number, got {value!r}")
     if not (scale >= 0 and math.isfinite(scale)):
         raise ValueError(f"guidance scale must be finite and >= 0, got {scale}")
     if not 0.0 <= rescale <= 1.0:

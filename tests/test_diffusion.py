@@ -152,6 +152,13 @@ def test_predict_x0_inverts_the_noising():
     abar = _ref_abar()[t.long()].view(-1, 1, 1)
     ref = (x_t.double() - (1 - abar).sqrt() * noise.double()) / abar.sqrt()
     torch.testing.assert_close(ddpm.predict_x0(x_t, noise, t).double(), ref, rtol=1e-5, atol=1e-5)
+    # bf16 in and out, the arithmetic in float32 as add_noise does it
+    half = ddpm.predict_x0(x_t.bfloat16(), noise.bfloat16(), t)
+    by_hand = (
+        x_t.bfloat16().double() - (1 - abar).sqrt() * noise.bfloat16().double()
+    ) / abar.sqrt()
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), by_hand.bfloat16().double(), rtol=1e-2, atol=1e-2)
 
 
 def test_sample_timesteps():
@@ -316,3 +323,15 @@ def test_errors():
         apply_guidance(x, torch.zeros(2, 4), 4.5)
     with pytest.raises(ValueError, match="epsilon prediction"):
         objective_for_scheduler(DDIMScheduler(prediction_type="v_prediction"))
+    # predict_x0 checks its times as add_noise does: t = -1 read abar[999] silently
+    with pytest.raises(ValueError, match="integers in"):
+        obj.predict_x0(x, x, torch.tensor([-1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        RectifiedFlow().predict_x0(x, x, torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        obj.predict_x0(x, torch.zeros(2, 4), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # NaN passed (t < 0) | (t > 1)
+        RectifiedFlow().add_noise(x, x, torch.tensor([float("nan"), 0.5]))
+    for scale, rescale in [(None, 0.5), (4.5, None), (True, 0.5), ("4.5", 0.5)]:
+        with pytest.raises(ValueError, match="must be a number"):  # TypeError for None before
+            apply_guidance(x, x, scale, rescale)
