@@ -51,7 +51,7 @@ def check_out(path: Path, flag: str = "--out", *siblings: str) -> None:
 
     if not path.name or path.is_dir():  # "", ".", "/" or a directory
         raise UserError(f"{flag} {path} is a directory; give a file path")
-    for target in (path, *(path.with_suffix(suffix) for suffix in siblings)):
+    for target in (path.with_suffix(suffix) for suffix in siblings):
         if target.is_dir():
             raise UserError(f"{flag} {path}: {target} is a directory; give a file path")
     parent = nearest_existing(path.parent)

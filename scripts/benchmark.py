@@ -154,6 +154,13 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def rel_err(outs, refs) -> float:
+    """The largest relative L2 error (in fp32) of each output against its reference."""
+    return max(
+        ((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(outs, refs)
+    )
+
+
 def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
 
@@ -206,13 +213,20 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
 
     # 1. correctness before timing
     with torch.no_grad():
-        a, b = ours.predict(*inputs), ref(*inputs)
-    err = max(((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a, b))
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    if not err <= tol:
-        raise SystemExit(
-            f"{name}: ace and the reference disagree (relative error {err:.2e} > {tol:g})"
-        )
+        expected = ref(*inputs)
+
+    def check(what: str) -> float:
+        """ace's prediction against the reference's; SystemExit past the dtype's tolerance."""
+        with torch.no_grad():
+            err = rel_err(ours.predict(*inputs), expected)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        if not err <= tol:
+            raise SystemExit(
+                f"{name}: {what} and the reference disagree (relative error {err:.2e} > {tol:g})"
+            )
+        return err
+
+    err = check("ace")
 
     # 2. timing
     def call(model):
@@ -318,17 +332,7 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
             row[f"{kind}_compiled_pct_peak"] = pct_of_peak(kind, ms)
             row[f"{kind}_compiled_speedup"] = speedup(kind, ms)
         # checked like the eager model; after the loop, so compile_s stays the first call's
-        with torch.no_grad():
-            compiled = ours.predict(*inputs)
-        cerr = max(
-            ((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(compiled, b)
-        )
-        if not cerr <= tol:
-            raise SystemExit(
-                f"{name}: compiled ace and the reference disagree (relative error {cerr:.2e} > "
-                f"{tol:g})"
-            )
-        row["compiled_rel_err"] = cerr
+        row["compiled_rel_err"] = check("compiled ace")
     # training throughput of the DiT step (forward + backward), image tokens of all frames
     for impl in ("ace", "ref"):
         ms = row[f"fwd_bwd_{impl}_ms"]
@@ -351,7 +355,7 @@ def time_cuda_graph(model, tokens, text, t, packed, ind, args, device) -> dict:
         for x, tt in (other, (tokens, t)):
             eager = model(x, text, tt, packed, ind)
             replayed = graphed(x, text, tt, ind).clone()
-            err = max(err, ((replayed - eager).float().norm() / eager.float().norm()).item())
+            err = max(err, rel_err([replayed], [eager]))
 
     def run():
         with torch.no_grad():
