@@ -18,12 +18,31 @@ def test_every_word_is_one_token_and_unseen_words_are_unk():
     # the vocabulary, written out by hand: 3 special tokens, then each distinct token once
     words = {"make", "{image}", "red", ".", "put", "{image1}", "on", "{image2}", ",", "please"}
     words |= {"a", "circle"}
+    words |= {"{image3}", "{image4}", "{image5}", "{image6}", "{image7}", "{image8}", "{image9}"}
     assert set(tok.get_vocab()) == words | {"<pad>", "</s>", "<unk>"}
     assert [tok.convert_tokens_to_ids(t) for t in ("<pad>", "</s>", "<unk>")] == [0, 1, 2]
     ids = tok("PUT {image1} on a blue circle")["input_ids"]
     expected = ["put", "{image1}", "on", "a", "<unk>", "circle", "</s>"]
     assert tok.convert_ids_to_tokens(ids) == expected
     assert tok("")["input_ids"] == [1]  # the empty (unconditional) prompt is T5's lone </s>
+
+
+def test_every_image_name_is_a_word_and_the_indicator_rows_differ():
+    """An LCU renames a turn's references to global names ({image2} in a multi-turn LCU
+    whose raw instructions only say {image}); each must stay its own word, and the ten
+    indicator rows must differ, or frames share an indicator."""
+    from ace.lcu import LCU, ConditionUnit
+
+    tok, enc = word_text_encoder(["make {image} red", "now blue"])
+    turn = ConditionUnit("make {image} red", [torch.zeros(3, 16, 16)])
+    lcu = LCU(ConditionUnit("now blue"), history=[turn, turn])
+    renamed = lcu.instructions()[1]
+    assert renamed == "make {image1} red"
+    ids = tok(renamed)["input_ids"]
+    assert tok.unk_token_id not in ids
+    table = ConditionTokenizer(tok, enc, tiny_vae()).indicator_table()
+    assert table.shape[0] == 10
+    assert torch.cdist(table, table).add(torch.eye(10)).min() > 0
 
 
 def test_a_colour_word_moves_the_states_more_than_with_bytes():

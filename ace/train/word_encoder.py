@@ -13,7 +13,9 @@ once:
     tokenizer, text_encoder = word_text_encoder(["add a red circle to {image}", ...])
 
 The tokenizer is a ``tokenizers`` WordLevel model fitted on the given texts (lowercased;
-``{image}``, ``{image1}``... stay whole; unseen words map to ``<unk>``), wrapped in a
+unseen words map to ``<unk>``) and on every image name ``{image}``, ``{image1}``, ...
+``{image9}``, each one token: an LCU renames a turn's references to global names that
+its raw instruction need not hold, and the indicator table encodes all ten. It is wrapped in a
 ``PreTrainedTokenizerFast`` with T5's special tokens (pad 0, eos 1, unk 2) and T5's
 trailing ``</s>``. The encoder is the same seeded random 2-layer T5 v1.1 as the tiny one,
 sized to the vocabulary. Both save and load with the pipeline like any tokenizer and
@@ -30,22 +32,26 @@ from tokenizers.models import WordLevel
 from tokenizers.trainers import WordLevelTrainer
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from ace.lcu import INDICATOR_NAMES
+
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 WORD = Regex(r"\{image\d*\}|\w+|[^\w\s]")
 """One token: an image reference, a word, or one punctuation mark."""
 
 
 def fit_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer whose vocabulary is every token of ``texts`` (no minimum count)."""
+    """A WordLevel tokenizer whose vocabulary is every token of ``texts`` (no minimum count)
+    and every image name of ``INDICATOR_NAMES``."""
     tok = Tokenizer(WordLevel(unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(WORD, behavior="isolated")]
     )
     trainer = WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=0)
-    tok.train_from_iterator(texts, trainer=trainer)
-    if tok.get_vocab_size() == len(SPECIAL_TOKENS):
+    texts = list(texts)
+    if not any(t.strip() for t in texts):  # every non-space character is a token
         raise ValueError("fit_word_tokenizer: the texts hold no words to build a vocabulary from")
+    tok.train_from_iterator([*texts, " ".join(INDICATOR_NAMES)], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
