@@ -2,7 +2,7 @@
 """The README demo (``make demo``): train a small ACE on the toy world, score it, edit with it.
 
     python scripts/demo.py                  # 11 to 19 minutes on 2 CPU cores
-    python scripts/demo.py --out outputs/demo --quick   # a smoke run of every step (about a minute)
+    python scripts/demo.py --out outputs/demo-quick --quick   # a smoke run of every step (about a minute)
 
 It runs the user-facing commands one after the other, each as its own process:
 
@@ -18,7 +18,8 @@ analysis tasks: mean; controllable and reference generation: the stronger of the
 and the time of every step. Everything lands under OUT.
 A step that fails stops the demo with its exit status. A rerun retrains the DiT and
 keeps OUT's toy data, VAE and embedding cache (they are deterministic; ``--fresh``
-remakes them).
+remakes them, and so does a switch between ``--quick`` and a full run, recorded in
+``OUT/made.json``).
 """
 
 from __future__ import annotations
@@ -162,14 +163,24 @@ def summary(rows: list[dict], timings: dict, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prepare_out(out: Path, quick: bool, fresh: bool) -> None:
+    """Clear OUT for a run. A rerun retrains the DiT; the toy data, VAE and cache are
+    deterministic and kept, unless ``fresh`` or they were made in the other mode (a
+    ``--quick`` run's 16 LCUs and 2-step VAE must not become a full run's): ``OUT/made.json``
+    records the mode that made them."""
+    made = {"overrides": QUICK if quick else []}
+    marker = out / "made.json"
+    fresh = fresh or _read_json(marker) != made
+    for name in ["train", "edits", *(["data", "vae", "cache"] if fresh else [])]:
+        shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(made) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out.absolute()
-    # a rerun retrains the DiT; the data, VAE and cache are deterministic and kept
-    # (--fresh remakes them too)
-    for name in ["train", "edits", *(["data", "vae", "cache"] if args.fresh else [])]:
-        shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, args.quick, args.fresh)
     timings: dict[str, float] = {}
     overrides = [
         f"data.manifest={out / 'data'}",
@@ -222,6 +233,14 @@ def main(argv=None) -> int:
     print("\n" + text)
     print(f"wrote {out}: report.json, report.png (inputs | output | target), edits/, summary.md")
     return 0
+
+
+def _read_json(path: Path):
+    """The JSON in ``path``, or None if it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _cores() -> int:

@@ -45,6 +45,34 @@ def test_quick_demo_runs_every_step(tmp_path):
     assert "| task | n |" in (out / "summary.md").read_text()
 
 
+def test_rerun_keeps_data_only_when_made_in_the_same_mode(tmp_path):
+    demo = load_demo()
+    out = tmp_path / "demo"
+
+    def made():  # every directory a run leaves, with a file in it
+        for name in ("data", "vae", "cache", "train", "edits"):
+            (out / name).mkdir(parents=True, exist_ok=True)
+            (out / name / "f").write_text(name)
+
+    def left():
+        return sorted(p.name for p in out.iterdir() if p.is_dir())
+
+    made()  # a directory from before made.json: remade
+    demo.prepare_out(out, quick=True, fresh=False)
+    assert left() == []
+    made()
+    demo.prepare_out(out, quick=True, fresh=False)  # same mode: the DiT only
+    assert left() == ["cache", "data", "vae"]
+    demo.prepare_out(out, quick=False, fresh=False)  # a --quick run's data is no full run's
+    assert left() == []
+    made()
+    demo.prepare_out(out, quick=False, fresh=False)
+    assert left() == ["cache", "data", "vae"]
+    made()
+    demo.prepare_out(out, quick=False, fresh=True)
+    assert left() == []
+
+
 def test_verdicts_use_the_baseline_each_family_faces():
     demo = load_demo()
 
