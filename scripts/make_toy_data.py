@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         manifest = make_toy_data(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad input, or a disk that refuses: one line
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"wrote {args.n} LCUs to {manifest}")
