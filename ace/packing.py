@@ -215,6 +215,8 @@ class PackedBatch:
             raise ValueError(
                 f"got frames for {len(frames)} samples, the layout has {self.num_samples}"
             )
+        if masks is not None and len(masks) != len(frames):
+            raise ValueError(f"got masks for {len(masks)} samples, the layout has {len(frames)}")
         masks = masks if masks is not None else [[None] * len(fs) for fs in frames]
         for b, (fs, ms, sizes) in enumerate(zip(frames, masks, self.frame_sizes)):
             if len(fs) != len(sizes) or len(ms) != len(fs):

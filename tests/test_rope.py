@@ -43,8 +43,10 @@ def test_hand_computed_rotation():
 def test_axis_split_and_bf16_roundtrip():
     assert axis_pairs(72) == (12, 12, 12)
     assert axis_pairs(16) == (4, 2, 2)
-    with pytest.raises(ValueError, match="even head dim"):
-        axis_pairs(7)
+    assert axis_pairs(6) == (1, 1, 1)
+    for bad in (7, 4, 2):  # odd, or too small for a pair on each axis
+        with pytest.raises(ValueError, match="even head dim of at least 6"):
+            axis_pairs(bad)
     x = torch.randn(4, 2, 12).bfloat16()
     cos, sin = rope_cos_sin(torch.zeros(4, 3, dtype=torch.long), 12, 8)
     assert apply_rope(x, cos, sin).dtype == torch.bfloat16

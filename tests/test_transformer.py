@@ -273,6 +273,12 @@ def test_bad_input_raises_value_error_naming_the_problem():
         )
     with pytest.raises(ValueError, match=r"heads of an even dim"):
         ACETransformer(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match=r"at least 6"):  # head dim 4: no row or column RoPE
+        ACETransformer(hidden_size=16, num_heads=4)
+    with pytest.raises(ValueError, match=r"masks for 1 samples but frames for 2"):
+        frames = [[torch.randn(4, 4, 4)], [torch.randn(4, 4, 4)]]
+        texts = [[torch.randn(2, 24)], [torch.randn(2, 24)]]
+        ours.predict(frames, [[None]], texts, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"unknown attention backend"):
         ours.set_attention_backend("xformers")
 

@@ -25,8 +25,10 @@ from torch import Tensor
 
 def axis_pairs(head_dim: int) -> tuple[int, int, int]:
     """Rotation pairs given to the (frame, row, column) axes for a head of ``head_dim``."""
-    if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(
+            f"RoPE needs an even head dim of at least 6 (a rotation pair per axis), got {head_dim}"
+        )
     c = head_dim // 2
     return c - 2 * (c // 3), c // 3, c // 3
 

@@ -87,9 +87,10 @@ class ACETransformer(ModelMixin, ConfigMixin):
         num_indicators: int = 10,
     ):
         super().__init__()
-        if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        if hidden_size % num_heads or (hidden_size // num_heads) % 2 or hidden_size < 6 * num_heads:
             raise ValueError(
-                f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of an even dim"
+                f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of an even "
+                "dim of at least 6 (3D RoPE rotates a pair per axis: frame, row, column)"
             )
         d, p = hidden_size, patch_size
         self.out_channels = 2 * in_channels if pred_sigma else in_channels
@@ -251,6 +252,8 @@ class ACETransformer(ModelMixin, ConfigMixin):
         """
         if len(texts) != len(frames):
             raise ValueError(f"got texts for {len(texts)} samples but frames for {len(frames)}")
+        if masks is not None and len(masks) != len(frames):
+            raise ValueError(f"got masks for {len(masks)} samples but frames for {len(frames)}")
         for b, (fs, ts) in enumerate(zip(frames, texts)):
             if len(fs) != len(ts):
                 raise ValueError(
