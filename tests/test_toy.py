@@ -289,6 +289,15 @@ def test_every_task_builds_a_valid_lcu(task, size):
     assert len(instructions) >= 3
 
 
+def test_extract_always_changes_something():
+    """A one-object scene on a plain background of the colour drawn for the target was its
+    own target (seeds 259, 340, 356, ... before): an identity edit to train on and an empty
+    region to score."""
+    for seed in range(1000):
+        sample = make_sample("extract", np.random.default_rng(seed), 32)
+        assert sample.change_mask.any(), seed
+
+
 # ---------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------
