@@ -39,6 +39,7 @@ INDICATOR_STRINGS: tuple[str, ...] = INDICATOR_NAMES  # row r of the indicator t
 MAX_ASPECT_RATIO = 4  # longer side / shorter side after the centre crop
 SIZE_MULTIPLE = 16  # image sides: VAE factor 8 x patch size 2
 MASK_THRESHOLD = 128  # mask set where the 0-255 value is > 128 (float masks: > 128/255)
+VAE_MAX_PIXELS = 8 * 512 * 512  # pixels per VAE encode call; more are split into calls
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -287,7 +288,9 @@ class ConditionTokenizer:
         self, images: list[torch.Tensor]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Images (3, H, W) in [-1, 1] -> per image the VAE posterior (mean, std), each
-        (C, h, w), unscaled. Equal-size images share one VAE call."""
+        (C, h, w), unscaled. Equal-size images share VAE calls of at most ``VAE_MAX_PIXELS``
+        pixels (at least one image): the encoder's activations grow with the batch, and a
+        cache build hands it a whole chunk of LCUs at once."""
         if not isinstance(images, (list, tuple)) or len(images) == 0:
             raise _expected("images", "a non-empty list of tensors (3, H, W)", images)
         f = self.vae_factor
@@ -301,11 +304,14 @@ class ConditionTokenizer:
         out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(
             images
         )
-        for idx in groups.values():
-            x = torch.stack([images[i] for i in idx])  # (B, 3, H, W)
-            dist = self.vae.encode(x.to(self._device(self.vae), self.vae.dtype)).latent_dist
-            for i, mean, std in zip(idx, dist.mean, dist.std):  # (C, h, w) each
-                out[i] = (mean, std)
+        for (h, w), group in groups.items():
+            per_call = max(1, VAE_MAX_PIXELS // (h * w))
+            for start in range(0, len(group), per_call):
+                idx = group[start : start + per_call]
+                x = torch.stack([images[i] for i in idx])  # (B, 3, H, W)
+                dist = self.vae.encode(x.to(self._device(self.vae), self.vae.dtype)).latent_dist
+                for i, mean, std in zip(idx, dist.mean, dist.std):  # (C, h, w) each
+                    out[i] = (mean, std)
         return out
 
     def sample_latents(

@@ -274,6 +274,28 @@ def test_encode_images_mode_sample_and_grouping(parts, ct):
     )
 
 
+def test_encode_posteriors_splits_calls_at_the_pixel_budget(parts, ct, monkeypatch):
+    import ace.conditioning
+
+    _, _, vae = parts
+    imgs = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(5)] + [torch.rand(3, 16, 24) * 2 - 1]
+    whole = ct.encode_posteriors(imgs)
+    calls = []
+    encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x: calls.append(tuple(x.shape)) or encode(x))
+    monkeypatch.setattr(ace.conditioning, "VAE_MAX_PIXELS", 2 * 32 * 32)
+    split = ct.encode_posteriors(imgs)
+    # 2 + 2 + 1 of the 32 x 32 images, and the lone 16 x 24 one (under the budget)
+    assert [c[0] for c in calls] == [2, 2, 1, 1]
+    monkeypatch.setattr(ace.conditioning, "VAE_MAX_PIXELS", 1)  # still one image per call
+    calls.clear()
+    ct.encode_posteriors(imgs)
+    assert [c[0] for c in calls] == [1] * 6
+    for (m0, s0), (m1, s1) in zip(whole, split):
+        torch.testing.assert_close(m1, m0, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s1, s0, atol=1e-6, rtol=1e-5)
+
+
 def test_decode_inverts_scaling(parts, ct):
     _, _, vae = parts
     z = torch.randn(2, 4, 4, 4)
