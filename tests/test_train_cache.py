@@ -146,6 +146,24 @@ def test_an_interrupted_build_keeps_whole_shards_and_finishes(
         assert all(torch.equal(x, y) for x, y in zip(a.means + a.texts, b.means + b.texts))
 
 
+def test_an_interrupted_build_finished_at_another_shard_size_loses_nothing(
+    manifest, parts, tmp_path, cache, monkeypatch
+):
+    """Shard 0 of a 4-sample build holds samples 0-3; a build at shard size 2 must not take
+    it for its own shard 0 (samples 0-1) and leave 2-3 unreadable. A killed writer's
+    temporary file goes too."""
+    conditioner, _ = parts
+    root = tmp_path / "emb"
+    interrupted_build(manifest, conditioner, root, monkeypatch)
+    (root / ".shard-00001.safetensors.tmp-0123abcd").write_bytes(b"half a shard")
+    with pytest.warns(UserWarning, match="deleting 1 shards"):
+        finished = build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=2, progress=False)  # fmt: skip
+    assert not list(root.glob(".shard-*"))
+    for i in range(len(manifest)):
+        a, b = finished[i], cache[i]
+        assert all(torch.equal(x, y) for x, y in zip(a.means + a.texts, b.means + b.texts))
+
+
 def test_shards_of_an_interrupted_build_of_other_data_are_not_reused(parts, tmp_path, monkeypatch):
     """The same manifest text over regenerated images of another size: another fingerprint
     (the images' byte sizes and times are in it), so the old build's shard is deleted, not mixed in,

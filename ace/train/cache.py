@@ -10,7 +10,9 @@ reads it instead of running either encoder:
 or build it ahead of time (``build_cache`` is what the trainer calls):
 
     from ace.train.cache import EmbeddingCache, build_cache
-    build_cache(manifest, conditioner, "cache/", max_seq_len=1024)
+    cache = build_cache(manifest, conditioner, "cache/", max_seq_len=1024)
+    # later, e.g. in another process: the fingerprint check refuses a stale cache
+    from ace.train.cache import cache_fingerprint
     cache = EmbeddingCache("cache/", fingerprint=cache_fingerprint(manifest, conditioner, 1024))
     cache[0].texts, cache[0].means  # T5 states per turn; VAE posterior means per frame
 
@@ -27,10 +29,11 @@ latent noise, from the step's generator exactly as the uncached path does. Files
     DIR/cache.json                written last: the fingerprint, shard size and counts
 
 A shard is written to a temporary file and renamed, so an interrupted build leaves whole
-shards, and the next build of the same fingerprint skips them (``building.json``, written
-before the first shard, holds it; shards left by a build of another fingerprint are
-deleted first). ``cache.json`` holds a fingerprint of the manifest (a hash of the whole
-file and of the byte size of every image it names), the encoders (their configs and a
+shards, and the next build of the same fingerprint and shard size skips them
+(``building.json``, written before the first shard, holds both; shards left by a build of
+another fingerprint or shard size are deleted first, and so are the temporary files of a
+killed one). ``cache.json`` holds a fingerprint of the manifest (a hash of the whole
+file and of the byte size and modification time of every image it names), the encoders (their configs and a
 checksum of their weights), the token budget and the text length; a cache whose
 fingerprint differs from the run's is refused with a ValueError that names what changed.
 """
@@ -245,8 +248,8 @@ def build_cache(
     rank = 0 if accelerator is None else accelerator.process_index
     world = 1 if accelerator is None else accelerator.num_processes
     is_main = rank == 0
-    if is_main:  # shards are reused only by a build of the same fingerprint
-        _start_build(root, fingerprint)
+    if is_main:  # shards are reused only by a build of the same fingerprint and shard size
+        _start_build(root, fingerprint, shard_size)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     skipped = build_shards(
@@ -272,23 +275,28 @@ def _write_json(path: Path, value) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
 
 
-def _start_build(root: Path, fingerprint: dict) -> None:
-    """Record the fingerprint of the build about to run; shards of an interrupted build of
-    another fingerprint (or of unknown origin) are deleted, not mixed into this one."""
+def _start_build(root: Path, fingerprint: dict, shard_size: int) -> None:
+    """Record the fingerprint and shard size of the build about to run; shards of an
+    interrupted build of another fingerprint or shard size (or of unknown origin) are
+    deleted, not mixed into this one (a shard of another size holds other samples). The
+    temporary file of a shard whose writer was killed is deleted too."""
     root.mkdir(parents=True, exist_ok=True)
+    for tmp in root.glob(".shard-*.tmp-*"):
+        tmp.unlink(missing_ok=True)
     marker = root / BUILDING_FILE
+    build = {"fingerprint": fingerprint, "shard_size": shard_size}
     previous = json.loads(marker.read_text()) if marker.is_file() else None
-    if previous != fingerprint:
+    if previous != build:
         stale = sorted(root.glob("shard-*.safetensors"))
         if stale:
             warnings.warn(
                 f"embedding cache {root}: deleting {len(stale)} shards of an interrupted "
-                "build of other data or encoders",
+                "build of other data, encoders or shard size",
                 stacklevel=3,
             )
         for path in stale:
             path.unlink()
-        _write_json(marker, fingerprint)
+        _write_json(marker, build)
 
 
 # ---------------------------------------------------------------------------
