@@ -126,6 +126,28 @@ def test_budget_batches_invariants(buffer, max_samples):
         assert budget_batches(costs, 256, 2, 2, **kw) != batches
 
 
+def test_manifest_batches_read_the_epochs_back_to_back_keeping_one(tmp_path):
+    """The trainer's token-budget batches: global step s, rank r is batch s * world + r of
+    every epoch's packing laid end to end (a by-hand concatenation), and only the latest
+    epoch's packing is held, not all of them."""
+    from ace.train.config import DataConfig
+    from ace.train.data import ManifestBatches
+
+    write_manifest(lcus(8), tmp_path / "ds", progress=False)
+    ds = LCUManifest(tmp_path / "ds")
+    cfg = DataConfig(manifest=str(tmp_path / "ds"), max_tokens=512, batch_size=3)
+    costs = dataset_costs(ds, 1024)
+    laid = [b for e in range(6) for b in budget_batches(costs, 512, 5, e, max_samples=3)]
+    for world in (1, 2):
+        ranks = [ManifestBatches(ds, cfg, 5, r, world, 1024) for r in range(world)]
+        steps = len(laid) // world
+        got = [ranks[r].indices(s) for s in range(steps) for r in range(world)]
+        assert got == laid[: steps * world]
+        assert len(ranks[0]._counts) >= 5 and ranks[0]._packed[0] == len(ranks[0]._counts) - 1
+    late = ManifestBatches(ds, cfg, 5, 0, 1, 1024)  # a resumed run starts at a late step
+    assert late.indices(len(laid) - 1) == laid[-1]
+
+
 @pytest.mark.filterwarnings("ignore:an LCU of 300 tokens")
 def test_budget_batches_by_hand():
     costs = [100, 100, 60, None, 300, 50, 50]

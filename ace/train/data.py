@@ -74,7 +74,10 @@ class ManifestBatches:
         self.skipped = 0
         self._stand_in: list | None = None
         self.items = dataset  # what take() reads: the manifest, or an embedding cache of it
-        self._epochs: list[list[list[int]]] = []  # token-budget mode: the batches of each epoch
+        # token-budget mode: the number of batches of each epoch packed so far, and the
+        # batches of the latest one (keeping every epoch's grew without bound)
+        self._counts: list[int] = []
+        self._packed: tuple[int, list[list[int]]] = (-1, [])
         if cfg.max_tokens:
             from ace.data.batching import dataset_costs
 
@@ -88,26 +91,27 @@ class ManifestBatches:
             return idx[self.rank :: self.world]
         # token budget: global step s takes batches s*world .. s*world + world - 1 of the
         # epochs' packings read back to back; rank r takes the r-th of them
-        from ace.data.batching import budget_batches
-
         want, seen = step * self.world + self.rank, 0
         for epoch in range(10**9):
-            if epoch == len(self._epochs):
-                self._epochs.append(
-                    budget_batches(
-                        self.costs,
-                        self.cfg.max_tokens,
-                        self.seed,
-                        epoch,
-                        max_samples=self.cfg.batch_size,
-                    )
-                )
-            if not self._epochs[epoch]:
+            if epoch == len(self._counts):
+                self._counts.append(len(self._epoch(epoch)))
+            if not self._counts[epoch]:
                 raise ValueError("data.max_tokens: no sample fits a batch (every cost unknown)")
-            if want < seen + len(self._epochs[epoch]):
-                return self._epochs[epoch][want - seen]
-            seen += len(self._epochs[epoch])
+            if want < seen + self._counts[epoch]:
+                return self._epoch(epoch)[want - seen]
+            seen += self._counts[epoch]
         raise AssertionError("unreachable")
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        """Token-budget mode: the batches of ``epoch`` (packed again unless the latest)."""
+        from ace.data.batching import budget_batches
+
+        if self._packed[0] != epoch:
+            batches = budget_batches(
+                self.costs, self.cfg.max_tokens, self.seed, epoch, max_samples=self.cfg.batch_size
+            )
+            self._packed = (epoch, batches)
+        return self._packed[1]
 
     def take(self, step: int) -> list:
         out = []
