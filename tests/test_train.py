@@ -532,21 +532,27 @@ def test_token_budget_and_shard_streams_resume_exactly(data, tmp_path, mode):
         assert all(r["tokens"] <= 40 for r in rows) and len({r["tokens"] for r in rows}) > 1
 
 
-@pytest.mark.parametrize("extra", [[], ["data.max_tokens=40"]])
-def test_a_streamed_image_too_small_to_train_on_is_skipped(tmp_path, extra):
+BUDGET = "data.max_tokens=40"
+
+
+@pytest.mark.parametrize("extra, bad, at", [([], 1, 3), ([BUDGET], 1, 3), ([BUDGET], 2, 2)])
+def test_a_streamed_image_too_small_to_train_on_is_skipped(tmp_path, extra, bad, at):
     """A shard sample whose image decodes but is too small for a patch is skipped, warned
-    and counted, in fixed-size and token-budget batches; resuming counts it as before."""
+    and counted, in fixed-size and token-budget batches; resuming counts it as before.
+    With the token budget, sample 2 bad and a checkpoint after step 2, the bad sample lies
+    between the saved position and the sample read to close the batch: the resumed run
+    reads it again, and once counted it twice."""
     from ace.data.shards import write_shards
 
     lcus = list(solid_lcus(4))
-    lcus[1] = LCU(ConditionUnit("a thin strip"), target=Image.new("RGB", (300, 12)), task="t2i")
+    lcus[bad] = LCU(ConditionUnit("a thin strip"), target=Image.new("RGB", (300, 12)), task="t2i")
     write_manifest(lcus, tmp_path / "data", progress=False)
     write_shards(tmp_path / "data", tmp_path / "shards", samples_per_shard=2, progress=False)
     shards = f"data.shards={tmp_path / 'shards' / 'shard-{000000..000001}.tar'}"
     straight, split = tmp_path / "straight", tmp_path / "split"
     with pytest.warns(UserWarning, match="skipping a streamed sample: .*too small"):
         Trainer(load_config(CONFIG, args(tmp_path, straight, 6, shards, "data.batch_size=2", *extra))).train()  # fmt: skip
-        Trainer(load_config(CONFIG, args(tmp_path, split, 3, shards, "data.batch_size=2", "train.checkpoint_every=3", *extra))).train()  # fmt: skip
+        Trainer(load_config(CONFIG, args(tmp_path, split, at, shards, "data.batch_size=2", f"train.checkpoint_every={at}", *extra))).train()  # fmt: skip
         Trainer(load_config(CONFIG, [*args(tmp_path, split, 6, shards, "data.batch_size=2", *extra), "train.resume=latest"])).train()  # fmt: skip
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and not any(r["skipped_step"] for r in rows)

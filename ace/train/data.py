@@ -113,6 +113,11 @@ class ManifestBatches:
             self._packed = (epoch, batches)
         return self._packed[1]
 
+    def position_skipped(self) -> int:
+        """``skipped`` as of the data position a checkpoint saves: the live count (the
+        position is the step)."""
+        return self.skipped
+
     def take(self, step: int) -> list:
         out = []
         for i in self.indices(step):
@@ -176,6 +181,14 @@ class ShardBatches:
     @property
     def skipped(self) -> int:
         return self.stream.skipped + self.loader.skipped
+
+    def position_skipped(self) -> int:
+        """``skipped`` as of the position ``state_dict`` saves now. The token-budget batcher
+        saves the position before the sample that closed its last batch, so samples skipped
+        on the way to that one are counted live and again when a resume reads them."""
+        state = self.source.state_dict()
+        state = state["source"] if self.cfg.max_tokens else state  # the _Trainable's
+        return int(state["skipped"]) + sum(state["stream"]["skipped"])
 
     def take(self, step: int) -> list:
         if self._it is None:

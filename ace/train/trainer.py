@@ -516,13 +516,12 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
+        skipped = self.skipped_at_position()
         acc.save_state(str(tmp))
         if acc.is_main_process:
             self.write_config(tmp)  # the checkpoint's own: what a resume is checked against
             (tmp / "trainer_state.json").write_text(
-                json.dumps(
-                    {"step": self.step, "nonfinite": self.nonfinite, "skipped": self.skipped_total}
-                )
+                json.dumps({"step": self.step, "nonfinite": self.nonfinite, "skipped": skipped})
             )
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -530,6 +529,16 @@ class Trainer:
                 shutil.rmtree(self.out / f"checkpoint-{old}", ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def skipped_at_position(self) -> int:
+        """``skipped_total`` as of the data position a checkpoint saves now (one all-reduce;
+        every rank calls it): what a resume must start from, since it reads the samples past
+        that position again, and counts those it skips again."""
+        own = self.batches.position_skipped() - self._skipped_here
+        total = torch.tensor(float(own), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return self.skipped_before + int(total.item())
 
     def write_config(self, directory: Path) -> None:
         """The run's config as ``directory/config.json`` (the run's, and each checkpoint's)."""
