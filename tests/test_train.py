@@ -356,6 +356,13 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         resumed = load_config(CONFIG, [*args(data, out, 6, "train.resume=latest", *extra)])
         with pytest.raises(ValueError, match=named):
             Trainer(resumed).train()
+    # a vocabulary refitted to other ids (model.text_encoder=words) would read other words
+    state_file = out / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["tokenizer"]
+    state_file.write_text(json.dumps({**state, "tokenizer": "0123456789abcdef"}))
+    with pytest.raises(ValueError, match="another tokenizer vocabulary"):
+        Trainer(load_config(CONFIG, [*args(data, out, 6, "train.resume=latest")])).train()
     shutil.rmtree(out / "checkpoint-4")  # as if the run had crashed after logging step 4 ...
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "lo')  # ... and while writing the row of step 5

@@ -11,7 +11,13 @@ from ace.data.manifest import LCUManifest, write_manifest
 from ace.data.toy import sample_stream
 from ace.testing import tiny_text_encoder, tiny_transformer, tiny_vae
 from ace.train.batch import encode_batch
-from ace.train.cache import EmbeddingCache, EncodedLCU, build_cache, shard_path
+from ace.train.cache import (
+    EmbeddingCache,
+    EncodedLCU,
+    build_cache,
+    cache_fingerprint,
+    shard_path,
+)
 
 MAX_SEQ_LEN = 1024
 
@@ -188,6 +194,25 @@ def test_shards_of_an_interrupted_build_of_other_data_are_not_reused(parts, tmp_
     build_cache(LCUManifest(old), conditioner, tmp_path / "emb32", MAX_SEQ_LEN, shard_size=4, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="different manifest"):
         build_cache(LCUManifest(data), conditioner, tmp_path / "emb32", MAX_SEQ_LEN, shard_size=4)  # fmt: skip
+
+
+def test_a_tokenizer_with_the_same_words_but_other_ids_is_another_fingerprint(manifest, parts):
+    """Word vocabularies number words by frequency: the same words, encoder weights and
+    sizes can map a text to other ids. The cache's text states would then be stale."""
+    from ace.train.word_encoder import word_text_encoder
+
+    a_tok, a_enc = word_text_encoder(["red blue blue", "green"])
+    b_tok, b_enc = word_text_encoder(["red red blue", "green"])
+    assert set(a_tok.get_vocab()) == set(b_tok.get_vocab())
+    assert a_tok("red")["input_ids"] != b_tok("red")["input_ids"]
+    assert all(torch.equal(x, y) for x, y in zip(a_enc.state_dict().values(), b_enc.state_dict().values()))  # fmt: skip
+    vae = parts[0].vae
+    a, b = ConditionTokenizer(a_tok, a_enc, vae), ConditionTokenizer(b_tok, b_enc, vae)
+    fa, fb = (
+        cache_fingerprint(manifest, a, MAX_SEQ_LEN),
+        cache_fingerprint(manifest, b, MAX_SEQ_LEN),
+    )
+    assert fa["text_encoder"] == fb["text_encoder"] and fa["tokenizer"] != fb["tokenizer"]
 
 
 def test_an_image_edited_in_place_at_the_same_byte_size_is_seen(parts, tmp_path):

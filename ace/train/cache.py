@@ -33,7 +33,8 @@ shards, and the next build of the same fingerprint and shard size skips them
 (``building.json``, written before the first shard, holds both; shards left by a build of
 another fingerprint or shard size are deleted first, and so are the temporary files of a
 killed one). ``cache.json`` holds a fingerprint of the manifest (a hash of the whole
-file and of the byte size and modification time of every image it names), the encoders (their configs and a
+file and of the byte size and modification time of every image it names), the tokenizer,
+the encoders (their configs and a
 checksum of their weights), the token budget and the text length; a cache whose
 fingerprint differs from the run's is refused with a ValueError that names what changed.
 """
@@ -62,7 +63,7 @@ from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
 BUILDING_FILE = "building.json"  # the fingerprint of a build in progress
-FORMAT = 4  # bump when what a shard holds, or the fingerprint means, changes
+FORMAT = 5  # bump when what a shard holds, or the fingerprint means, changes
 CHUNK = 32  # LCUs per encoder call while building
 
 
@@ -104,6 +105,18 @@ def _module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what a tokenizer maps text to: the whole definition of a fast tokenizer
+    (normalizer, pre-tokenizer, vocabulary), else its class and vocabulary. The word
+    encoder refits its vocabulary every run, and the same words can get other ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _manifest_digest(dataset) -> str:
     """sha256 of the whole manifest file and of the byte size and modification time of
     every image it names: a regenerated or edited image changes the fingerprint, as in
@@ -127,11 +140,13 @@ def _manifest_digest(dataset) -> str:
 
 
 def cache_fingerprint(dataset, conditioner, max_seq_len: int) -> dict[str, Any]:
-    """What a cache must agree with to be reused: manifest, encoders, token budget, text length."""
+    """What a cache must agree with to be reused: manifest, tokenizer, encoders, token
+    budget, text length."""
     return {
         "format": FORMAT,
         "manifest": _manifest_digest(dataset),
         "num_samples": len(dataset),
+        "tokenizer": tokenizer_digest(conditioner.tokenizer),
         "text_encoder": _module_digest(conditioner.text_encoder),
         "vae": _module_digest(conditioner.vae),
         "scaling_factor": float(conditioner.vae.config.scaling_factor),

@@ -37,6 +37,7 @@ from ace.atomic import atomic_write, nearest_existing
 from ace.conditioning import ConditionTokenizer
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
+from ace.train.cache import tokenizer_digest
 from ace.train.config import Config, to_dict
 from ace.train.data import build_dataset, make_batches
 
@@ -520,9 +521,9 @@ class Trainer:
         acc.save_state(str(tmp))
         if acc.is_main_process:
             self.write_config(tmp)  # the checkpoint's own: what a resume is checked against
-            (tmp / "trainer_state.json").write_text(
-                json.dumps({"step": self.step, "nonfinite": self.nonfinite, "skipped": skipped})
-            )
+            state = {"step": self.step, "nonfinite": self.nonfinite, "skipped": skipped}
+            state["tokenizer"] = tokenizer_digest(self.conditioner.tokenizer)
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in sorted(self.checkpoints())[: -self.cfg.train.keep_last]:
@@ -562,10 +563,17 @@ class Trainer:
                 raise ValueError(f"train.resume: {path} is not a complete checkpoint directory")
         own = path / "config.json"  # the run's config, saved with its checkpoint
         check_resumable(self.cfg, own if own.is_file() else path.parent / "config.json")
+        state = json.loads((path / "trainer_state.json").read_text())
+        digest = tokenizer_digest(self.conditioner.tokenizer)
+        if state.get("tokenizer", digest) != digest:  # text_encoder=words refits every run
+            raise ValueError(
+                f"train.resume: {path} was trained with another tokenizer vocabulary than this "
+                "run's (the same words can get other ids); resume with the code and data it "
+                "was trained with"
+            )
         if self.accelerator.distributed_type == DistributedType.FSDP:
             self._materialise_optimizer_state()
         self.accelerator.load_state(str(path))
-        state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.skipped_before, self.skipped_since = state.get("skipped", 0), 0
         self._skipped_here = self.batches.skipped  # this rank's, as restored (streams keep theirs)
