@@ -391,6 +391,13 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["ema.decay=-1"], r"ema.decay must be in \[0, 1\)"),
         (["ema.decay=2"], r"ema.decay must be in \[0, 1\)"),
         (["data.max_seq_len=0"], "data.max_seq_len must be >= 1 or null"),
+        (["objective.name=ddim"], r"objective.name must be one of ddpm-eps, rectified-flow"),
+        (["model.attention_backend=xformers"], r"model.attention_backend must be one of auto"),
+        (["optim.lr=inf"], "optim.lr must be finite"),
+        (["optim.weight_decay=inf"], "optim.weight_decay must be finite"),
+        (["objective.shift=0"], "objective.shift must be > 0"),
+        (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+        (["data.shuffle_buffer=-5"], "data.shuffle_buffer must be >= 0"),
     ],
 )
 def test_bad_config_names_the_key(data, overrides, message):

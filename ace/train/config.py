@@ -8,6 +8,7 @@ configs), raised as ``ValueError``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,36 @@ def _check(cfg: Config) -> None:
         raise ValueError("set data.manifest (a JSONL manifest or its directory) or data.shards")
     if d.max_tokens < 0:
         raise ValueError(f"data.max_tokens must be >= 0, got {d.max_tokens}")
+    for name, value in (
+        ("data.num_workers", d.num_workers),
+        ("data.shuffle_buffer", d.shuffle_buffer),
+    ):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    for name, value in (
+        ("optim.lr", o.lr),
+        ("optim.eps", o.eps),
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.grad_clip", o.grad_clip),
+        ("objective.shift", cfg.objective.shift),
+    ):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if not cfg.objective.shift > 0:
+        raise ValueError(f"objective.shift must be > 0, got {cfg.objective.shift}")
+    # checked here, not after the toy VAE, the data and the embedding cache are made
+    from ace.diffusion import OBJECTIVES
+    from ace.models.attention import BACKENDS
+
+    if cfg.objective.name not in OBJECTIVES:
+        raise ValueError(
+            f"objective.name must be one of {', '.join(OBJECTIVES)}, got {cfg.objective.name!r}"
+        )
+    if cfg.model.attention_backend not in BACKENDS:
+        raise ValueError(
+            f"model.attention_backend must be one of {', '.join(BACKENDS)}, "
+            f"got {cfg.model.attention_backend!r}"
+        )
     if cfg.optim.decay not in ("constant", "cosine"):
         raise ValueError(f"optim.decay must be constant or cosine, got {cfg.optim.decay!r}")
     if cfg.model.vae_toy_steps < 0:
