@@ -90,6 +90,10 @@ def check_args(args: argparse.Namespace) -> None:
     out = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
+    from ace.atomic import nearest_existing
+
+    if not nearest_existing(out).is_dir():  # a file on the way: mkdir would fail at the end
+        raise ValueError(f"--out {out}: {nearest_existing(out)} is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--out {out} exists and is not empty (--overwrite replaces it)")
 
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         info = train(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, OSError) as e:  # OSError: the disk refused the output
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(

@@ -261,6 +261,9 @@ def test_train_vae_rejects_bad_arguments(images, kwargs, match):
         ([torch.zeros(3, 32, 32), torch.zeros(3, 64, 64)], "one size"),
         ([torch.zeros(3, 36, 36)], "multiple of 8"),
         (torch.zeros(2, 1, 32, 32), r"\(N, 3, H, W\)"),
+        ([torch.rand(3, 32, 32) * 2 - 1], r"in \[0, 1\], got values in \[-"),  # the DiT's range
+        ([torch.rand(3, 32, 32) * 255], r"in \[0, 1\]"),
+        ([torch.full((3, 8, 8), float("nan"))], r"in \[0, 1\]"),
     ],
 )
 def test_load_images_rejects_bad_sources(source, match):
@@ -366,6 +369,15 @@ def test_script_failing_save_leaves_nothing(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(AutoencoderKL, "save_pretrained", broken)
     argv = ["--out", tmp_path / "vae", "--steps", 1, "--batch-size", 1, "--n-images", 1, "--eval-images", 1, "--quiet"]  # fmt: skip
-    with pytest.raises(OSError, match="disk full"):
-        script(argv, capsys)
+    code, _, err = script(argv, capsys)
+    assert code == 2 and "disk full" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_script_out_under_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import ace.train.vae
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(ace.train.vae, "train_vae", lambda *a, **k: pytest.fail("trained"))
+    code, _, err = script(["--out", tmp_path / "afile" / "vae", "--steps", 1], capsys)
+    assert code == 2 and "afile is not a directory" in err and err.count("\n") == 1

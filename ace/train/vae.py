@@ -108,7 +108,13 @@ def _image_uint8(x: Any, where: str) -> torch.Tensor:
         if x.dtype == torch.uint8:
             return x.cpu()
         if x.is_floating_point():
-            return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+            x = x.detach().float().cpu()
+            lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 1.0)
+            if not (lo >= 0 and hi <= 1):  # [-1, 1] (the DiT's range) or 0-255 would clamp
+                raise ValueError(
+                    f"{where}: a float image must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]"
+                )
+            return (x * 255).round().to(torch.uint8)
     got = f"a tensor {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x)
     raise ValueError(
         f"{where}: expected an RGB PIL image or a tensor (3, H, W) (uint8, or float in [0, 1]), "
@@ -326,7 +332,6 @@ def train_vae(
     config: dict[str, Any] | None = None,
     vae: AutoencoderKL | None = None,
     init_logvar: float | None = -10.0,
-    crop: int | None = None,
     scale_images: int = 256,
     callback: Callback | None = None,
     progress: bool = True,
@@ -342,7 +347,7 @@ def train_vae(
     not finite raise ValueError. At the end ``scaling_factor`` is set to 1 / std of the
     posterior samples of the first ``scale_images`` training images. ``device``: where to
     train (the model is moved there and returned there); None trains where the model is,
-    the CPU for a fresh one. The seeded draws (order, crops, posterior samples) come from a
+    the CPU for a fresh one. The seeded draws (order, posterior samples) come from a
     CPU generator on every device.
     """
     _check_positive(steps, "steps")
@@ -392,10 +397,6 @@ def train_vae(
             idx.extend(take.tolist())
             pos += len(take)
         batch = data[idx]  # (B, 3, H, W) uint8
-        if crop is not None:  # one window per batch, on the latent grid
-            top = 8 * int(torch.randint(0, (data.shape[2] - crop) // 8 + 1, (), generator=gen))
-            left = 8 * int(torch.randint(0, (data.shape[3] - crop) // 8 + 1, (), generator=gen))
-            batch = batch[:, :, top : top + crop, left : left + crop]  # (B, 3, crop, crop)
         x = _as_float(batch).to(device, vae.dtype)  # (B, 3, H, W)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(warmup, steps))
