@@ -348,7 +348,8 @@ class ConditionTokenizer:
         sample: bool = True,
     ) -> list[torch.Tensor]:
         """Images (3, H, W) in [-1, 1] -> latents (C, h, w) = scaling_factor * posterior sample
-        (``sample=False``: the posterior mode). Equal-size images share one VAE call."""
+        (``sample=False``: the posterior mode). Equal-size images share VAE calls
+        (``encode_posteriors``)."""
         return self.sample_latents(self.encode_posteriors(images), generator, sample)
 
     @torch.no_grad()

@@ -55,7 +55,7 @@ class ACETransformer(ModelMixin, ConfigMixin):
         patch_size: p, the side of a patch in latent pixels.
         hidden_size: d.
         depth: number of blocks.
-        num_heads: H; the head dim d / H must be even (RoPE pairs).
+        num_heads: H; the head dim d / H must be even and at least 6 (a RoPE pair per axis).
         mlp_ratio: MLP hidden width over d.
         text_dim: E, the width of the text encoder's states.
         rope_max_len: RoPE table length; also the most tokens one frame may have.
