@@ -25,11 +25,15 @@ which PIL gives some 16-bit PNGs."""
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """``image`` upright (EXIF orientation) in ``mode``, 16-bit greyscale scaled by 1/257."""
+    """``image`` upright (EXIF orientation) in ``mode``. 16-bit greyscale is scaled by 1/257,
+    unless no value exceeds 255: then it holds 8-bit values (a 0/255 mask saved from a
+    uint16 array), which scaling would turn into 0/1, and an all-but-empty mask into the
+    whole image."""
     image = ImageOps.exif_transpose(image)  # a copy, upright; no EXIF tag: unchanged
     if image.mode in SIXTEEN_BIT:
         values = np.asarray(image, dtype=np.float64).clip(0, 65535)  # (H, W)
-        image = Image.fromarray((values / 257).round().astype(np.uint8), "L")
+        scale = 257 if values.size and values.max() > 255 else 1
+        image = Image.fromarray((values / scale).round().astype(np.uint8), "L")
     return image if image.mode == mode else image.convert(mode)
 
 

@@ -29,6 +29,20 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
         assert (np.asarray(im.convert("L")) == 255).mean() > 0.9
 
 
+def test_sixteen_bit_file_of_eight_bit_values_is_read_as_is(tmp_path):
+    """A 0/255 mask saved from a uint16 array: scaled by 1/257 it became 0/1, which
+    preprocess_mask reads as all zero, i.e. the whole image."""
+    from ace.conditioning import preprocess_mask
+
+    values = np.zeros((16, 16), np.uint16)
+    values[4:8, 4:12] = 255
+    path = tmp_path / "mask16.png"
+    Image.fromarray(values).save(path)
+    got = open_image(path, "L")
+    assert np.array_equal(np.asarray(got), values.astype(np.uint8))
+    assert preprocess_mask(got, (16, 16)).mean().item() == 32 / 256  # the drawn region
+
+
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_exif_orientation_is_applied(tmp_path, orientation):
     """A phone photo stored sideways with an orientation tag reads as a viewer shows it."""
