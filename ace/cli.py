@@ -14,6 +14,7 @@ Imports nothing heavy: a script's ``--help`` and its argument errors stay instan
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,13 +41,23 @@ def pick_device(name: str | None):
         ) from None
     if not has_device(device.type):  # meta, or hpu without its torch plugin, too
         raise UserError(f"--device {name}: this machine has no {device.type} device")
+    module = getattr(torch, device.type, None)
+    count = getattr(module, "device_count", None)
+    if (
+        device.type != "cpu"
+        and device.index is not None
+        and callable(count)
+        and device.index >= count()
+    ):
+        raise UserError(f"--device {name}: this machine has {count()} {device.type} device(s)")
     return device
 
 
 def check_out(path: Path, flag: str = "--out", *siblings: str) -> None:
     """UserError unless a file can be written at ``path`` (and at its ``siblings``, the same
     path with other suffixes, written beside it): none is a directory, and the nearest
-    existing ancestor is a directory. For scripts that write only after long work."""
+    existing ancestor is a directory this process may write in. For scripts that write
+    only after long work. (A read-only file system or a full disk is seen only at the write.)"""
     from ace.atomic import nearest_existing
 
     if not path.name or path.is_dir():  # "", ".", "/" or a directory
@@ -57,6 +68,8 @@ def check_out(path: Path, flag: str = "--out", *siblings: str) -> None:
     parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {parent}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -73,6 +86,9 @@ def text_table(
     """Columns two spaces apart, the first left-aligned and the rest right-aligned, a rule
     under the header, and ``footer`` (a last row, e.g. an overall mean) under a second rule."""
     lines = [*rows, *([footer] if footer is not None else [])]
+    for i, row in enumerate(lines):
+        if len(row) != len(heads):
+            raise ValueError(f"text_table: row {i} has {len(row)} cells for {len(heads)} columns")
     widths = [max(len(r[i]) for r in [heads, *lines]) for i in range(len(heads))]
 
     def fmt(row: Sequence[str]) -> str:

@@ -72,6 +72,37 @@ def test_pick_device_defaults_and_refuses_unknown_or_absent_devices(monkeypatch)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="this machine has no cuda device"):
             pick_device("cuda:0")
+    # a machine with one GPU has no cuda:5 (from_pretrained would fail after the load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UserError, match="cuda:5: this machine has 1 cuda device"):
+        pick_device("cuda:5")
+
+
+def test_check_out_refuses_what_cannot_be_written(tmp_path, monkeypatch):
+    import os
+
+    from ace.cli import UserError, check_out
+
+    (tmp_path / "afile").write_text("x")
+    check_out(tmp_path / "new" / "out.png", "--output")  # made at the write
+    for path, message in [
+        (tmp_path, "is a directory"),
+        (tmp_path / "afile" / "out.png", "is a file, not a directory"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            check_out(path, "--output")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere
+    with pytest.raises(UserError, match="no permission to write in"):
+        check_out(tmp_path / "out.png", "--output")
+
+
+def test_text_table_refuses_rows_of_another_width():
+    with pytest.raises(ValueError, match="row 0 has 1 cells for 2 columns"):
+        text_table(["a", "b"], [["x"]])
+    with pytest.raises(ValueError, match="row 1 has 3 cells"):
+        text_table(["a", "b"], [["x", "1"]], footer=["all", "1", "extra"])
 
 
 @pytest.mark.parametrize(
