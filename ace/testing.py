@@ -57,21 +57,29 @@ def tiny_vae() -> AutoencoderKL:
 
 
 # ops that make the host wait for the device on CUDA: reading a value (.item(), bool(),
-# int()), and ops whose output size depends on the data (boolean masks, nonzero, unique)
-_SYNC_OPS = (
-    "aten._local_scalar_dense",
-    "aten.nonzero",
-    "aten.masked_select",
-    "aten.unique",
-    "aten._unique",
-    "aten.repeat_interleave.Tensor",
+# int(), torch.equal), and ops whose output size depends on the data (boolean masks,
+# nonzero, unique, bincount); nonzero_static, whose size is given, does not
+_SYNC_PACKETS = frozenset(
+    {
+        "aten._local_scalar_dense",
+        "aten.equal",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.unique_dim",
+        "aten.unique_consecutive",
+        "aten._unique",
+        "aten._unique2",
+        "aten.bincount",
+    }
 )
+_SYNC_OVERLOADS = frozenset({("aten.repeat_interleave", "Tensor")})  # repeats as a tensor
 
 
 @contextlib.contextmanager
 def host_syncs():
     """Count the ops that would make the host wait for a GPU, on any device (so also in
     CPU tests): yields a Counter of (op, file:line of the innermost ``ace`` frame).
+    ``.tolist()`` and ``.cpu()`` copy without an op this can see: keep them off the step.
 
         with host_syncs() as syncs:
             model(tokens, text, t, packed, indicators)
@@ -83,11 +91,12 @@ def host_syncs():
 
     class Spy(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            bool_index = name.startswith("aten.index.Tensor") and any(
+            name, packet = str(func), str(func.overloadpacket)
+            bool_index = packet in ("aten.index", "aten.index_put", "aten.index_put_") and any(
                 getattr(i, "dtype", None) == torch.bool for i in (args[1] or [])
-            )
-            if name.startswith(_SYNC_OPS) or bool_index:
+            )  # x[mask] and x[mask] = values: a nonzero inside
+            sync = packet in _SYNC_PACKETS or (packet, func._overloadname) in _SYNC_OVERLOADS
+            if sync or bool_index:
                 frames = [
                     f
                     for f in traceback.extract_stack()
@@ -147,10 +156,15 @@ def released_size_pipeline(
     from ace.pipeline import ACEPipeline
 
     torch.manual_seed(seed)
-    with torch.device(device):
-        text_encoder = T5EncoderModel(t5_xxl_encoder_config()).to(dtype).eval()
-        vae = AutoencoderKL(**sd_vae_config()).to(dtype).eval()
-        transformer = ACETransformer.from_preset(preset).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype: T5-XXL built in fp32, then cast, took 18 GiB
+    try:
+        with torch.device(device):
+            text_encoder = T5EncoderModel(t5_xxl_encoder_config()).to(dtype).eval()
+            vae = AutoencoderKL(**sd_vae_config()).to(dtype).eval()
+            transformer = ACETransformer.from_preset(preset).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
     return ACEPipeline(
         transformer=transformer,
         vae=vae,

@@ -298,6 +298,36 @@ def test_backward_is_bitwise_reproducible_on_ragged_batches():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+def test_host_syncs_sees_the_ops_that_wait_and_not_those_that_do_not():
+    from ace.testing import host_syncs
+
+    x, m = torch.randn(6), torch.tensor([True, False] * 3)
+    idx = torch.tensor([0, 2, 2])
+    waits = {
+        "item": lambda: x.sum().item(),
+        "equal": lambda: torch.equal(x, x),
+        "bincount": lambda: torch.bincount(idx),
+        "nonzero": lambda: m.nonzero(),
+        "bool index": lambda: x[m],
+        "bool index_put": lambda: x.clone().index_put_((m,), torch.ones(3)),
+        "unique": lambda: torch.unique(idx),
+        "repeat_interleave": lambda: torch.repeat_interleave(x[:3], idx),
+    }
+    for name, op in waits.items():
+        with host_syncs() as syncs:
+            op()
+        assert syncs, name
+    for name, op in {
+        "nonzero_static": lambda: torch.nonzero_static(m, size=3),
+        "int index": lambda: x[idx],
+        "masked_fill": lambda: x.masked_fill(m, 0.0),
+        "repeat_interleave by int": lambda: torch.repeat_interleave(x, 2),
+    }.items():
+        with host_syncs() as syncs:
+            op()
+        assert not syncs, (name, dict(syncs))
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "dense"])
 def test_forward_and_backward_make_no_host_sync(backend):
     """Once the batch is packed, the model's forward and backward never make the host wait
