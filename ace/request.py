@@ -70,9 +70,10 @@ def prepare_lcu(lcu: LCU, max_seq_len: int, size: tuple[int, int] | None = None)
     an inpainting LCU (``INPAINTING_TASKS``) the masked pixels of the current turn's
     images are set to -1, an image without a mask wholly, as the released code does (its
     per-image task list holds the request's task for those); history images, whose turns'
-    tasks an LCU does not keep, are blanked only where a mask is given. The target takes
-    the size and mask of the first image of the LCU; without images it is ``size`` with
-    an all-ones mask.
+    tasks an LCU does not keep, are blanked only where a mask is given. The target is
+    ``size`` when given (a pipeline's height and width), else the size of the LCU's first
+    image; its mask is that image's mask, resized to the target's size with nearest
+    neighbours. Without images ``size`` is required and the mask is all ones.
     """
     images, masks = [], []
     first_current = len(lcu.images) - len(lcu.current.images)
