@@ -34,9 +34,9 @@ shards, and the next build of the same fingerprint and shard size skips them
 another fingerprint or shard size are deleted first, and so are the temporary files of a
 killed one). ``cache.json`` holds a fingerprint of the manifest (a hash of the whole
 file and of the byte size and modification time of every image it names), the tokenizer,
-the encoders (their configs and a
-checksum of their weights), the token budget and the text length; a cache whose
-fingerprint differs from the run's is refused with a ValueError that names what changed.
+the encoders (their configs and a checksum of their weights), the token budget and the
+text length; a cache whose fingerprint differs from the run's is refused with a
+ValueError that names what changed.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from ace.conditioning import downsample_mask
 from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
-BUILDING_FILE = "building.json"  # the fingerprint of a build in progress
+BUILDING_FILE = "building.json"  # the fingerprint and shard size of a build in progress
 FORMAT = 5  # bump when what a shard holds, or the fingerprint means, changes
 CHUNK = 32  # LCUs per encoder call while building
 
