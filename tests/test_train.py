@@ -474,19 +474,22 @@ def test_skipped_samples_survive_a_resume(tmp_path):
 
 
 def test_missing_manifest_and_script_errors(tmp_path, capsys):
-    missing_vae = [f"model.vae={tmp_path / 'no-vae'}", "model.vae_toy_steps=0"]
+    """Each config's own output_dir is replaced: the README runs make demo, which fills
+    outputs/demo/train, and then make test."""
+    out = f"train.output_dir={tmp_path / 'out'}"
+    missing_vae = [f"model.vae={tmp_path / 'no-vae'}", "model.vae_toy_steps=0", out]
     with pytest.raises(ValueError, match=r"model\.vae: no VAE directory"):
         Trainer(load_config(TOY, [f"data.manifest={tmp_path / 'none'}", *missing_vae]))
     assert not (tmp_path / "no-vae").exists()
     assert not (tmp_path / "none").exists()  # failed before making toy data for the words encoder
     with pytest.raises(ValueError, match="no manifest at"):
-        Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", "data.toy_n=0"]))
+        Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", "data.toy_n=0", out]))
     named = tmp_path / "toy" / "train.jsonl"  # toy_n writes DIR/manifest.jsonl, not this
     with pytest.raises(ValueError, match=r"give data\.manifest as that directory"):
-        Trainer(load_config(CONFIG, [f"data.manifest={named}", "data.toy_n=4"]))
+        Trainer(load_config(CONFIG, [f"data.manifest={named}", "data.toy_n=4", out]))
     assert not (tmp_path / "toy").exists()
     with pytest.raises(ValueError, match=r"model\.text_encoder: .* is not tiny, words or a T5"):
-        Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", f"model.text_encoder={tmp_path / 'no-t5'}"]))  # fmt: skip
+        Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", f"model.text_encoder={tmp_path / 'no-t5'}", out]))  # fmt: skip
     with pytest.raises(ValueError, match=r"data.shards=.*no sample"):
         Trainer(load_config(CONFIG, [f"data.shards={tmp_path / 'none.tar'}", f"train.output_dir={tmp_path / 'sh'}"])).train()  # fmt: skip
     result = subprocess.run(
