@@ -15,7 +15,7 @@ It runs the user-facing commands one after the other, each as its own process:
 then writes ``OUT/summary.md``: the per-task table, whether each task family beats its
 baseline on the pixels that should change (editing families: copy; text-to-image and the
 analysis tasks: mean; controllable and reference generation: the stronger of the two),
-and the time of every step. Everything lands under OUT.
+the margin with its standard error over the family's samples, and the time of every step. Everything lands under OUT.
 A step that fails stops the demo with its exit status. A rerun retrains the DiT and
 keeps OUT's toy data, VAE and embedding cache (they are deterministic; ``--fresh``
 remakes them, and so does a switch between ``--quick`` and a full run, recorded in
@@ -116,8 +116,10 @@ def write_edit_inputs(out: Path) -> list[dict]:
 
 
 def verdicts(report: dict) -> list[dict]:
-    """Per task: the model's and the baseline's PSNR on the judged region, the verdict, and
-    the VAE's ceiling there (the best any transformer on this VAE can score).
+    """Per task: the model's and the baseline's PSNR on the judged region, the verdict, the
+    standard error of the margin between them (``se``: a margin within about two of them is
+    noise at 8 samples), and the VAE's ceiling there (the best any transformer on this VAE
+    can score).
 
     A metric the report leaves out (null: NaN, e.g. the mean baseline of a task with one
     sample) is skipped; with no baseline left the verdict is None (n/a)."""
@@ -128,9 +130,11 @@ def verdicts(report: dict) -> list[dict]:
         faced = [(v, b) for v, b in faced if math.isfinite(v)]
         theirs, baseline = max(faced) if faced else (math.nan, "n/a")  # the stronger one
         beats = (ours > theirs) if faced and math.isfinite(ours) else None
+        se = _number(m.get(f"{baseline}_margin_se"))  # of model - baseline, over the samples
         rows.append(
             {"task": task, "n": m["n"], "model": ours, "baseline": baseline, "baseline_psnr": theirs,
-             "beats": beats, "ceiling": _number(m.get("vae_change")), "keep": _number(m["psnr_keep"])}
+             "beats": beats, "se": se, "ceiling": _number(m.get("vae_change")),
+             "keep": _number(m["psnr_keep"])}
         )  # fmt: skip
     return rows
 
@@ -148,14 +152,16 @@ def summary(rows: list[dict], timings: dict, info: dict) -> str:
         "",
         f"Machine: {info['machine']}; total {sum(timings.values()):.0f} s.",
         "",
-        "| task | n | model PSNR (change) | baseline | baseline PSNR | beats it | VAE ceiling "
-        "(change) | model PSNR (keep) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| task | n | model PSNR (change) | baseline | baseline PSNR | margin ± s.e. | beats it "
+        "| VAE ceiling (change) | model PSNR (keep) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        margin = r["model"] - r["baseline_psnr"]
+        margin = "n/a" if math.isnan(margin) else f"{margin:+.2f} ± {r['se']:.2f}"
         lines.append(
             f"| {r['task']} | {r['n']} | {r['model']:.2f} | {r['baseline']} | "
-            f"{r['baseline_psnr']:.2f} | {VERDICT[r['beats']]} | {r['ceiling']:.2f} | "
+            f"{r['baseline_psnr']:.2f} | {margin} | {VERDICT[r['beats']]} | {r['ceiling']:.2f} | "
             f"{r['keep']:.2f} |"
         )
     lines += ["", "| step | seconds |", "| --- | --- |"]

@@ -97,6 +97,12 @@ def test_verdicts_use_the_baseline_each_family_faces():
     assert rows["edge_to_image"]["baseline"] == "copy"
     assert rows["edge_to_image"]["baseline_psnr"] == 17.0 and not rows["edge_to_image"]["beats"]
     assert (rows["reference"]["baseline"], rows["reference"]["beats"]) == ("mean", False)
+    # the margin's standard error is the judged baseline's; the summary prints both
+    report["tasks"]["reference"].update(copy_margin_se=0.9, mean_margin_se=0.25)
+    row = {r["task"]: r for r in demo.verdicts(report)}["reference"]
+    assert row["se"] == 0.25
+    text = demo.summary([row], {"x": 1.0}, {"machine": "m"})
+    assert "| reference | 4 | 14.00 | mean | 14.50 | -0.50 ± 0.25 | NO | nan | 30.00 |" in text
 
 
 def test_verdicts_skip_missing_baselines():
@@ -108,6 +114,6 @@ def test_verdicts_skip_missing_baselines():
     rows = {r["task"]: r for r in demo.verdicts(report)}
     assert rows["grayscale"]["beats"] is None and rows["grayscale"]["baseline"] == "n/a"
     assert (rows["edge_to_image"]["baseline"], rows["edge_to_image"]["beats"]) == ("copy", True)
-    assert "| grayscale | 1 | 12.00 | n/a | nan | n/a | nan | 1.00 |" in demo.summary(
+    assert "| grayscale | 1 | 12.00 | n/a | nan | n/a | n/a | nan | 1.00 |" in demo.summary(
         list(rows.values()), {"x": 1.0}, {"machine": "m"}
     )

@@ -187,6 +187,16 @@ def test_baselines_on_constructed_cases(fake_toy):
     assert empty["copy_keep"] == empty["psnr_keep"] < 100.0
     assert math.isnan(empty["psnr_change"])  # nothing should change: no region
 
+    # the margins' standard errors, by hand from the per-sample records
+    for task, m in report.tasks.items():
+        recs = [r for r in report.samples if r["task"] == task]
+        for b in ("copy", "mean"):
+            d = [r["psnr_change"] - r[f"{b}_change"] for r in recs]
+            d = [x for x in d if not math.isnan(x)]
+            want = np.std(d, ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+            assert m[f"{b}_margin_se"] == pytest.approx(want, nan_ok=True), (task, b)
+    assert report.tasks["t2i"]["mean_margin_se"] > 0  # 3 samples, margins that differ
+    assert math.isnan(report.tasks["empty"]["copy_margin_se"])  # one sample, no region
     # the echo has no VAE: no ceiling
     assert all(math.isnan(m["vae_change"]) and math.isnan(m["vae_keep"]) for m in report.tasks.values())  # fmt: skip
     # overall: the mean over the tasks with a mean baseline (all but empty), NaN ignored
@@ -229,7 +239,7 @@ def test_report_json_and_save(fake_toy, tmp_path):
     assert set(data) == {"tasks", "overall", "config"}
     assert set(data["tasks"]) == {"keep", "empty"}
     for m in data["tasks"].values():
-        assert set(m) == {*METRICS, "n", "keep_is_whole"}
+        assert set(m) == {*METRICS, "n", "keep_is_whole", "copy_margin_se", "mean_margin_se"}
         assert isinstance(m["n"], int)
     assert data["tasks"]["empty"]["psnr_change"] is None  # NaN -> null: strict JSON
     assert data["config"]["tasks"] == ["keep", "empty"] and data["config"]["split"] == "eval"
@@ -364,7 +374,10 @@ def test_script_end_to_end_on_tiny(tmp_path, capsys, monkeypatch):
     expected = {s.lcu.task for s in sample_stream(6, 0, split="eval", size=64, balanced=True)}
     assert set(data["tasks"]) == expected
     for name, m in data["tasks"].items():
-        assert set(m) == {*METRICS, "n", "keep_is_whole"} and m["n"] >= 1
+        assert (
+            set(m) == {*METRICS, "n", "keep_is_whole", "copy_margin_se", "mean_margin_se"}
+            and m["n"] >= 1
+        )
         assert name in out  # the table names every task
         assert m["copy_keep"] is None or m["copy_keep"] > 0
     assert sum(m["n"] for m in data["tasks"].values()) == data["overall"]["n"] == 6

@@ -29,6 +29,11 @@ tasks (``overall["tasks"]`` counts them, ``overall["n"]`` their samples). A mode
 learned nothing scores about the copy baseline on ``keep`` and the mean baseline on
 ``change``.
 
+Per task, ``copy_margin_se`` and ``mean_margin_se`` are the standard error of the mean of
+the per-sample margin ``psnr_change - {copy,mean}_change`` (samples where both are
+defined; NaN with fewer than two): with 8 samples a family's verdict against a baseline
+is noise when its margin is within about two of these.
+
 ``vae_*`` is a ceiling, not a baseline: the target through the pipeline's own VAE (encode,
 posterior mode, decode, 8-bit), what a transformer that predicts the target's latents
 exactly would score (NaN for a pipe without ``conditioner``). A family whose ceiling lies
@@ -87,9 +92,9 @@ class EvalReport:
     """What ``evaluate`` measured. ``to_json`` / ``save`` write tasks, overall and config only."""
 
     tasks: dict[str, dict]
-    """Per task: the ``METRICS`` (mean over samples, NaN ignored), ``n`` and ``keep_is_whole``
+    """Per task: the ``METRICS`` (mean over samples, NaN ignored), ``n``, ``keep_is_whole``
     (True when some sample of the task had nothing to keep, so ``*_keep`` is over the whole
-    image for it)."""
+    image for it) and the margins' standard errors ``copy_margin_se``, ``mean_margin_se``."""
     overall: dict
     """The mean over tasks of each metric, and ``n``, the number of samples."""
     config: dict = field(default_factory=dict)
@@ -246,6 +251,9 @@ def evaluate(
         per_task[task] = {k: _nanmean([r[k] for r in recs]) for k in METRICS}
         per_task[task]["n"] = len(recs)
         per_task[task]["keep_is_whole"] = any(r["keep_is_whole"] for r in recs)
+        for b in ("copy", "mean"):
+            margins = [r["psnr_change"] - r[f"{b}_change"] for r in recs]
+            per_task[task][f"{b}_margin_se"] = _standard_error(margins)
     # the model and the baselines over the same tasks: those with a mean baseline (a task
     # sampled once has none), when there are any
     complete = [m for m in per_task.values() if not np.isnan(m["mean_change"])]
@@ -293,6 +301,14 @@ def _ceiling(pipe: Any, target: np.ndarray, region: np.ndarray) -> dict:
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+def _standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of the finite ``values`` (NaN with fewer than two)."""
+    finite = [v for v in values if np.isfinite(v)]
+    if len(finite) < 2:
+        return float("nan")
+    return float(np.std(finite, ddof=1) / np.sqrt(len(finite)))
 
 
 def _spread(task_of: Sequence[str], cap: int) -> list[int]:
