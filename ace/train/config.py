@@ -223,6 +223,8 @@ def _check(cfg: Config) -> None:
         ("optim.warmup_steps", o.warmup_steps),
         ("optim.grad_clip", o.grad_clip),
         ("train.seed", t.seed),
+        ("data.num_workers", d.num_workers),
+        ("data.shuffle_buffer", d.shuffle_buffer),
     ):
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -238,12 +240,6 @@ def _check(cfg: Config) -> None:
         raise ValueError("set data.manifest (a JSONL manifest or its directory) or data.shards")
     if d.max_tokens < 0:
         raise ValueError(f"data.max_tokens must be >= 0, got {d.max_tokens}")
-    for name, value in (
-        ("data.num_workers", d.num_workers),
-        ("data.shuffle_buffer", d.shuffle_buffer),
-    ):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
     for name, value in (
         ("optim.lr", o.lr),
         ("optim.eps", o.eps),
