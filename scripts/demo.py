@@ -15,7 +15,8 @@ It runs the user-facing commands one after the other, each as its own process:
 then writes ``OUT/summary.md``: the per-task table, whether each task family beats its
 baseline on the pixels that should change (editing families: copy; text-to-image and the
 analysis tasks: mean; controllable and reference generation: the stronger of the two),
-the margin with its standard error over the family's samples, and the time of every step. Everything lands under OUT.
+the margin with its standard error over the family's samples, and the time of every
+step. Everything lands under OUT.
 A step that fails stops the demo with its exit status. A rerun retrains the DiT and
 keeps OUT's toy data, VAE and embedding cache (they are deterministic; ``--fresh``
 remakes them, and so does a switch between ``--quick`` and a full run, recorded in
