@@ -490,7 +490,8 @@ def test_missing_manifest_and_script_errors(tmp_path, capsys):
     assert not (tmp_path / "toy").exists()
     with pytest.raises(ValueError, match=r"model\.text_encoder: .* is not tiny, words or a T5"):
         Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", f"model.text_encoder={tmp_path / 'no-t5'}", out]))  # fmt: skip
-    with pytest.raises(ValueError, match=r"data.shards=.*no sample"):
+    missing = pytest.warns(UserWarning, match="skipping the rest of a shard")
+    with pytest.raises(ValueError, match=r"data.shards=.*no sample"), missing, pytest.warns(UserWarning, match="read no samples"):  # fmt: skip
         Trainer(load_config(CONFIG, [f"data.shards={tmp_path / 'none.tar'}", f"train.output_dir={tmp_path / 'sh'}"])).train()  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(CONFIG), "train.bogus=1"],
