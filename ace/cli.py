@@ -29,7 +29,7 @@ def pick_device(name: str | None):
     does not know or a device this machine does not have."""
     import torch  # here, not at the top: --help and argument errors stay instant
 
-    from ace.device import default_device, has_device
+    from ace.device import default_device, device_count, has_device
 
     if name is None:
         return default_device()
@@ -41,15 +41,9 @@ def pick_device(name: str | None):
         ) from None
     if not has_device(device.type):  # meta, or hpu without its torch plugin, too
         raise UserError(f"--device {name}: this machine has no {device.type} device")
-    module = getattr(torch, device.type, None)
-    count = getattr(module, "device_count", None)
-    if (
-        device.type != "cpu"
-        and device.index is not None
-        and callable(count)
-        and device.index >= count()
-    ):
-        raise UserError(f"--device {name}: this machine has {count()} {device.type} device(s)")
+    count = device_count(device.type)
+    if device.index is not None and count is not None and device.index >= count:
+        raise UserError(f"--device {name}: this machine has {count} {device.type} device(s)")
     return device
 
 

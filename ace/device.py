@@ -24,6 +24,15 @@ def has_device(device_type: str) -> bool:
     return bool(callable(is_available) and is_available())
 
 
+def device_count(device_type: str) -> int | None:
+    """How many devices of ``device_type`` this machine has, where torch can tell
+    (``torch.<type>.device_count()``); None for "cpu", whose index means nothing."""
+    if device_type == "cpu":
+        return None
+    count = getattr(getattr(torch, device_type, None), "device_count", None)
+    return int(count()) if callable(count) else None
+
+
 def default_device() -> torch.device:
     """The first of ``ACCELERATORS`` this machine has, else the CPU."""
     return torch.device(next((t for t in ACCELERATORS if has_device(t)), "cpu"))
