@@ -334,6 +334,36 @@ def test_a_truncated_image_is_unreadable_whatever_the_scorer(tmp_path, scorer):
     assert r.counts["pairs_after_resolution"] == 0 and len(r.pairs) == 0
 
 
+def test_sixteen_bit_and_rotated_files_read_as_everywhere(tmp_path):
+    """The collect tools read files as ace.images does: a 16-bit greyscale PNG is scaled
+    (PIL's convert clips it to almost all white), and an EXIF-rotated photo is turned
+    upright, so each equals its plain 8-bit, pre-rotated copy."""
+    from ace.data.collect.features import load_image
+    from ace.data.collect.scorers import Thumbnails
+
+    ramp = np.tile(np.linspace(0, 65535, 96).astype(np.uint16), (64, 1))  # (64, 96)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    Image.fromarray((ramp / 257).round().astype(np.uint8)).save(tmp_path / "g8.png")
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    photo.save(tmp_path / "tagged.png", exif=exif)
+    photo.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")
+
+    for a, b in [("g16.png", "g8.png"), ("tagged.png", "upright.png")]:
+        x, y = (np.asarray(load_image(tmp_path / n), np.int16) for n in (a, b))
+        assert x.shape == y.shape and np.abs(x - y).max() <= 1, a
+        thumbs = Thumbnails(tmp_path, size=16)
+        assert np.abs(thumbs.get(a).astype(int) - thumbs.get(b)).max() <= 1, a
+        f = pixel_features([Image.open(tmp_path / a), Image.open(tmp_path / b)])
+        assert float(f[0] @ f[1]) > 0.999, a
+    grey = np.asarray(Image.open(tmp_path / "g8.png"))  # (64, 96): a 2-D array is grey
+    assert np.allclose(pixel_features([grey]), pixel_features([Image.open(tmp_path / "g8.png")]))
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, 3\)"):
+        pixel_features([np.zeros((8, 8, 4))])
+
+
 def test_no_pair_is_an_empty_result(filter_case):
     root, ids, x, cfg = filter_case
     for apart in (np.eye(5), x):  # nothing joined; pairs, all filtered out

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from ace.atomic import atomic_write
 from ace.data.collect.store import PATTERN, load_features, save_feature_shard, shard_name
 from ace.device import default_device
+from ace.images import open_image
 
 __all__ = [
     "DTYPES",
@@ -156,11 +157,11 @@ def shards_of_rank(n_shards: int, rank: int, world_size: int) -> list[int]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """The image at ``path`` as RGB, fully decoded; ValueError naming the file otherwise."""
+    """The image at ``path`` as RGB, fully decoded and read as ``ace.images`` reads every
+    file (EXIF orientation applied, 16-bit greyscale scaled, not clipped to white);
+    ValueError naming the file otherwise."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        return open_image(path, "RGB")
     except FileNotFoundError:
         raise ValueError(f"missing image {path}") from None
     except Exception as e:  # PIL raises several types for a damaged or foreign file

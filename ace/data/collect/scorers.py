@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ace.images import to_mode
+
 # Letters: N images, D feature dim, P pairs, S thumbnail side.
 
 
@@ -123,7 +125,7 @@ class Thumbnails:
             with Image.open(self.root / image_id) as im:
                 full = im.size  # before draft(), which shrinks a JPEG while decoding
                 im.draft("RGB", (2 * self.side, 2 * self.side))
-                rgb = np.asarray(im.convert("RGB"))  # (h, w, 3)
+                rgb = np.asarray(to_mode(im, "RGB"))  # (h, w, 3): upright, 16-bit scaled
             self._sizes[image_id] = (int(full[0]), int(full[1]))
             return cv2.resize(rgb, (self.side, self.side), interpolation=cv2.INTER_AREA)
         except Exception:  # a corrupt or missing file: counted, never fatal at scale
@@ -253,7 +255,13 @@ def pixel_features(images: Iterable[Image.Image | np.ndarray], size: int = 16) -
     """
     rows = []
     for im in images:
-        a = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im, np.float32)
+        a = np.asarray(to_mode(im, "RGB") if isinstance(im, Image.Image) else im, np.float32)
+        if a.ndim == 2:  # a greyscale array: its grey in each channel
+            a = np.repeat(a[..., None], 3, axis=-1)
+        if a.ndim != 3 or a.shape[-1] != 3:
+            raise ValueError(
+                f"pixel_features: an array image must be (H, W) or (H, W, 3), got {a.shape}"
+            )
         t = cv2.resize(a / 255.0, (size, size), interpolation=cv2.INTER_AREA).reshape(-1)
         t = t - t.mean()  # a flat image becomes 0 and then the constant direction below
         n = float(np.linalg.norm(t))
