@@ -110,7 +110,12 @@ def check_instruction(text: str | None) -> None:
 def collect_pairs(args: argparse.Namespace) -> dict:
     """Check the arguments, get features, pair, write; ValueError on bad input."""
     from ace.data.collect.pair_manifest import write_pair_manifest
-    from ace.data.collect.pairing import PairingConfig, normalize_features, pair_images
+    from ace.data.collect.pairing import (
+        PairingConfig,
+        normalize_features,
+        pair_images,
+        require_faiss,
+    )
     from ace.data.collect.scorers import FeatureScorer
     from ace.data.collect.store import load_features
     from ace.data.manifest import MANIFEST
@@ -141,6 +146,8 @@ def collect_pairs(args: argparse.Namespace) -> dict:
     if not root.is_dir():
         raise ValueError(f"--images {root} is not a directory")
     check_out(out)
+    if cfg.clusters != 1:  # before hours of features, not after
+        require_faiss()
     progress = not args.quiet
 
     # 2. features: computed (resumable), read, or pixels
@@ -168,11 +175,14 @@ def collect_pairs(args: argparse.Namespace) -> dict:
             ids, x = load_features(feats)
             source = str(feats)
         else:
+            from tqdm import tqdm
+
             from ace.data.collect.features import load_image
             from ace.data.collect.scorers import pixel_features
 
             ids, source = image_ids(images, root), "pixels"
-            x = pixel_features(map(load_image, images))  # one image in memory at a time
+            bar = tqdm(images, desc="pixel features", unit="image", disable=not progress)
+            x = pixel_features(map(load_image, bar))  # one image in memory at a time
     missing = [i for i in ids if not (root / i).is_file()]
     if missing:
         n, first = len(missing), missing[0]

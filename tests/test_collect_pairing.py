@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ace.data.collect.pair_manifest import write_pair_manifest
@@ -398,8 +399,24 @@ def test_thresholds_at_their_limits_keep_and_join_exact_copies():
 
 
 def test_negative_seed():
-    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
         PairingConfig(seed=-1)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("block", 2.5, "block must be an int >= 1, got 2.5"),
+        ("cluster_size", "10", "cluster_size must be an int >= 1, got '10'"),
+        ("clusters", 2.5, "clusters must be an int >= 1 or None, got 2.5"),
+        ("max_pairs_per_set", 0, "max_pairs_per_set must be an int >= 1 or None, got 0"),
+        ("seed", 1.5, "seed must be an int >= 0, got 1.5"),
+        ("min_side", float("nan"), "min_side must be >= 0, got nan"),  # dropped every pair
+    ],
+)
+def test_config_fields_of_the_wrong_kind(field, value, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        PairingConfig(**{field: value})
 
 
 @pytest.mark.parametrize("name", ["t1", "t2", "t_dup", "t_min", "min_pixel_diff", "pixel_tol"])
@@ -416,7 +433,7 @@ def test_thresholds_outside_unit_interval(name, value):
         (np.ones((3, 4)), ["a", "b"], "2 image ids for 3 feature rows"),
         (np.array([[1.0, np.nan], [1.0, 0.0]]), ["a", "b"], "NaN"),
         (np.array([[1.0, 0.0], [0.0, 0.0]]), ["a", "b"], "row 1 is zero"),
-        (np.eye(2), ["a", "a"], "unique"),
+        (np.eye(2), ["a", "a"], "unique: 'a' appears more than once"),
     ],
 )
 def test_bad_features(features, ids, match):
@@ -578,6 +595,53 @@ def test_cli_missing_image_dir_and_corrupt_features(collection, tmp_path, capsys
     argv = ["--images", other, "--out", out, "--features", feats2]
     code, _, stderr = script("collect_pairs.py", argv, capsys)
     assert code == 2 and not out.exists() and "are not images under --images" in stderr
+
+
+def test_cli_without_faiss_says_so_before_any_feature(collection, tmp_path, capsys, monkeypatch):
+    """faiss is an optional extra: k-means without it was a traceback with exit status 1
+    (the status of "found 0 pairs") after every feature had been computed."""
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    out = tmp_path / "out"
+    argv = ["--images", collection[0], "--out", out, "--pixel-features", "--clusters", "2"]
+    code, _, stderr = script("collect_pairs.py", argv, capsys)
+    assert code == 2 and not out.exists()
+    (line,) = stderr.strip().splitlines()
+    assert "k-means needs faiss" in line and "pip install 'ace[collect]'" in line
+    argv[-1] = "1"  # one cluster needs no faiss
+    code, _, stderr = script("collect_pairs.py", [*argv, "--quiet"], capsys)
+    assert code in (0, 1), stderr
+
+
+@pytest.mark.parametrize("ids", [[0, 1], 2, ["a.png", 1]])
+def test_a_shard_with_other_ids_is_refused(tmp_path, ids):
+    """Shards written by other tools: ids that are not a JSON list of str were a TypeError."""
+    from safetensors.torch import save_file
+
+    from ace.data.collect.store import load_features
+
+    path = tmp_path / "features-00000.safetensors"
+    save_file({"features": torch.zeros(2, 4)}, path, metadata={"ids": json.dumps(ids)})
+    with pytest.raises(ValueError, match=r'metadata "ids" must be a JSON list of str'):
+        load_features(tmp_path)
+    with pytest.raises(ValueError, match="float32 or float16"):  # the format's dtypes only
+        save_feature_shard(tmp_path / "x.safetensors", ["a", "b"], np.zeros((2, 4)))
+
+
+def test_pairs_are_scored_in_blocks_with_the_same_result(filter_case, monkeypatch):
+    """Cosines and thumbnail differences go a block of pairs at a time (memory); a block
+    of 2 pairs gives what one block of all of them gives."""
+    import ace.data.collect.pairing as pairing
+    import ace.data.collect.scorers as scorers
+
+    root, ids, x, cfg = filter_case
+    cfg = replace(cfg, min_side=0, max_aspect=float("inf"), t_dup=1.0, min_pixel_diff=0.0, t_min=0)
+    whole = pair_images(ids, x, cfg, image_root=root, progress=False)
+    monkeypatch.setattr(pairing, "BLOCK", 2)
+    monkeypatch.setattr(scorers, "BLOCK", 2)
+    blocks = pair_images(ids, x, cfg, image_root=root, progress=False)
+    assert len(whole.pairs) == 10
+    for name in ("pairs", "cosine", "score", "pixel_diff"):
+        assert np.array_equal(getattr(whole, name), getattr(blocks, name)), name
 
 
 def test_cli_with_no_pair_writes_counts_and_no_manifest(collection, tmp_path, capsys):

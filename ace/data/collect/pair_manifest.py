@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,9 @@ def pair_records(
     *,
     instruction: str | None = None,
     both_directions: bool = False,
-) -> list[dict[str, Any]]:
-    """The manifest records of ``result``'s pairs, paths relative to ``out_dir``.
+) -> Iterator[dict[str, Any]]:
+    """The manifest records of ``result``'s pairs, one at a time, paths relative to
+    ``out_dir``.
 
     Pair (i, j) becomes source i -> target j (and j -> i too with ``both_directions``).
     ``instruction`` replaces the task's placeholder for every record.
@@ -69,7 +71,6 @@ def pair_records(
             rel[i] = Path(os.path.relpath(root / result.ids[i], out)).as_posix()
         return rel[i]
 
-    records = []
     for p, (i, j) in enumerate(result.pairs.tolist()):
         scores = {
             "cosine": _rounded(result.cosine[p]),
@@ -87,16 +88,13 @@ def pair_records(
                 "instruction_source": "placeholder" if instruction is None else "given",
             }
             turn = {"instruction": text, "images": [path(src)], "masks": [None]}
-            records.append(
-                {
-                    "turns": [turn],
-                    "target": path(tgt),
-                    "target_mask": None,
-                    "task": task,
-                    "meta": meta,
-                }
-            )
-    return records
+            yield {
+                "turns": [turn],
+                "target": path(tgt),
+                "target_mask": None,
+                "task": task,
+                "meta": meta,
+            }
 
 
 def write_pair_manifest(
@@ -115,11 +113,11 @@ def write_pair_manifest(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = pair_records(
-        result, out, image_root, task, instruction=instruction, both_directions=both_directions
-    )
 
-    def write(tmp: str) -> None:
+    def write(tmp: str) -> None:  # record by record: no list of every pair in memory
+        records = pair_records(
+            result, out, image_root, task, instruction=instruction, both_directions=both_directions
+        )
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

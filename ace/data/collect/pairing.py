@@ -48,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ace.data.collect.scorers import (
+    BLOCK,
     FeatureScorer,
     PairScorer,
     PixelScorer,
@@ -109,16 +110,21 @@ class PairingConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 raise ValueError(f"threshold {name} must be in [0, 1], got {v!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
         for name in ("cluster_size", "niter", "max_points_per_centroid", "block", "thumb_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if not is_int(v) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         for name in ("clusters", "max_pairs_per_set"):
             v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {v!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed!r}")
-        if self.min_side < 0:
+            if v is not None and (not is_int(v) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.min_side, (int, float)) or not self.min_side >= 0:
             raise ValueError(f"min_side must be >= 0, got {self.min_side!r}")
         if not self.max_aspect >= 1:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect!r}")
@@ -184,6 +190,19 @@ def normalize_features(features: Any, n: int | None = None, *, copy: bool = True
     return x
 
 
+def require_faiss():
+    """The faiss module; ValueError saying how to install it when it is missing (an
+    optional dependency: k-means needs it, one cluster does not)."""
+    try:
+        import faiss  # lazy: slow to import, and optional
+    except ImportError as e:
+        raise ValueError(
+            f"k-means needs faiss, which is not importable ({e}): pip install 'ace[collect]' "
+            "(or faiss-cpu), or use one cluster (--clusters 1)"
+        ) from None
+    return faiss
+
+
 def kmeans_clusters(
     x: np.ndarray,
     k: int,
@@ -199,12 +218,11 @@ def kmeans_clusters(
     ``k`` is capped at N. Training uses at most ``max_points_per_centroid * k`` rows (a
     seeded sample drawn by faiss). ``gpu`` None: the GPU when faiss sees one.
     """
-    import faiss  # lazy: an optional dependency (pip install ace[collect])
-
     n, d = x.shape
     k = max(1, min(int(k), n))
     if k == 1:
         return np.zeros(n, np.int64)
+    faiss = require_faiss()
     if gpu is None:
         gpu = getattr(faiss, "get_num_gpus", lambda: 0)() > 0
     t0 = time.perf_counter()
@@ -235,6 +253,7 @@ def clean_pairs(
     cfg: PairingConfig,
     thumbs: Thumbnails | None,
     counts: dict[str, int],
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The cleaning filters, in order: (P,) keep mask and (P,) mean thumbnail difference.
 
@@ -251,7 +270,7 @@ def clean_pairs(
     if thumbs is not None:
         used = np.unique(pairs)  # (U,) images of the pairs
         wh = np.zeros((len(ids), 2), np.float64)  # (N, 2) width, height; 0 if not read
-        for i in used:
+        for i in tqdm(used, desc="image sizes", unit="image", disable=not progress):
             wh[i] = thumbs.size(ids[i])  # decodes the image: a truncated one is (0, 0)
         short, long = wh.min(axis=1), wh.max(axis=1)
         counts["unreadable_images"] = sum(ids[i] in thumbs.unreadable for i in used)
@@ -302,7 +321,9 @@ def pair_images(
     cfg = config or PairingConfig()
     ids = list(ids)
     if len(set(ids)) != len(ids):
-        raise ValueError("image ids must be unique")
+        seen = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))
+        raise ValueError(f"image ids must be unique: {twice!r} appears more than once")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -365,7 +386,9 @@ def pair_images(
 
     # 5. cleaning filters, cheapest first
     a, b = pairs[:, 0], pairs[:, 1]
-    cos = np.einsum("pd,pd->p", x[a], x[b]) if len(pairs) else np.zeros(0, np.float32)  # (P,)
+    cos = np.zeros(len(pairs), np.float32)  # (P,), a block of pairs at a time
+    for s0 in range(0, len(pairs), BLOCK):
+        cos[s0 : s0 + BLOCK] = np.einsum("pd,pd->p", x[a[s0 : s0 + BLOCK]], x[b[s0 : s0 + BLOCK]])
     cos = np.clip(cos, -1.0, 1.0)  # float32 rounding: an exact copy can be 1.0000001
     counts = {
         "images": n,
@@ -377,11 +400,11 @@ def pair_images(
         "pairs_in_sets": sum(len(s) * (len(s) - 1) // 2 for s in sets),
         "pairs_sampled": len(pairs),
     }
-    keep, pdiff = clean_pairs(pairs, cos, ids, cfg, thumbs, counts)
+    keep, pdiff = clean_pairs(pairs, cos, ids, cfg, thumbs, counts, progress)
     kept = np.flatnonzero(keep)
     score = np.zeros(len(kept), np.float32)
-    for s0 in range(0, len(kept), 65536):  # turn-2 scores of the kept pairs, for the record
-        p = kept[s0 : s0 + 65536]
+    for s0 in range(0, len(kept), BLOCK):  # turn-2 scores of the kept pairs, for the record
+        p = kept[s0 : s0 + BLOCK]
         score[s0 : s0 + len(p)] = score_pairs(
             scorer, [ids[i] for i in a[p]], [ids[i] for i in b[p]]
         )

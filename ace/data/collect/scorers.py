@@ -159,11 +159,19 @@ class Thumbnails:
         return self._sizes[image_id]
 
 
+BLOCK = 65536
+"""Pairs scored at once by ``pixel_difference`` (and the pairing's cosines): the arrays
+of a block, not of every pair, are held in memory (24 KiB a pair at S = 32)."""
+
+
 def pixel_difference(thumbs: Thumbnails, ids_a: Sequence[str], ids_b: Sequence[str]) -> np.ndarray:
     """(P,) mean absolute difference of the thumbnails, in [0, 1] (0 = identical)."""
-    a = thumbs.stack(ids_a).astype(np.int16)  # (P, S, S, 3)
-    b = thumbs.stack(ids_b).astype(np.int16)
-    return np.abs(a - b).mean(axis=(1, 2, 3)) / 255.0
+    out = np.zeros(len(ids_a), np.float64)  # (P,)
+    for s in range(0, len(ids_a), BLOCK):
+        a = thumbs.stack(ids_a[s : s + BLOCK]).astype(np.int16)  # (B, S, S, 3)
+        b = thumbs.stack(ids_b[s : s + BLOCK]).astype(np.int16)
+        out[s : s + len(a)] = np.abs(a - b).mean(axis=(1, 2, 3)) / 255.0
+    return out
 
 
 class PixelScorer:

@@ -8,7 +8,7 @@
 Shards are numbered from 0, written to a temporary name and renamed, so a shard on disk
 is always complete; a reader takes every ``features-*.safetensors`` in name order.
 
-    save_feature_shard(DIR / shard_name(0), ["a.png", "b.png"], np.zeros((2, 768)))
+    save_feature_shard(DIR / shard_name(0), ["a.png", "b.png"], np.zeros((2, 768), np.float32))
     ids, feats = load_features(DIR)   # list[str], float32 (N, D)
 """
 
@@ -38,8 +38,10 @@ def save_feature_shard(path: str | os.PathLike, ids: list[str], features) -> Pat
     x = torch.as_tensor(
         np.asarray(features) if not isinstance(features, torch.Tensor) else features
     )
-    if x.ndim != 2 or not x.is_floating_point():
-        raise ValueError(f"features must be a float array (N, D), got {tuple(x.shape)} {x.dtype}")
+    if x.ndim != 2 or x.dtype not in (torch.float32, torch.float16):
+        raise ValueError(
+            f"features must be a float32 or float16 array (N, D), got {tuple(x.shape)} {x.dtype}"
+        )
     if len(ids) != x.shape[0]:
         raise ValueError(f"{len(ids)} ids for {x.shape[0]} feature rows")
     if not all(isinstance(i, str) for i in ids):
@@ -59,6 +61,8 @@ def read_feature_shard(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
             x = f.get_tensor("features").float().numpy()
     except Exception as e:  # safetensors raises several types for a damaged file
         raise ValueError(f"unreadable feature shard {path}: {e}") from e
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ValueError(f'feature shard {path}: metadata "ids" must be a JSON list of str')
     if x.ndim != 2 or len(ids) != x.shape[0]:
         raise ValueError(f"feature shard {path}: {len(ids)} ids for features {x.shape}")
     return ids, x
