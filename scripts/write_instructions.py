@@ -37,7 +37,9 @@ PARTIAL = "manifest.partial.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    from ace.cli import OneLineParser
+
+    p = OneLineParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("manifest", type=Path, help="an LCU dataset directory or its manifest.jsonl")
@@ -103,6 +105,15 @@ def check_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         raise ValueError("--variants applies to the template and rewrite modes")
     if args.mode == "template" and args.model is not None:
         raise ValueError("--model is for the rewrite and caption modes")
+    if args.mode != "template" and args.max_new_tokens < 1:  # not after the model loads
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.mode != "template" and args.device is not None:
+        from ace.cli import UserError, pick_device
+
+        try:
+            pick_device(args.device)  # a bad name or an absent device: before the model loads
+        except UserError as e:
+            raise ValueError(str(e)) from None
     if args.mode != "template":
         if args.model is None:
             raise ValueError(f"--mode {args.mode} needs --model (a local model directory)")
@@ -234,9 +245,8 @@ def make_writer(args: argparse.Namespace, root: Path) -> Any:
                 ), None
 
         return from_rewrite
-    from PIL import Image
-
     from ace.data.collect.captioner import VLMPairCaptioner
+    from ace.images import open_image
 
     captioner = VLMPairCaptioner(
         args.model,
@@ -250,8 +260,7 @@ def make_writer(args: argparse.Namespace, root: Path) -> Any:
 
     def from_caption(record: dict[str, Any], line: int) -> tuple[list[str], str | None]:
         source, target = root / record["turns"][-1]["images"][0], root / record["target"]
-        with Image.open(source) as a, Image.open(target) as b:
-            pair = a.convert("RGB"), b.convert("RGB")
+        pair = open_image(source, "RGB"), open_image(target, "RGB")  # as training reads them
         try:
             return [captioner.describe(*pair)], None
         except ValueError as e:  # an empty answer: no record for this input

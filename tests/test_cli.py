@@ -36,7 +36,15 @@ def test_parser_errors_in_one_line_with_exit_2(capsys):
 
 
 @pytest.mark.parametrize(
-    "script", ["evaluate.py", "probe.py", "infer.py", "convert_official.py", "annotate.py"]
+    "script",
+    [
+        "evaluate.py",
+        "probe.py",
+        "infer.py",
+        "convert_official.py",
+        "annotate.py",
+        "write_instructions.py",
+    ],
 )
 def test_every_script_reports_a_bad_flag_in_one_line(script, capsys):
     """The scripts share OneLineParser: a bad flag is one line naming the script, exit 2."""

@@ -144,6 +144,12 @@ def test_normalisation_and_near_duplicates_by_hand():
         ("paint {image10} red", "paint {image10} red"),  # no such image: kept, then rejected
         ("paint { image 12 } red", "paint {image12} red"),
         ("Here is a black-and-white picture", "Here is a black-and-white picture"),  # no colon
+        (
+            "output-oriented edit of {image}",
+            "output-oriented edit of {image}",
+        ),  # a hyphen, no prefix
+        ("Caption-like {image}", "Caption-like {image}"),
+        ("Rewrite - paint {image} red", "paint {image} red"),
         ("", ""),
         ("\n \n", ""),
     ],
@@ -395,6 +401,7 @@ def test_side_by_side_puts_the_target_right_at_the_source_height():
         ("The car is now red", "in {image}, the car is now red"),
         ("TV removed", "in {image}, TV removed"),
         ("put {image1} on the table", "in {image}, put image1 on the table"),
+        ("paint { image 12 } red", "in {image}, paint image12 red"),  # was {image12}: invalid
     ],
 )
 def test_caption_to_instruction(raw, instruction):
@@ -643,6 +650,13 @@ def test_resume_after_an_interruption_gives_the_same_manifest(toy_data, tmp_path
         (["{free}", "--mode", "caption"], "--mode caption needs --model"),
         (["{free}", "--mode", "template", "--variants", "0"], "--variants must be at least 1"),
         (["{free}", "--mode", "template", "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["{free}", "--mode", "template", "--variants", "two"], "invalid int value: 'two'"),
+        # checked before the model loads: 0 new tokens failed after it, leaving a partial file
+        (
+            ["{free}", "--mode", "rewrite", "--model", "{data}", "--max-new-tokens", "0"],
+            "--max-new-tokens must be at least 1, got 0",
+        ),
+        (["{free}", "--mode", "rewrite", "--model", "{data}", "--device", "nonsense"], "--device"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_writing_nothing(toy_data, tmp_path, capsys, argv, message):

@@ -365,6 +365,19 @@ def test_sixteen_bit_and_rotated_files_read_as_everywhere(tmp_path):
         pixel_features([np.zeros((8, 8, 4))])
 
 
+def test_pixel_scorer_scores_an_unreadable_image_0(tmp_path):
+    """Its black stand-in thumbnail scored 1.0 against a dark image and against another
+    unreadable one, which could join them in turn 2."""
+    from ace.data.collect.scorers import PixelScorer, Thumbnails
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "dark.png")
+    for name in ("broken.jpg", "broken2.jpg"):
+        (tmp_path / name).write_bytes(b"not an image")
+    s = PixelScorer(Thumbnails(tmp_path))
+    pairs = [("broken.jpg", "dark.png"), ("broken.jpg", "broken2.jpg"), ("dark.png", "dark.png")]
+    assert s.score_batch(*zip(*pairs)).tolist() == [0.0, 0.0, 1.0]
+
+
 def test_no_pair_is_an_empty_result(filter_case):
     root, ids, x, cfg = filter_case
     for apart in (np.eye(5), x):  # nothing joined; pairs, all filtered out

@@ -38,7 +38,7 @@ _SOURCE = re.compile(
     r"|(?:image|picture|photo)\s+(?:on\s+the\s+left|1|one))\b",
     re.IGNORECASE,
 )
-_NUMBERED_REF = re.compile(r"\{image([1-9])\}")
+_NUMBERED_REF = re.compile(r"\{image(\d+)\}")
 
 
 @runtime_checkable

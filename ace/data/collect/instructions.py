@@ -375,7 +375,7 @@ _PREFIX = re.compile(
     r"^(?:(?:here\s+is|here's)\b[^:]*:"  # "Here is a rewrite: ..."
     r"|(?:the\s+)?(?:new\s+|rewritten\s+|paraphrased\s+)?"
     r"(?:instruction|rewrite|rewritten|paraphrase|answer|output|edit|caption|response)"
-    r"\s*(?:\d+\s*)?[:\-])\s*",  # "Rewrite:", "Instruction 2 -"
+    r"\s*(?:\d+\s*)?(?::|-(?=\s)))\s*",  # "Rewrite:", "Instruction 2 -"; not "output-oriented"
     re.IGNORECASE,
 )
 _BULLET = re.compile(r"^(?:[-*\u2022]|\d+[.)])\s+")

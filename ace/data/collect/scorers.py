@@ -194,7 +194,11 @@ class PixelScorer:
         a = self.thumbs.stack(ids_a).astype(np.int16)  # (P, S, S, 3)
         b = self.thumbs.stack(ids_b).astype(np.int16)
         same = np.abs(a - b).max(axis=3) <= round(self.tol * 255)  # (P, S, S)
-        return same.mean(axis=(1, 2))
+        # an unreadable image's black stand-in must not join it to dark images (or to
+        # another unreadable one) in turn 2
+        bad = self.thumbs.unreadable
+        readable = [i not in bad and j not in bad for i, j in zip(ids_a, ids_b)]
+        return same.mean(axis=(1, 2)) * np.asarray(readable, np.float64)
 
     def __repr__(self) -> str:
         return f"PixelScorer(tol={self.tol})"
