@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train ACE: one process on a CPU, or many through torchrun / accelerate launch.
 
-    python scripts/train.py --config configs/toy.yaml    # the demo's model (~15 min on 2 cores)
+    python scripts/train.py --config configs/toy.yaml    # the demo's model (~10 min on 2 cores)
     python scripts/train.py --config configs/tiny.yaml train.max_steps=8 train.output_dir=outputs/try
     python scripts/train.py --config configs/tiny.yaml train.output_dir=outputs/try train.resume=latest
     torchrun --nproc_per_node 2 scripts/train.py --config configs/tiny.yaml   # 2 CPU processes (gloo)

@@ -473,6 +473,27 @@ def test_skipped_samples_survive_a_resume(tmp_path):
     assert straight == split and straight[-1] == 2  # 1 bad of 4, 2 epochs
 
 
+def test_ema_under_fsdp_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    """The README said EMA is not supported with FSDP, but nothing refused it, and both
+    released recipes enable EMA. FSDP runs on GPUs only, so its distributed type is faked."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    import ace.train.trainer as trainer_module
+
+    class FSDPAccelerator(Accelerator):
+        @property
+        def distributed_type(self):
+            return DistributedType.FSDP
+
+    monkeypatch.setattr(trainer_module, "Accelerator", FSDPAccelerator)
+    out = tmp_path / "out"
+    cfg = load_config(CONFIG, ["ema.enabled=true", f"train.output_dir={out}"])
+    with pytest.raises(ValueError, match=r"ema\.enabled=true is not supported with FSDP"):
+        Trainer(cfg)
+    assert not out.exists()
+
+
 def test_missing_manifest_and_script_errors(tmp_path, capsys):
     """Each config's own output_dir is replaced: the README runs make demo, which fills
     outputs/demo/train, and then make test."""

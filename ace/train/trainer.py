@@ -243,6 +243,12 @@ class Trainer:
             log_with=list(t.trackers) or None,
             project_dir=str(Path(t.output_dir) / "logs"),
         )
+        if cfg.ema.enabled and self.accelerator.distributed_type == DistributedType.FSDP:
+            # the EMA copy would follow each rank's shard and is never gathered for export
+            raise ValueError(
+                "ema.enabled=true is not supported with FSDP; add ema.enabled=false (the "
+                "released recipes enable EMA)"
+            )
         ensure_vae(cfg, self.accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
