@@ -26,8 +26,12 @@ from ace.data.collect.pairing import PairingConfig, pair_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    from ace.cli import OneLineParser
+
+    p = OneLineParser(
+        prog="benchmark_pairing.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--n", type=int, default=1_000_000, help="vectors (default 1,000,000)")
     p.add_argument("--dim", type=int, default=768, help="dimension (default 768)")
@@ -40,7 +44,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--niter", type=int, default=20, help="k-means iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # each was a traceback (a reshape, a division by zero, numpy's negative dimensions)
+    for flag, ok, rule in [
+        ("--n", args.n >= 1, ">= 1"),
+        ("--dim", args.dim >= 1, ">= 1"),
+        ("--group-size", args.group_size >= 2, ">= 2"),
+        ("--dup-fraction", 0 <= args.dup_fraction <= 1, "in [0, 1]"),
+        ("--noise", args.noise >= 0, ">= 0"),
+        ("--niter", args.niter >= 1, ">= 1"),
+        ("--seed", args.seed >= 0, ">= 0"),
+        ("--clusters", args.clusters is None or args.clusters >= 1, ">= 1"),
+        ("--t1", 0 <= args.t1 <= 1, "in [0, 1]"),
+        ("--t2", 0 <= args.t2 <= 1, "in [0, 1]"),
+    ]:
+        if not ok:
+            p.error(f"{flag} must be {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    return args
 
 
 def make_vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:

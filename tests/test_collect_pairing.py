@@ -715,3 +715,14 @@ def test_benchmark_script_runs(capsys):
     assert report["planted_recall"] > 0.8
     for stage in ("kmeans_train", "kmeans_assign", "turn1", "turn2", "pairs", "filters"):
         assert report["seconds"][stage] >= 0
+
+
+@pytest.mark.parametrize(
+    "flag,value,rule",
+    [("--n", 0, ">= 1"), ("--n", -5, ">= 1"), ("--group-size", 0, ">= 2"),
+     ("--dup-fraction", 2.5, "in [0, 1]"), ("--t1", 1.5, "in [0, 1]")],
+)  # fmt: skip
+def test_benchmark_script_refuses_bad_arguments_in_one_line(capsys, flag, value, rule):
+    code, _, stderr = script("benchmark_pairing.py", [flag, value], capsys)
+    assert code == 2
+    assert stderr == f"benchmark_pairing.py: error: {flag} must be {rule}, got {value}\n"
