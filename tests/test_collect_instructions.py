@@ -725,3 +725,13 @@ def test_caption_mode_end_to_end_on_a_tiny_blip(toy_data, tiny_vlm, tmp_path, ca
     ds = LCUManifest(out)
     assert ds.validate() == [] and 1 <= len(ds) <= 6
     assert all("{image}" in r["turns"][-1]["instruction"] for r in ds.records)
+
+
+@pytest.mark.parametrize("module", ["instructions", "rewriter", "captioner"])
+def test_docstring_examples(module):
+    """The modules' examples run as written (they were checked by hand only)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"ace.data.collect.{module}"))
+    assert result.attempted > 0 and result.failed == 0
