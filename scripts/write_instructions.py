@@ -240,9 +240,12 @@ def make_writer(args: argparse.Namespace, root: Path) -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # counted in the summary
                 text = record["turns"][-1]["instruction"]
-                return rewriter.rewrite(
-                    text, args.variants, seed=derive_seed(args.seed, line)
-                ), None
+                try:
+                    return rewriter.rewrite(
+                        text, args.variants, seed=derive_seed(args.seed, line)
+                    ), None
+                except ValueError as e:  # a prompt the model cannot take: no record for it
+                    return [], str(e)
 
         return from_rewrite
     from ace.data.collect.captioner import VLMPairCaptioner

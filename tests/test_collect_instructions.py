@@ -319,6 +319,16 @@ def test_rewriter_on_a_tiny_random_gpt2(tiny_llm):
                            seed=3).rewrite(INSTRUCTION, 3) == out  # fmt: skip
 
 
+def test_rewriter_refuses_a_prompt_past_the_models_positions(tiny_llm):
+    """A long instruction was an IndexError inside generate, partway through a run."""
+    from ace.data.collect.rewriter import LLMRewriter
+
+    rw = LLMRewriter(tiny_llm, device="cpu", max_new_tokens=10, seed=3)
+    limit = rw.model.config.n_positions
+    with pytest.raises(ValueError, match=rf"passes the model's {limit} positions"):
+        rw.rewrite("paint {image} " + "very " * limit + "red", 1)
+
+
 def test_rewriter_sends_the_prompt_through_a_chat_template(tiny_llm, tmp_path):
     from transformers import AutoTokenizer
 

@@ -114,6 +114,14 @@ class LLMRewriter:
         else:
             enc = tok(prompt, return_tensors="pt")
         enc = enc.to(self.device)
+        n_prompt = enc["input_ids"].shape[1]
+        cfg = self.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if limit is not None and n_prompt + self.max_new_tokens > limit:  # an index error below
+            raise ValueError(
+                f"the prompt is {n_prompt} tokens; with max_new_tokens {self.max_new_tokens} "
+                f"that passes the model's {limit} positions"
+            )
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         with seeded(seed, self.device), torch.inference_mode():
             out = self.model.generate(
