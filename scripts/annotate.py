@@ -136,7 +136,10 @@ def annotate(args: argparse.Namespace) -> tuple[int, int, int]:
         for n in names:
             target = out / maps[n][k]
             if not target.is_file():
-                the_map = fns[n](image)
+                try:
+                    the_map = fns[n](image)
+                except Exception as e:  # a model that cannot read this image (1 x 1, say)
+                    raise ValueError(f"{n} failed on {images[k]}: {e}") from e
                 atomic_write(target, lambda tmp, m=the_map: m.save(tmp, format="PNG"))
                 written += 1
 

@@ -432,3 +432,17 @@ def test_every_annotator_task_has_templates():
         for task in (spec.analysis_task, spec.generation_task):
             assert TASK_IMAGES[task] == 1
             assert "{image}" in template_instruction(task, 0)  # no slot needed
+
+
+def test_a_model_that_cannot_read_an_image_is_one_line_naming_it(models, tmp_path, capsys):
+    """A 1 x 1 image made the depth pipeline raise IndexError: a traceback, exit 1."""
+    images = tmp_path / "tiny"
+    images.mkdir()
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(images / "dot.png")
+    out = tmp_path / "out"
+    argv = ["--images", images, "--out", out, "--annotators", "depth"]
+    code, _, err = run([*argv, "--depth-model", models.dpt_path, "--quiet"], capsys)
+    last = err.strip().splitlines()[-1]  # after transformers' weight-loading bar
+    assert code == 2 and "Traceback" not in err, err
+    assert last.startswith(f"annotate.py: error: depth failed on {images / 'dot.png'}: ")
+    assert not list((out / "maps").rglob("*.png"))
