@@ -188,6 +188,31 @@ def test_turn1_holds_a_bounded_number_of_edges_in_a_dense_cluster(monkeypatch):
     assert len(held) > 1 and max(held) <= max(max_edges, m) + block * block
 
 
+@pytest.mark.parametrize("chunk,max_edges", [(65536, None), (7, 5)])
+def test_turn2_equals_union_find_and_holds_a_bounded_number_of_edges(monkeypatch, chunk, max_edges):
+    """Turn 2 kept every edge of a set (M^2 / 2 for a set of copies); it compacts as turn 1."""
+    import ace.data.collect.unionfind as uf
+
+    x, t = clustered_vectors(), 0.9
+    ids = [f"i{k}" for k in range(len(x))]
+    s = x @ x.T
+    edges = [(i, j) for i, j in combinations(range(len(x)), 2) if s[i, j] >= t]
+    want = partition(union_find(len(x), edges))
+    scorer = FeatureScorer(ids, x)
+    assert partition(uf.score_components(ids, scorer, t, chunk, max_edges)) == want
+
+    held = []
+    real = uf.components
+    monkeypatch.setattr(
+        uf, "components", lambda m, r, c: held.append(sum(map(len, r))) or real(m, r, c)
+    )
+    m = 300
+    copies = [f"c{k}" for k in range(m)]  # one image posted 300 times: every pair an edge
+    same = FeatureScorer(copies, np.full((m, 4), 0.5, np.float32))
+    assert uf.score_components(copies, same, 0.9, 64, 100).tolist() == [0] * m
+    assert len(held) > 1 and max(held) <= max(100, m) + 64
+
+
 def test_pair_images_turn1_is_union_find_within_each_cluster():
     x, t = clustered_vectors(seed=1), 0.85
     ids = [f"v{i}" for i in range(len(x))]

@@ -99,20 +99,32 @@ def pairs_from_linear(m: int, lin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_components(
-    ids: Sequence[str], scorer: PairScorer, t: float, chunk: int = 65536
+    ids: Sequence[str],
+    scorer: PairScorer,
+    t: float,
+    chunk: int = 65536,
+    max_edges: int | None = None,
 ) -> np.ndarray:
     """Turn 2: (M,) int64 connected components of the graph "score >= t" over all pairs;
     a ``t`` above ``1 - COSINE_TOL`` counts as that, as in turn 1 (a feature scorer's
-    cosine of exact copies can round below 1)."""
+    cosine of exact copies can round below 1). Edges are compacted to a spanning forest
+    as in ``similarity_components`` whenever they exceed ``max_edges`` (default
+    4 M + 1e6), so a large set holds O(M + chunk) edges, not M^2 / 2."""
     m = len(ids)
+    max_edges = 4 * m + 1_000_000 if max_edges is None else max_edges
     t = min(t, 1.0 - COSINE_TOL)
     total = m * (m - 1) // 2
     rows, cols = [], []
+    n_edges = 0
     for s0 in range(0, total, chunk):
         a, b = pairs_from_linear(m, np.arange(s0, min(s0 + chunk, total), dtype=np.int64))
         keep = score_pairs(scorer, [ids[i] for i in a], [ids[i] for i in b]) >= t
         rows.append(a[keep])
         cols.append(b[keep])
+        n_edges += int(keep.sum())
+        if n_edges > max_edges:
+            r, c = star_edges(components(m, rows, cols))
+            rows, cols, n_edges = [r], [c], len(r)
     return components(m, rows, cols)
 
 
