@@ -173,6 +173,25 @@ def test_rejection_reasons_by_hand():
     assert rejection_reason("paint {image} red", "make {image} red", ["paint {image}  red."]) == (
         "duplicate of an earlier rewrite"
     )
+    # a model talking about the task, or leaving placeholders: all were kept before
+    stray = "braces that are no image reference"
+    for candidate in ["paint the {object} in {image} {color}", "make the car in {{image}} red"]:
+        assert rejection_reason(candidate, "make the car in {image} red") == stray, candidate
+    said = "Sure! Here is the rewritten instruction: paint the car in {image} crimson"
+    assert rejection_reason(said, "make the car in {image} red") == (
+        "talks about the task: instruction, rewritten, sure"
+    )
+    kept = "paint the car in {image} crimson. I kept the placeholder {image} as written."
+    assert (
+        rejection_reason(kept, "make the car in {image} red") == "talks about the task: placeholder"
+    )
+    # a word the original uses is no chatter
+    assert (
+        rejection_reason(
+            "redo the instruction card in {image}", "fix the instruction card in {image}"
+        )
+        is None
+    )
     # a reference used twice is the same set: kept
     assert rejection_reason("take {image} and colour {image} red", "make {image} red") is None
 

@@ -421,6 +421,27 @@ def _respell(digits: str) -> str:
     return image_name(i) if i <= MAX_INPUT_IMAGES else f"{{image{i}}}"
 
 
+_STRAY_BRACE = re.compile(r"\{\{|\}\}|\{(?!image\d*\})|(?<!\{image)(?<!\{image\d)\}")
+"""A brace that is not part of a single ``{image}`` / ``{imageN}`` reference."""
+_CHATTER = frozenset(
+    [
+        "sure",
+        "certainly",
+        "rewrite",
+        "rewritten",
+        "rewrites",
+        "instruction",
+        "instructions",
+        "placeholder",
+        "placeholders",
+        "paraphrase",
+        "paraphrased",
+    ]
+)
+"""Words of a model talking about the task rather than doing it; a candidate using one
+the original does not is rejected."""
+
+
 def rejection_reason(
     candidate: str, original: str, accepted: Sequence[str] = (), threshold: float = 0.8
 ) -> str | None:
@@ -437,6 +458,12 @@ def rejection_reason(
         return "image references differ: " + "; ".join(
             p for p in (missing and f"{missing} missing", extra and f"{extra} added") if p
         )
+    if _STRAY_BRACE.search(candidate):  # an unfilled "{color}", or "{{image}}"
+        return "braces that are no image reference"
+    said = set(normalize_instruction(original).split())
+    chatter = set(normalize_instruction(candidate).split()) & _CHATTER - said
+    if chatter:  # "Sure! Here is the rewritten instruction: ..." in one line
+        return "talks about the task: " + ", ".join(sorted(chatter))
     if is_near_duplicate(candidate, original, threshold):
         return "duplicate of the instruction"
     if any(is_near_duplicate(candidate, a, threshold) for a in accepted):
