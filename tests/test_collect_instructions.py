@@ -110,6 +110,11 @@ def test_with_article():
     assert with_article("the dog") == "the dog"
     assert with_article("two cats") == "two cats"
     assert with_article("3 cats") == "3 cats"
+    # by sound, not letter: these were "a hour", "an unicorn", "an European car", "an UFO"
+    for phrase, article in [("hour", "an"), ("honest face", "an"), ("unicorn", "a"),
+                            ("European car", "a"), ("UFO", "a"), ("umbrella", "an"),
+                            ("horse", "a"), ("one-way sign", "a"), ("usual cup", "a")]:  # fmt: skip
+        assert with_article(phrase) == f"{article} {phrase}", phrase
 
 
 # ---------------------------------------------------------------------------- text rules

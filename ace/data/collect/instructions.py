@@ -258,13 +258,21 @@ def template_slots(template: str) -> frozenset[str]:
     )
 
 
+_VOWEL_SOUND = re.compile(r"^(?:hour|honest|honou?r|heir)|^[aeiou]")
+"""Words spoken with a vowel first: a vowel letter, or a silent h ("an hour")."""
+_CONSONANT_SOUND = re.compile(r"^(?:uni|use|usu|uku|ur[ai]|eu|ewe|one|once|ufo)")
+"""Vowel letters spoken as a consonant: "a unicorn", "a European car", "a one-way sign"."""
+
+
 def with_article(phrase: str) -> str:
-    """``phrase`` with "a" or "an" in front, by its first letter, unless it starts with a
+    """``phrase`` with "a" or "an" in front, by how its first word sounds (its first letter,
+    and the common exceptions: "an hour", "a unicorn"), unless it starts with a
     determiner or a digit: "apple" -> "an apple", "two cats" -> "two cats"."""
     first = phrase.split()[0].lower() if phrase.split() else ""
     if first in _DETERMINERS or first[:1].isdigit():
         return phrase
-    return ("an " if first[:1] in "aeiou" else "a ") + phrase
+    vowel = bool(_VOWEL_SOUND.match(first)) and not _CONSONANT_SOUND.match(first)
+    return ("an " if vowel else "a ") + phrase
 
 
 def _check_slots(task: str, slots: dict[str, Any]) -> dict[str, str]:
