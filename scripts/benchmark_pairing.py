@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
         1 << 20 if platform.system() == "Darwin" else 1 << 10
     )
-    import faiss
-
+    try:  # k-means' threads and GPUs; a one-cluster run needs no faiss
+        import faiss
+    except ImportError:
+        faiss = None
     report = {
         "n": args.n,
         "dim": args.dim,
@@ -120,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "planted_pairs": len(planted),
         "planted_recall": recall,
         "peak_rss_mib": peak_mib,
-        "threads": faiss.omp_get_max_threads(),
-        "faiss_gpus": faiss.get_num_gpus(),
+        "threads": faiss.omp_get_max_threads() if faiss else None,
+        "faiss_gpus": faiss.get_num_gpus() if faiss else None,
     }
     if args.json:
         print(json.dumps(report))

@@ -146,13 +146,16 @@ def collect_pairs(args: argparse.Namespace) -> dict:
     if not root.is_dir():
         raise ValueError(f"--images {root} is not a directory")
     check_out(out)
-    if cfg.clusters != 1:  # before hours of features, not after
-        require_faiss()
     progress = not args.quiet
+
+    def need_faiss(n: int) -> None:  # before hours of features, not after
+        if cfg.n_clusters(n) > 1:
+            require_faiss()
 
     # 2. features: computed (resumable), read, or pixels
     if args.features is not None:
         ids, x = load_features(args.features)
+        need_faiss(len(ids))
         source = str(args.features)
     else:
         from ace.data.collect.features import extract_features, image_ids, list_images
@@ -160,6 +163,7 @@ def collect_pairs(args: argparse.Namespace) -> dict:
         images = list_images(root)
         if not images:
             raise ValueError(f"--images {root} holds no images")
+        need_faiss(len(images))
         if args.model is not None:
             feats = out / "features"
             extract_features(

@@ -449,12 +449,19 @@ def test_negative_seed():
         ("clusters", 2.5, "clusters must be an int >= 1 or None, got 2.5"),
         ("max_pairs_per_set", 0, "max_pairs_per_set must be an int >= 1 or None, got 0"),
         ("seed", 1.5, "seed must be an int >= 0, got 1.5"),
-        ("min_side", float("nan"), "min_side must be >= 0, got nan"),  # dropped every pair
+        ("min_side", float("nan"), "min_side must be a number >= 0, got nan"),  # dropped all
+        ("min_side", "256", "min_side must be a number >= 0, got '256'"),
     ],
 )
 def test_config_fields_of_the_wrong_kind(field, value, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         PairingConfig(**{field: value})
+
+
+def test_config_takes_numpy_numbers():
+    cfg = PairingConfig(min_side=np.int64(256), cluster_size=np.int64(5), clusters=np.int32(3))
+    assert cfg.min_side == 256 and cfg.n_clusters(2) == 2 and cfg.n_clusters(100) == 3
+    assert PairingConfig(min_side=np.float32(64.0)).n_clusters(1499) == 1  # round(1.499)
 
 
 @pytest.mark.parametrize("name", ["t1", "t2", "t_dup", "t_min", "min_pixel_diff", "pixel_tol"])
@@ -637,17 +644,23 @@ def test_cli_missing_image_dir_and_corrupt_features(collection, tmp_path, capsys
 
 def test_cli_without_faiss_says_so_before_any_feature(collection, tmp_path, capsys, monkeypatch):
     """faiss is an optional extra: k-means without it was a traceback with exit status 1
-    (the status of "found 0 pairs") after every feature had been computed."""
+    (the status of "found 0 pairs") after every feature had been computed. A run whose K
+    is 1 (--clusters 1, or the default for under 1500 images) needs no faiss."""
+    import ace.data.collect.features as features
+
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    decoded = []
+    real = features.load_image
+    monkeypatch.setattr(features, "load_image", lambda p: decoded.append(p) or real(p))
     out = tmp_path / "out"
-    argv = ["--images", collection[0], "--out", out, "--pixel-features", "--clusters", "2"]
-    code, _, stderr = script("collect_pairs.py", argv, capsys)
-    assert code == 2 and not out.exists()
+    argv = ["--images", collection[0], "--out", out, "--pixel-features", "--quiet"]
+    code, _, stderr = script("collect_pairs.py", [*argv, "--clusters", "2"], capsys)
+    assert code == 2 and not out.exists() and decoded == []  # refused before any image
     (line,) = stderr.strip().splitlines()
     assert "k-means needs faiss" in line and "pip install 'ace[collect]'" in line
-    argv[-1] = "1"  # one cluster needs no faiss
-    code, _, stderr = script("collect_pairs.py", [*argv, "--quiet"], capsys)
-    assert code in (0, 1), stderr
+    for k in (["--clusters", "1"], []):  # one cluster, by the flag or by the default
+        code, _, stderr = script("collect_pairs.py", [*argv, *k], capsys)
+        assert code in (0, 1) and decoded, stderr
 
 
 @pytest.mark.parametrize("ids", [[0, 1], 2, ["a.png", 1]])

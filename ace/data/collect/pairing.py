@@ -38,6 +38,7 @@ that is the price of clustering first (the paper's choice), smaller with fewer c
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -124,10 +125,17 @@ class PairingConfig:
                 raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
         if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if not isinstance(self.min_side, (int, float)) or not self.min_side >= 0:
-            raise ValueError(f"min_side must be >= 0, got {self.min_side!r}")
+        if not isinstance(self.min_side, numbers.Real) or isinstance(self.min_side, bool):
+            raise ValueError(f"min_side must be a number >= 0, got {self.min_side!r}")
+        if not self.min_side >= 0:  # NaN too: it dropped every pair
+            raise ValueError(f"min_side must be a number >= 0, got {self.min_side!r}")
         if not self.max_aspect >= 1:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect!r}")
+
+    def n_clusters(self, n: int) -> int:
+        """K of the k-means for ``n`` images: ``clusters``, or round(n / cluster_size),
+        at least 1 and at most n (one cluster needs no faiss)."""
+        return max(1, min(self.clusters or round(n / self.cluster_size), n))
 
 
 @dataclass
@@ -337,7 +345,7 @@ def pair_images(
     x = normalize_features(features, len(ids), copy=copy)  # (N, D)
     n = len(ids)
     lap("normalize")
-    k = cfg.clusters or max(1, round(n / cfg.cluster_size))
+    k = cfg.n_clusters(n)
     cluster = kmeans_clusters(
         x,
         k,
