@@ -225,7 +225,7 @@ def make_writer(args: argparse.Namespace, root: Path) -> Any:
         return from_template
     if args.mode == "rewrite":
         from ace.data.collect.local_models import derive_seed
-        from ace.data.collect.rewriter import REWRITE_PROMPT, LLMRewriter
+        from ace.data.collect.rewriter import REWRITE_PROMPT, LLMRewriter, PromptTooLong
 
         rewriter = LLMRewriter(
             args.model,
@@ -244,7 +244,7 @@ def make_writer(args: argparse.Namespace, root: Path) -> Any:
                     return rewriter.rewrite(
                         text, args.variants, seed=derive_seed(args.seed, line)
                     ), None
-                except ValueError as e:  # a prompt the model cannot take: no record for it
+                except PromptTooLong as e:  # this input's prompt: no record for it
                     return [], str(e)
 
         return from_rewrite
@@ -307,7 +307,7 @@ def write_instructions(args: argparse.Namespace) -> tuple[Path, dict[str, int]]:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             done[line] = row
-    stats = {"inputs": len(ds.records), "records": 0, "short": 0, "missing": 0}
+    stats = {"inputs": len(ds.records), "records": 0, "short": 0, "missing": 0, "notes": []}
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -321,6 +321,8 @@ def write_instructions(args: argparse.Namespace) -> tuple[Path, dict[str, int]]:
         stats["records"] += n
         stats["short"] += n < args.variants
         stats["missing"] += args.variants - n
+        if done[line].get("note"):
+            stats["notes"].append((line, done[line]["note"]))
     partial.unlink()
     return out / MANIFEST, stats
 
@@ -337,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{stats['short']} input(s) got fewer than {args.variants} instruction(s) "
             f"({stats['missing']} missing)"
+        )
+    if stats["notes"]:  # why inputs got none: the first reason, and how many there are
+        line, note = stats["notes"][0]
+        more = len(stats["notes"]) - 1
+        print(
+            f"no instruction for input line {line}: {note}"
+            + (f" (and {more} more)" if more else "")
         )
     return 0 if stats["records"] else 1
 

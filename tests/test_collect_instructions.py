@@ -113,7 +113,9 @@ def test_with_article():
     # by sound, not letter: these were "a hour", "an unicorn", "an European car", "an UFO"
     for phrase, article in [("hour", "an"), ("honest face", "an"), ("unicorn", "a"),
                             ("European car", "a"), ("UFO", "a"), ("umbrella", "an"),
-                            ("horse", "a"), ("one-way sign", "a"), ("usual cup", "a")]:  # fmt: skip
+                            ("horse", "a"), ("one-way sign", "a"), ("usual cup", "a"),
+                            ("unidentified object", "an"), ("uninhabited island", "an"),
+                            ("onerous task", "an"), ("uniform", "a")]:  # fmt: skip
         assert with_article(phrase) == f"{article} {phrase}", phrase
 
 
@@ -184,19 +186,25 @@ def test_rejection_reasons_by_hand():
         assert rejection_reason(candidate, "make the car in {image} red") == stray, candidate
     said = "Sure! Here is the rewritten instruction: paint the car in {image} crimson"
     assert rejection_reason(said, "make the car in {image} red") == (
-        "talks about the task: instruction, rewritten, sure"
+        "talks about the task: sure, here is, rewritten instruction"
     )
     kept = "paint the car in {image} crimson. I kept the placeholder {image} as written."
-    assert (
-        rejection_reason(kept, "make the car in {image} red") == "talks about the task: placeholder"
-    )
-    # a word the original uses is no chatter
-    assert (
-        rejection_reason(
-            "redo the instruction card in {image}", "fix the instruction card in {image}"
-        )
-        is None
-    )
+    assert rejection_reason(kept, "make the car in {image} red") == "talks about the task: i kept"
+    # plain words are no chatter, and braces the original has are no stray ones
+    for fine, original in [
+        (
+            "recolor the car in {image} red, making sure the rest stays",
+            "make the car in {image} red",
+        ),
+        ("make sure the sky in {image} turns orange", "turn the sky in {image} orange"),
+        ("rewrite the sign in {image} so it reads OPEN", "change the sign in {image} to OPEN"),
+        ("replace the placeholder text in {image} with SALE", "put SALE on the poster in {image}"),
+        (
+            "in {image}, write f(x) = {x + 1} in chalk",
+            "put f(x) = {x + 1} on the board in {image}",
+        ),
+    ]:
+        assert rejection_reason(fine, original) is None, fine
     # a reference used twice is the same set: kept
     assert rejection_reason("take {image} and colour {image} red", "make {image} red") is None
 
@@ -343,14 +351,28 @@ def test_rewriter_on_a_tiny_random_gpt2(tiny_llm):
                            seed=3).rewrite(INSTRUCTION, 3) == out  # fmt: skip
 
 
-def test_rewriter_refuses_a_prompt_past_the_models_positions(tiny_llm):
+def test_rewriter_refuses_a_prompt_past_the_models_positions(tiny_llm, tmp_path, capsys):
     """A long instruction was an IndexError inside generate, partway through a run."""
-    from ace.data.collect.rewriter import LLMRewriter
+    from ace.data.collect.rewriter import LLMRewriter, PromptTooLong
 
     rw = LLMRewriter(tiny_llm, device="cpu", max_new_tokens=10, seed=3)
     limit = rw.model.config.n_positions
-    with pytest.raises(ValueError, match=rf"passes the model's {limit} positions"):
-        rw.rewrite("paint {image} " + "very " * limit + "red", 1)
+    base = len(rw.tokenizer(rw.prompt.replace("{instruction}", "paint {image} red"))["input_ids"])
+    fits = "paint {image} " + "very " * (limit - 10 - base) + "red"  # exactly the limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fewer rewrites than asked: fine here
+        rw.rewrite(fits, 1)
+    with pytest.raises(PromptTooLong, match=rf"passes the model's {limit} positions"):
+        rw.rewrite("very " + fits, 1)  # one token over, with the 10 new ones
+    with pytest.raises(ValueError, match=rf"leaves no room for a prompt in the model's {limit}"):
+        LLMRewriter(tiny_llm, device="cpu", max_new_tokens=limit)
+    # the script: a setting no prompt fits is refused before anything is written
+    data = tmp_path / "data"
+    write_manifest([next(toy.sample_stream(1, 0, tasks="add")).lcu], data)
+    out = tmp_path / "out"
+    argv = [data, "--out", out, "--mode", "rewrite", "--model", tiny_llm, "--device", "cpu"]
+    code, _, err = run([*argv, "--max-new-tokens", str(limit)], capsys)
+    assert code == 2 and "leaves no room for a prompt" in err and not out.exists()
 
 
 def test_rewriter_sends_the_prompt_through_a_chat_template(tiny_llm, tmp_path):
@@ -443,6 +465,14 @@ def test_caption_to_instruction(raw, instruction):
 
     assert caption_to_instruction(raw) == instruction
     ConditionUnit(instruction, [Image.new("RGB", (8, 8))])
+
+
+@pytest.mark.parametrize("raw", ["make it {color}", "make {{image}} red", "the {object} is gone"])
+def test_caption_with_unfilled_braces_is_no_instruction(raw):
+    from ace.data.collect.captioner import caption_to_instruction
+
+    with pytest.raises(ValueError, match="braces that are no image reference"):
+        caption_to_instruction(raw)
 
 
 def test_caption_to_instruction_rejects_an_empty_answer():

@@ -20,7 +20,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from ace.data.collect.instructions import clean_generation
+from ace.data.collect.instructions import STRAY_BRACE, clean_generation
 from ace.data.collect.local_models import check_model_dir, load_local, resolve_device, seeded
 
 Layout = Literal["side_by_side", "two_images"]
@@ -72,6 +72,8 @@ def caption_to_instruction(text: str) -> str:
     out = _NUMBERED_REF.sub(r"image\1", _SOURCE.sub("{image}", clean_generation(text)))
     if not out:
         raise ValueError(f"the captioner's output holds no instruction: {text!r}")
+    if STRAY_BRACE.search(out):  # an unfilled "{color}" or "{{image}}": no instruction
+        raise ValueError(f"the captioner's output has braces that are no image reference: {text!r}")
     if "{image}" not in out:
         lower = len(out) > 1 and out[1].islower()  # keep acronyms: "TV ..." stays
         out = "in {image}, " + (out[0].lower() + out[1:] if lower else out)

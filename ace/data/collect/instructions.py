@@ -33,6 +33,7 @@ from __future__ import annotations
 import difflib
 import re
 import string
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Any
@@ -260,7 +261,7 @@ def template_slots(template: str) -> frozenset[str]:
 
 _VOWEL_SOUND = re.compile(r"^(?:hour|honest|honou?r|heir)|^[aeiou]")
 """Words spoken with a vowel first: a vowel letter, or a silent h ("an hour")."""
-_CONSONANT_SOUND = re.compile(r"^(?:uni|use|usu|uku|ur[ai]|eu|ewe|one|once|ufo)")
+_CONSONANT_SOUND = re.compile(r"^(?:uni(?![dmnr])|use|usu|uku|ur[ai]|eu|ewe|one(?!r)|once|ufo)")
 """Vowel letters spoken as a consonant: "a unicorn", "a European car", "a one-way sign"."""
 
 
@@ -429,25 +430,25 @@ def _respell(digits: str) -> str:
     return image_name(i) if i <= MAX_INPUT_IMAGES else f"{{image{i}}}"
 
 
-_STRAY_BRACE = re.compile(r"\{\{|\}\}|\{(?!image\d*\})|(?<!\{image)(?<!\{image\d)\}")
+STRAY_BRACE = re.compile(r"\{\{|\}\}|\{(?!image\d*\})|(?<!\{image)(?<!\{image\d)\}")
 """A brace that is not part of a single ``{image}`` / ``{imageN}`` reference."""
-_CHATTER = frozenset(
-    [
-        "sure",
-        "certainly",
-        "rewrite",
-        "rewritten",
-        "rewrites",
-        "instruction",
-        "instructions",
-        "placeholder",
-        "placeholders",
-        "paraphrase",
-        "paraphrased",
-    ]
+_CHATTER = (
+    re.compile(r"^\W*(?:sure|certainly|of course|okay|ok)\b\s*[,!.:]", re.IGNORECASE),
+    re.compile(r"\bhere(?:'s| is| are)\b", re.IGNORECASE),
+    re.compile(
+        r"\b(?:rewritten|paraphrased|revised|new)\s+(?:instruction|version|sentence|text)s?\b",
+        re.IGNORECASE,
+    ),
+    re.compile(r"\bi(?:'ve| have)?\s+(?:kept|rewrote|rewritten|changed|replaced)\b", re.IGNORECASE),
 )
-"""Words of a model talking about the task rather than doing it; a candidate using one
-the original does not is rejected."""
+"""Phrases of a model talking about the task rather than doing it ("Sure! Here is the
+rewritten instruction: ...", "I kept the placeholder"); English only. A candidate with
+one the original lacks is rejected; plain words such as "make sure" or "rewrite the sign"
+are not chatter."""
+
+
+def _chatter(text: str) -> list[str]:
+    return [m.group(0).strip(" ,!.:").lower() for p in _CHATTER if (m := p.search(text))]
 
 
 def rejection_reason(
@@ -455,8 +456,9 @@ def rejection_reason(
 ) -> str | None:
     """Why a cleaned ``candidate`` cannot be a rewrite of ``original``, or None if it can:
     it is empty, its set of image references differs from the original's (a reference
-    dropped or added), or it is a near-duplicate (``is_near_duplicate``) of the original or
-    of an ``accepted`` rewrite."""
+    dropped or added), it has braces that are no image reference and not in the original
+    (an unfilled ``{color}``), it talks about the task (``_CHATTER``), or it is a
+    near-duplicate (``is_near_duplicate``) of the original or of an ``accepted`` rewrite."""
     if not normalize_instruction(candidate):
         return "empty"
     want, got = image_refs(original), image_refs(candidate)
@@ -466,12 +468,11 @@ def rejection_reason(
         return "image references differ: " + "; ".join(
             p for p in (missing and f"{missing} missing", extra and f"{extra} added") if p
         )
-    if _STRAY_BRACE.search(candidate):  # an unfilled "{color}", or "{{image}}"
-        return "braces that are no image reference"
-    said = set(normalize_instruction(original).split())
-    chatter = set(normalize_instruction(candidate).split()) & _CHATTER - said
+    if Counter(STRAY_BRACE.findall(candidate)) - Counter(STRAY_BRACE.findall(original)):
+        return "braces that are no image reference"  # an unfilled "{color}", "{{image}}"
+    chatter = [c for c in _chatter(candidate) if c not in _chatter(original)]
     if chatter:  # "Sure! Here is the rewritten instruction: ..." in one line
-        return "talks about the task: " + ", ".join(sorted(chatter))
+        return "talks about the task: " + ", ".join(chatter)
     if is_near_duplicate(candidate, original, threshold):
         return "duplicate of the instruction"
     if any(is_near_duplicate(candidate, a, threshold) for a in accepted):

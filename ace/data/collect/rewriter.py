@@ -39,6 +39,10 @@ REWRITE_PROMPT = (
 replacement: other braces stay as written)."""
 
 
+class PromptTooLong(ValueError):
+    """An instruction whose prompt, with ``max_new_tokens``, passes the model's positions."""
+
+
 class LLMRewriter:
     """Paraphrases of instructions by a causal language model from a local directory.
 
@@ -102,7 +106,16 @@ class LLMRewriter:
         kwargs = {} if dtype is None else {"dtype": dtype}
         model = load_local(AutoModelForCausalLM.from_pretrained, path, "LLM", **kwargs)
         self.model = model.to(self.device).eval().requires_grad_(False)
+        limit = self._positions()
+        if limit is not None and max_new_tokens >= limit:  # no prompt would fit: a setting
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
+                             f"the model's {limit} positions")  # fmt: skip
         self.generate_fn = self._generate
+
+    def _positions(self) -> int | None:
+        """The most tokens (prompt + output) the model takes, if its config says."""
+        cfg = self.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
     def _generate(self, prompt: str, k: int, seed: int) -> list[str]:
         """``k`` sampled completions of ``prompt`` by the model (the prompt not included)."""
@@ -115,10 +128,9 @@ class LLMRewriter:
             enc = tok(prompt, return_tensors="pt")
         enc = enc.to(self.device)
         n_prompt = enc["input_ids"].shape[1]
-        cfg = self.model.config
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        limit = self._positions()
         if limit is not None and n_prompt + self.max_new_tokens > limit:  # an index error below
-            raise ValueError(
+            raise PromptTooLong(
                 f"the prompt is {n_prompt} tokens; with max_new_tokens {self.max_new_tokens} "
                 f"that passes the model's {limit} positions"
             )
