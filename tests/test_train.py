@@ -84,6 +84,35 @@ def test_resume_is_exact(data, tmp_path):
     ].size == (64, 64)
 
 
+def test_resume_from_an_earlier_checkpoint_abandons_the_later_ones(data, tmp_path):
+    """Rotation kept the K highest steps: resuming 10 -> from 5 to 8 with keep_last=1
+    deleted the new checkpoint-8, kept the abandoned run's checkpoint-10, and a later
+    resume=latest continued the abandoned run."""
+    out = tmp_path / "run"
+    Trainer(load_config(CONFIG, args(data, out, 10, "train.keep_last=2"))).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    branch = [*args(data, out, 8, "train.keep_last=1"), f"train.resume={out / 'checkpoint-5'}"]
+    with pytest.warns(UserWarning, match="deleting the checkpoints after step 5 .*checkpoint-10"):
+        Trainer(load_config(CONFIG, branch)).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
+    trainer = Trainer(load_config(CONFIG, [*args(data, out, 9), "train.resume=latest"]))
+    trainer.train()
+    rows = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 10)) and not list(out.glob(".tmp-checkpoint-*"))
+
+
+def test_a_longer_cosine_schedule_applies_from_the_first_resumed_step(data, tmp_path):
+    """load_state restored the optimizer's saved rate: resuming a finished 6-step cosine run
+    to 8 steps ran step 7 at the old schedule's final rate, 0."""
+    cosine = ["optim.decay=cosine", "optim.warmup_steps=2", "train.checkpoint_every=6"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(load_config(CONFIG, args(data, straight, 8, *cosine))).train()
+    Trainer(load_config(CONFIG, args(data, split, 6, *cosine))).train()
+    Trainer(load_config(CONFIG, [*args(data, split, 8, *cosine), "train.resume=latest"])).train()
+    lr = lambda out: [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lr(split)[6:] == lr(straight)[6:] and lr(split)[6] > 0  # steps 7 and 8
+
+
 def test_overfits_a_tiny_fixed_dataset(tmp_path):
     root = tmp_path / "two"
     write_manifest(list(solid_lcus(2)), root, progress=False)
@@ -212,15 +241,19 @@ def test_non_finite_losses_skip_steps_then_stop(data, tmp_path, monkeypatch):
     trainer = Trainer(
         load_config(CONFIG, args(data, tmp_path / "nan", 10, "train.max_nonfinite=3"))
     )
-    monkeypatch.setattr(
-        trainer.objective, "loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
-    )
+    real = trainer.objective.loss  # NaN through the model: every weight gets a NaN gradient
+    monkeypatch.setattr(trainer.objective, "loss", lambda *a, **k: real(*a, **k) * float("nan"))
     before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
     with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
         trainer.train()
     assert all(
         torch.equal(before[n], p) for n, p in trainer.unwrapped.named_parameters()
     )  # never stepped
+    lines = (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
+    strict = [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) for line in lines
+    ]
+    assert strict and all(r["loss"] is None and r["skipped_step"] for r in strict)  # not NaN
 
 
 def test_non_finite_micro_batch_skips_its_accumulation_window(data, tmp_path, monkeypatch):
@@ -352,6 +385,10 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["optim.lr=1e-5"], r"\(optim\.lr=0\.0003 there, 1e-05 now\)"),
         (["ema.enabled=true"], "ema.enabled"),
         (["model.overrides.depth=1"], "model.overrides.depth"),
+        # the data position: micro-batch step * grad_accum + k of batch_size samples
+        (["train.grad_accum=2"], "train.grad_accum=1 there, 2 now"),
+        (["data.batch_size=2"], "data.batch_size=4 there, 2 now"),
+        (["data.max_tokens=96"], "data.max_tokens=0 there, 96 now"),
     ):
         resumed = load_config(CONFIG, [*args(data, out, 6, "train.resume=latest", *extra)])
         with pytest.raises(ValueError, match=named):
@@ -362,6 +399,9 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
     assert state["tokenizer"]
     state_file.write_text(json.dumps({**state, "tokenizer": "0123456789abcdef"}))
     with pytest.raises(ValueError, match="another tokenizer vocabulary"):
+        Trainer(load_config(CONFIG, [*args(data, out, 6, "train.resume=latest")])).train()
+    state_file.write_text(json.dumps({**state, "world_size": 2}))  # the global batch differs
+    with pytest.raises(ValueError, match="trained on 2 processes, this run has 1"):
         Trainer(load_config(CONFIG, [*args(data, out, 6, "train.resume=latest")])).train()
     shutil.rmtree(out / "checkpoint-4")  # as if the run had crashed after logging step 4 ...
     with (out / "metrics.jsonl").open("a") as f:

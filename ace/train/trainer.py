@@ -150,10 +150,14 @@ def manifest_word_encoder(cfg: Config, accelerator=None, dataset=None):
 
 
 FIXED_ON_RESUME = ("model.preset", "model.overrides", "objective.", "optim.lr", "optim.betas",
-                   "optim.eps", "optim.weight_decay", "ema.")  # fmt: skip
+                   "optim.eps", "optim.weight_decay", "ema.", "train.grad_accum",
+                   "data.batch_size", "data.max_tokens")  # fmt: skip
 """Config keys (or prefixes) a resumed run must share with the run it continues: they
-shape the weights and the optimizer state, which the checkpoint restores as they were.
-Paths (model.vae, data.manifest ...) may move, and train.max_steps may grow."""
+shape the weights and the optimizer state, which the checkpoint restores as they were, or
+the data position (a step reads micro-batches step * grad_accum ..., each of batch_size
+samples or max_tokens tokens per process: another value would skip or repeat samples).
+Paths (model.vae, data.manifest ...) may move, and train.max_steps may grow (the learning
+rate then follows the new schedule from the first resumed step)."""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -478,8 +482,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    if metrics:
-                        metrics.write(json.dumps(row) + "\n")
+                    if metrics:  # a skipped non-finite loss is null: NaN is not JSON
+                        loss = row["loss"] if math.isfinite(row["loss"]) else None
+                        metrics.write(json.dumps({**row, "loss": loss}) + "\n")
                         metrics.flush()
                     if cfg.train.trackers:
                         acc.log(
@@ -525,17 +530,31 @@ class Trainer:
         acc.wait_for_everyone()
         skipped = self.skipped_at_position()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank's files (random_states_{rank}) are in tmp
         if acc.is_main_process:
             self.write_config(tmp)  # the checkpoint's own: what a resume is checked against
             state = {"step": self.step, "nonfinite": self.nonfinite, "skipped": skipped}
             state["tokenizer"] = tokenizer_digest(self.conditioner.tokenizer)
+            state["world_size"] = acc.num_processes
             (tmp / "trainer_state.json").write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
+            self._remove_checkpoint(self.step)
             os.replace(tmp, final)
-            for old in sorted(self.checkpoints())[: -self.cfg.train.keep_last]:
-                shutil.rmtree(self.out / f"checkpoint-{old}", ignore_errors=True)
+            others = sorted(s for s in self.checkpoints() if s != self.step)
+            for old in others[: max(0, len(others) - (self.cfg.train.keep_last - 1))]:
+                self._remove_checkpoint(old)
         acc.wait_for_everyone()
         return final
+
+    def _remove_checkpoint(self, step: int) -> None:
+        """Delete ``checkpoint-{step}`` if present: renamed to a temporary name first (which
+        the next run's start clears), so a kill mid-delete leaves no half checkpoint that
+        ``resume=latest`` would pick."""
+        final = self.out / f"checkpoint-{step}"
+        if final.exists():
+            doomed = self.out / f".tmp-checkpoint-del-{step}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(final, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def skipped_at_position(self) -> int:
         """``skipped_total`` as of the data position a checkpoint saves now (one all-reduce;
@@ -577,14 +596,46 @@ class Trainer:
                 "run's (the same words can get other ids); resume with the code and data it "
                 "was trained with"
             )
+        world = state.get("world_size", self.accelerator.num_processes)
+        if world != self.accelerator.num_processes:  # the global batch, hence the position
+            raise ValueError(
+                f"train.resume: {path} was trained on {world} processes, this run has "
+                f"{self.accelerator.num_processes}; resume on {world}, or start a new "
+                "train.output_dir"
+            )
         if self.accelerator.distributed_type == DistributedType.FSDP:
             self._materialise_optimizer_state()
         self.accelerator.load_state(str(path))
+        if self.ema is not None:  # accelerate loads custom states onto the CPU
+            self.ema.to(self.accelerator.device)
+        self._follow_schedule()
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.skipped_before, self.skipped_since = state.get("skipped", 0), 0
         self._skipped_here = self.batches.skipped  # this rank's, as restored (streams keep theirs)
         if self.accelerator.is_main_process:
             drop_rows_after(self.out / "metrics.jsonl", self.step)
+            later = [s for s in self.checkpoints() if s > self.step]
+            if later and path.resolve().parent == self.out.resolve():
+                # an earlier checkpoint of this directory: the later ones are of the run it
+                # abandons, and resume=latest must not go back to them
+                warnings.warn(
+                    f"train.resume: deleting the checkpoints after step {self.step} in "
+                    f"{self.out} ({', '.join(f'checkpoint-{s}' for s in later)}): this run "
+                    "continues from an earlier one",
+                    stacklevel=2,
+                )
+                for s in later:
+                    self._remove_checkpoint(s)
+        self.accelerator.wait_for_everyone()
+
+    def _follow_schedule(self) -> None:
+        """Set the learning rate the restored schedule gives now. load_state restores the
+        optimizer's rate as it was saved; with a longer train.max_steps (cosine) the first
+        resumed step would run at the old schedule's rate (0 at the end of a cosine)."""
+        s = getattr(self.schedule, "scheduler", self.schedule)  # past accelerate's wrapper
+        for group, base, f in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+            group["lr"] = base * f(s.last_epoch)
+        s._last_lr = [group["lr"] for group in s.optimizer.param_groups]
 
     def _materialise_optimizer_state(self) -> None:
         """Give AdamW its state entries with a step that changes nothing (zero gradients,
