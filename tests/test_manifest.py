@@ -166,6 +166,31 @@ def test_tensor_images_and_masks_are_stored_as_8_bit(tmp_path):
     assert np.array_equal(np.asarray(back.masks[0]) == 255, lcu.masks[0][0].numpy())
 
 
+def test_integer_0_1_masks_are_stored_as_0_255(tmp_path):
+    """An int64 0/1 mask (1 inside, as ConditionUnit reads it) was stored as 0/1 and read
+    back as empty, which means the whole image."""
+    image = torch.rand(3, 32, 32)
+    inside = torch.zeros(1, 32, 32, dtype=torch.int64)
+    inside[:, 8:24, 8:24] = 1
+    lcu = LCU(ConditionUnit("edit {image}", [image], [inside]), target=image, target_mask=inside)
+    back = read_record(write_lcu(lcu, tmp_path, "m"), tmp_path, line=1)
+    for mask in (back.masks[0], back.target_mask):
+        assert int((np.asarray(mask) > 128).sum()) == 16 * 16
+    wide = torch.full((1, 4, 4), 200, dtype=torch.int64)  # 0-255 stays 0-255
+    back = read_record(write_lcu(LCU(ConditionUnit("edit {image}", [image[:, :4, :4]], [wide]),
+                                     target=image), tmp_path, "w"), tmp_path, line=1)  # fmt: skip
+    assert np.asarray(back.masks[0]).max() == 200
+
+
+def test_a_path_that_cannot_be_checked_is_a_bad_sample(tmp_path):
+    """A name too long for the file system raised OSError, which training does not skip."""
+    root = write_manifest(hand_lcus()[:1], tmp_path / "d", progress=False).parent
+    record = json.loads((root / "manifest.jsonl").read_text().splitlines()[0])
+    record["target"] = "x" * 300 + ".png"
+    with pytest.raises(ValueError, match=r"line 1: target: cannot read 'x+\.png'"):
+        read_record(record, root, line=1)
+
+
 def test_same_lcus_write_byte_identical_files(tmp_path):
     a = write_manifest(hand_lcus(), tmp_path / "a", progress=False).parent
     b = write_manifest(hand_lcus(), tmp_path / "b", progress=False).parent

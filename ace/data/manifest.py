@@ -38,7 +38,8 @@ def _to_pil(x: ImageLike | MaskLike, mode: str) -> Image.Image:
     """A PIL image of ``mode`` ("RGB" or "L") with no metadata, from a PIL image or tensor.
 
     Tensors: images (3, H, W) in [0, 1] and float masks in [0, 1] are scaled by 255 and
-    rounded; bool masks map to 0/255; integer masks are taken as 0-255.
+    rounded; bool masks map to 0/255; integer masks are taken as 0-255, or as 0/1 when
+    their maximum is 1 (as ``ace.lcu`` reads them: 1 is inside).
     """
     if isinstance(x, torch.Tensor):
         t = x.detach().cpu()
@@ -46,6 +47,8 @@ def _to_pil(x: ImageLike | MaskLike, mode: str) -> Image.Image:
             t = t.to(torch.uint8) * 255
         elif t.is_floating_point():
             t = (t.float().clamp(0, 1) * 255).round()
+        elif mode == "L" and t.numel() and t.max() <= 1:  # a 0/1 mask: stored as 0/255
+            t = t.clamp(0, 1) * 255
         t = t.clamp(0, 255).to(torch.uint8)
         if mode == "RGB":
             x = Image.fromarray(t.permute(1, 2, 0).numpy(), "RGB")  # (3, H, W) -> (H, W, 3)
@@ -184,7 +187,11 @@ def _check_record(record: Any, line: int) -> None:
 def _load(root: Path, rel: str, mode: str, line: int, what: str) -> Image.Image:
     """Open ``root / rel`` fully and convert it to ``mode``; ValueError naming the line."""
     path = root / rel
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long, a directory it may not read: a bad sample
+        raise ValueError(f"line {line}: {what}: cannot read {rel!r}: {e}") from e
+    if not found:
         raise ValueError(f"line {line}: {what}: missing file {rel!r} (looked for {path})")
     try:
         return open_image(path, mode)
