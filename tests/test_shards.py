@@ -282,6 +282,42 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path, shard_dir)
         sample_to_lcu({"__key__": "k", **ok, "a.png": b"junk"})
 
 
+def test_a_shard_cut_at_a_header_or_with_a_bad_header_is_warned_and_counted(tmp_path):
+    """Python's tarfile ends a stream quietly at a missing or corrupt header past the
+    first: a shard cut at a 512-byte block, or with a bad checksum, lost its rest with no
+    warning or count (the test above cuts mid-block). And a half-read sample must not merge
+    with the next shard's first one when their keys match."""
+    lcus = numbered(16)
+    write_manifest(lcus[:8], tmp_path / "a", progress=False)
+    write_manifest(lcus[8:], tmp_path / "b", progress=False)  # the same keys, other LCUs
+    (a,) = write_shards(tmp_path / "a", tmp_path / "sa", samples_per_shard=8, progress=False)
+    (b,) = write_shards(tmp_path / "b", tmp_path / "sb", samples_per_shard=8, progress=False)
+    with tarfile.open(a) as t:
+        members = t.getmembers()
+    first = [next(m for m in members if m.name.startswith(f"{k:09d}.")) for k in range(8)]
+    header = first[4].offset  # the header of sample 4's first file
+    raw = a.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw[:header])  # on a block boundary
+    flipped = bytearray(raw)
+    flipped[header + 148] ^= 0x11  # the header's checksum field
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(flipped))
+    for damaged in (cut, bad):
+        s = ShardStream([str(damaged)])
+        with pytest.warns(UserWarning, match="corrupt or truncated tar"):
+            got = names(s)
+        assert got == [f"lcu {i}" for i in range(4)] and s.skipped == 1, damaged
+    # cut inside sample 0's last file, then a shard whose first key is the same
+    inside = tmp_path / "inside.tar"
+    last = members[members.index(first[1]) - 1]  # sample 0's last file
+    inside.write_bytes(raw[: last.offset + 512 + 10])
+    s = ShardStream([str(inside), str(b)])
+    with pytest.warns(UserWarning, match="ShardStream: skipping"):
+        got = names(s)
+    assert got == [f"lcu {i}" for i in range(8, 16)]  # b whole, no mixed sample
+
+
 def test_sample_to_lcu_reads_what_the_manifest_reads(tmp_path):
     lcus = [s.lcu for s in sample_stream(6, seed=1)]
     write_manifest(lcus, tmp_path / "ds", progress=False)

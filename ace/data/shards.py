@@ -43,6 +43,8 @@ import io
 import json
 import os
 import random
+import re
+import tarfile
 import uuid
 import warnings
 from collections import deque
@@ -57,7 +59,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import group_by_keys, url_opener
 
 from ace.data.manifest import LCUManifest, _check_record, _to_pil
 from ace.images import open_image
@@ -240,6 +242,49 @@ def _identity(x: Any) -> Any:
     return x
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """A tar header that must be whole: Python's tarfile ends a stream quietly at a missing,
+    truncated or corrupt header past the first (a shard cut at a 512-byte block, or a bad
+    checksum), which lost the rest of the shard with no warning. Only the zero block that
+    marks a real end of archive ends it."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:  # the end-of-archive marker
+            raise
+        except tarfile.HeaderError as e:
+            raise tarfile.ReadError(
+                f"corrupt or truncated tar at byte {tarfile_.offset}: {e}"
+            ) from e
+
+
+def _tar_members(sources, handler) -> Iterator[dict[str, Any]]:
+    """webdataset's ``tar_file_expander`` with checked headers, and an end-of-shard marker
+    (``{}``) after every shard, read to its end or not: a half-read sample never merges with
+    the next shard's first one when their keys match."""
+    for source in sources:
+        try:
+            with tarfile.open(  # closing it closes tarfile's reader, not the source's stream
+                fileobj=source["stream"], mode="r|*", tarinfo=_CheckedTarInfo
+            ) as stream:
+                for info in stream:
+                    if not info.isreg() or info.name is None or _META.match(info.name):
+                        continue
+                    data = stream.extractfile(info).read()
+                    yield {"fname": info.name, "data": data, "__url__": source["url"]}
+                    stream.members = []  # a stream of any length: keep no member list
+        except Exception as e:  # the rest of this shard: warned and counted by the handler
+            if not handler(e):
+                break
+        yield {}
+
+
+_META = re.compile(r"__[^/]*__($|/)")
+"""Members webdataset skips: its own metadata files."""
+
+
 class ShardStream(IterableDataset):
     """The LCUs of tar shards, split across ranks and DataLoader workers (module docstring).
 
@@ -357,7 +402,7 @@ class ShardStream(IterableDataset):
         while True:
             failed.clear()
             shards = self.worker_shards(epoch, worker, num_workers)
-            files = tar_file_expander(opened(shards), handler=on_error)
+            files = _tar_members(opened(shards), handler=on_error)
             src = group_by_keys(files, handler=on_error)
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}:{epoch}:{rank}:{worker}")
