@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import os
@@ -479,15 +480,36 @@ class ShardStream(IterableDataset):
             "positions": [list(self._pos.get(w, (self.epoch, 0))) for w in workers],
             "skipped": [self._skips.get(w, 0) for w in workers],
             "turn": self._turn,
+            **self._order(),
+        }
+
+    def _order(self) -> dict[str, Any]:
+        """What fixes the order of samples: a resume with another would repeat some and miss
+        others. Shards by file name, so a moved directory still resumes."""
+        names = "\n".join(os.path.basename(u.rstrip("/")) for u in self.urls)
+        return {
+            "shuffle_buffer": self.shuffle_buffer,
+            "shuffle_shards": self.shuffle_shards,
+            "repeat": self.repeat,
+            "shard_names": hashlib.sha256(names.encode()).hexdigest()[:16],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state_dict()``: same seed and world size; shards are not checked."""
+        """Continue from ``state_dict()``: same seed, world size, shuffling, repeat and shard
+        file names (the directory may move); ValueError naming what differs."""
         rank, world = _rank_world(self.rank, self.world_size)
         if state["seed"] != self.seed or (state["rank"], state["world_size"]) != (rank, world):
             raise ValueError(
                 f"state of seed {state['seed']}, rank {state['rank']} of {state['world_size']} "
                 f"does not fit a stream of seed {self.seed}, rank {rank} of {world}"
+            )
+        now = self._order()
+        changed = [f"{k}={state[k]!r} there, {v!r} now" for k, v in now.items()
+                   if k in state and state[k] != v]  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"the stream's saved position is for another order of samples "
+                f"({'; '.join(changed)}): resume with the same shards and shuffling"
             )
         self.num_workers = state["num_workers"]
         self._pos.clear()  # in place: a loader's copy shares these dicts
