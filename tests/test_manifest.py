@@ -191,6 +191,20 @@ def test_a_path_that_cannot_be_checked_is_a_bad_sample(tmp_path):
         read_record(record, root, line=1)
 
 
+def test_a_symlinked_root_is_written_where_it_points(tmp_path):
+    """The symlink itself was moved aside and replaced by a local directory, and a hidden
+    link left behind; the data never reached the link's target."""
+    target = tmp_path / "big" / "train"
+    target.mkdir(parents=True)
+    (tmp_path / "proj").mkdir()
+    link = tmp_path / "proj" / "train"
+    link.symlink_to(target, target_is_directory=True)
+    write_manifest(hand_lcus()[:2], link, progress=False, overwrite=True)
+    assert link.is_symlink() and (target / "manifest.jsonl").is_file()
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["train"]
+    assert len(LCUManifest(link)) == 2
+
+
 def test_same_lcus_write_byte_identical_files(tmp_path):
     a = write_manifest(hand_lcus(), tmp_path / "a", progress=False).parent
     b = write_manifest(hand_lcus(), tmp_path / "b", progress=False).parent

@@ -151,6 +151,39 @@ def test_existing_shards_need_overwrite_which_replaces_the_set(tmp_path, shard_d
     assert sorted(shard_dir.iterdir()) == paths and len(paths) == 3
 
 
+def test_an_interrupt_after_the_commit_leaves_the_new_set_whole(tmp_path, shard_dir, monkeypatch):
+    """The old shards were deleted inside the try: an interrupt at the second deletion
+    removed the new set and brought back only the old shards not yet deleted."""
+    real_unlink, calls = Path.unlink, []
+
+    def unlink(self, *a, **k):
+        if ".old-" in self.name:
+            calls.append(self)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(
+            tmp_path / "ds", shard_dir, samples_per_shard=5, overwrite=True, progress=False
+        )
+    monkeypatch.undo()
+    assert names(ShardStream(sorted(str(p) for p in shard_dir.glob("shard-*.tar")))) == [
+        f"lcu {i}" for i in range(12)
+    ]
+    assert len(list(shard_dir.glob("shard-*.tar"))) == 3  # the new set of 5 a shard
+
+
+def test_shard_urls_paths_and_unset_variables(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACE_NO_SUCH_VAR", raising=False)
+    with pytest.raises(ValueError, match=r"shard URL '\$\{ACE_NO_SUCH_VAR\}/x\.tar'"):
+        ShardStream("${ACE_NO_SUCH_VAR}/x.tar")
+    odd = tmp_path / "runs" / "{a,b}" / "x.tar"  # a Path is one file, braces and all
+    assert ShardStream(odd).urls == [str(odd)]
+    assert len(ShardStream(str(tmp_path / "s-{0..2}.tar")).urls) == 3
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     write_manifest(numbered(6), tmp_path / "ds", progress=False)
     real, calls = sh._shard_sample, []

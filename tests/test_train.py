@@ -113,6 +113,19 @@ def test_a_longer_cosine_schedule_applies_from_the_first_resumed_step(data, tmp_
     assert lr(split)[6:] == lr(straight)[6:] and lr(split)[6] > 0  # steps 7 and 8
 
 
+def test_data_manifest_may_be_a_file_of_any_name(data, tmp_path):
+    """The validator read train.json; training looked for train.json/manifest.jsonl."""
+    from ace.train.config import DataConfig
+    from ace.train.data import build_dataset
+
+    named = data / "train.json"
+    shutil.copyfile(data / "manifest.jsonl", named)
+    try:
+        assert len(build_dataset(DataConfig(manifest=str(named)))) == 16
+    finally:
+        named.unlink()
+
+
 def test_overfits_a_tiny_fixed_dataset(tmp_path):
     root = tmp_path / "two"
     write_manifest(list(solid_lcus(2)), root, progress=False)

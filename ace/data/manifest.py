@@ -107,7 +107,7 @@ def write_manifest(
     place at the end, so an interrupted run leaves no half-written dataset (and, on
     an exception, no temporary directory). LCU i is named ``f"{i:06d}"``.
     """
-    root = Path(os.path.abspath(root))
+    root = Path(os.path.realpath(root))  # a symlinked root: write where it points
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root} exists and is not a directory")
     if root.is_dir() and any(root.iterdir()) and not overwrite:

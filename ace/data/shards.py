@@ -32,7 +32,9 @@ seed, world size and number of workers. In the process that iterates
 ``stream.loader(num_workers)``: every sample comes tagged with its worker and position,
 the main process keeps them, and the loader fixes the order itself (workers take turns;
 whose turn it is is saved too), so a resumed loader gives exactly the rest. A plain
-DataLoader over the stream splits the same way, but its position cannot be saved.
+DataLoader over the stream splits the same way, but its position cannot be saved, and
+each pass reads epoch 0 again (the workers' copies advance, not the stream): call
+``set_epoch`` between passes, or use ``loader()``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ from webdataset.tariterators import group_by_keys, url_opener
 from ace.data.manifest import LCUManifest, _check_record, _to_pil
 from ace.images import open_image
 from ace.lcu import LCU, ConditionUnit
+
+
+def _expand(item: str | Path) -> list[str]:
+    """webdataset's brace and ``::`` expansion of a string; a ``Path`` is one file as it is
+    (``runs/{a,b}/x.tar`` names a directory); ValueError for an unset ``${VAR}``."""
+    if isinstance(item, Path):
+        return [str(item)]
+    try:
+        return expand_urls(item)
+    except AssertionError as e:  # webdataset's way of saying "no such environment variable"
+        raise ValueError(f"shard URL {item!r}: {e}") from None
+
 
 SHARD_NAME = "shard-%06d.tar"
 """File name of shard k (``SHARD_NAME % k``)."""
@@ -168,8 +182,6 @@ def write_shards(
         for tmp, final in zip(tmps, finals):
             os.replace(tmp, final)
             renamed.append(final)
-        for aside in olds:
-            aside.unlink()
     except BaseException:  # no partial or mixed set: the new shards go, the old come back
         for tmp in [*tmps, *renamed]:
             tmp.unlink(missing_ok=True)
@@ -180,6 +192,8 @@ def write_shards(
             if p.exists() and not any(p.iterdir()):
                 p.rmdir()
         raise
+    for aside in olds:  # after the commit: an interrupt here leaves the new set whole
+        aside.unlink(missing_ok=True)
     return finals
 
 
@@ -315,7 +329,7 @@ class ShardStream(IterableDataset):
     ) -> None:
         super().__init__()
         items = [urls] if isinstance(urls, (str, Path)) else list(urls)
-        self.urls: list[str] = [u for item in items for u in expand_urls(str(item))]
+        self.urls: list[str] = [u for item in items for u in _expand(item)]
         """The expanded shard URLs."""
         if not self.urls:
             raise ValueError("no shard URLs")

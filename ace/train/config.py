@@ -69,9 +69,11 @@ class DataConfig:
     """Shards: the sample shuffle buffer (0 = the written order)."""
     num_workers: int = 0
     """Shards: DataLoader workers that read and decode. Workers take strict turns, so with
-    shuffle_buffer 0 a worker whose shards hold fewer samples (a short last shard) has its
-    samples come up more often, by up to about 20%; a shuffle_buffer > 1 also shuffles
-    the shards every epoch, which evens that out."""
+    shuffle_buffer 0 a worker that holds fewer samples (fewer shards, or a short last
+    shard) has its samples come up in inverse proportion: 3 equal shards on 2 workers read
+    the lone shard of one worker about 1.8 times as often as each of the other's (and the
+    same holds across ranks). Give every rank x worker the same number of shards, or set
+    shuffle_buffer > 1, which also shuffles the shards every epoch and evens it out."""
     max_seq_len: int | None = None
     """Token budget per image (released: 1024 at 512 px); default: the model's rope_max_len."""
     cond_dropout: float = 0.1

@@ -26,7 +26,8 @@ def build_dataset(cfg: DataConfig, accelerator=None):
     from ace.data.manifest import LCUManifest
 
     path = Path(cfg.manifest)
-    manifest = path / "manifest.jsonl" if path.suffix != ".jsonl" else path
+    # a directory holds manifest.jsonl; a file is the manifest, whatever its name
+    manifest = path if path.suffix == ".jsonl" or path.is_file() else path / "manifest.jsonl"
     if not manifest.is_file() and cfg.toy_n > 0 and manifest.name != "manifest.jsonl":
         raise ValueError(
             f"data.manifest={cfg.manifest}: data.toy_n writes a toy split as DIR/manifest.jsonl; "
