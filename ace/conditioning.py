@@ -87,6 +87,15 @@ def _crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     return round((height - crop_h) / 2), round((width - crop_w) / 2), crop_h, crop_w
 
 
+def resize_budget(rope_max_len: int, vae_factor: int, patch_size: int) -> int:
+    """The ``max_seq_len`` of ``target_size`` (counted in 16 px squares, as the released
+    resize counts) that keeps an image within ``rope_max_len`` tokens of
+    ``vae_factor * patch_size`` px: ``rope_max_len`` itself for the released geometry
+    (8 x 2 = 16 px), a quarter of it for the toy VAE's 4 x 2 = 8 px tokens."""
+    px = vae_factor * patch_size
+    return max(1, rope_max_len * px * px // (SIZE_MULTIPLE * SIZE_MULTIPLE))
+
+
 def target_size(height: int, width: int, max_seq_len: int) -> tuple[int, int]:
     """(H', W') of the released resize for an (already aspect-cropped) image.
 

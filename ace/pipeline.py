@@ -33,6 +33,7 @@ from ace.conditioning import (
     ConditionTokenizer,
     downsample_mask,
     postprocess,
+    resize_budget,
     to_numpy,
 )
 from ace.diffusion import apply_guidance
@@ -116,7 +117,10 @@ class ACEPipeline(DiffusionPipeline):
 
     @property
     def max_seq_len(self) -> int:
-        return self.transformer.config.rope_max_len
+        """The resize budget (``conditioning.resize_budget``): images are scaled down to fit
+        the DiT's ``rope_max_len`` tokens, whatever its VAE's factor."""
+        cfg = self.transformer.config
+        return resize_budget(cfg.rope_max_len, self.conditioner.vae_factor, cfg.patch_size)
 
     @property
     def default_size(self) -> int:

@@ -60,6 +60,10 @@ EDITS = (
     ("edge-map", "edge_map", 0),
 )
 
+MADE_VERSION = 2
+"""Of what a run makes and keeps (data, VAE, cache): a change remakes them on the next
+run (2: the toy model's resize budget, part of the cache's fingerprint, became 64)."""
+
 QUICK = [  # every step runs, on almost nothing
     "data.toy_n=16",
     "model.vae_toy_steps=2",
@@ -175,7 +179,7 @@ def prepare_out(out: Path, quick: bool, fresh: bool) -> None:
     deterministic and kept, unless ``fresh`` or they were made in the other mode (a
     ``--quick`` run's 16 LCUs and 2-step VAE must not become a full run's): ``OUT/made.json``
     records the mode that made them."""
-    made = {"overrides": QUICK if quick else []}
+    made = {"overrides": QUICK if quick else [], "version": MADE_VERSION}
     marker = out / "made.json"
     fresh = fresh or _read_json(marker) != made
     for name in ["train", "edits", *(["data", "vae", "cache"] if fresh else [])]:

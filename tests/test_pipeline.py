@@ -47,6 +47,27 @@ def test_text_to_image_at_requested_size(pipe):
     assert pipe.default_size == 256  # tiny preset: 256 tokens -> 16 x 16 tokens of 16 px
 
 
+def test_a_factor_4_vae_resizes_to_what_the_dit_takes():
+    """The resize counted 16 px a token (the released VAE's 8 x patch 2). With the toy
+    VAE's factor 4 a token is 8 px: the default size was 4 times the DiT's 256 tokens,
+    and any input over 128 px was refused ("larger than rope_max_len")."""
+    from diffusers import AutoencoderKL
+
+    from ace.testing import tiny_pipeline
+    from ace.train.vae import toy_vae_config
+
+    pipe = tiny_pipeline()
+    pipe.vae = AutoencoderKL(**toy_vae_config(latent_channels=4)).eval()
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.conditioner.vae_factor == 4 and pipe.max_seq_len == 64
+    assert pipe.default_size == 128  # 16 x 16 tokens of 8 px: rope_max_len = 256
+    assert run(pipe, "a red circle").size == (128, 128)
+    photo = Image.new("RGB", (400, 300), (200, 30, 30))
+    out = run(pipe, "make {image} blue", images=[photo])
+    w, h = out.size
+    assert (w // 8) * (h // 8) <= 256 and w / h == pytest.approx(4 / 3, rel=0.15)
+
+
 def test_masked_edit_keeps_input_size(pipe):
     out = run(
         pipe, "fill the box in {image} with blue", images=[img(80, 48)], masks=[box_mask(80, 48)]

@@ -75,7 +75,9 @@ class DataConfig:
     same holds across ranks). Give every rank x worker the same number of shards, or set
     shuffle_buffer > 1, which also shuffles the shards every epoch and evens it out."""
     max_seq_len: int | None = None
-    """Token budget per image (released: 1024 at 512 px); default: the model's rope_max_len."""
+    """Resize budget per image in 16 px squares, as the released resize counts (released:
+    1024 at 512 px); default: what fits the model's rope_max_len tokens (the same for the
+    released geometry, 64 for the toy VAE's 8 px tokens: 128 px)."""
     cond_dropout: float = 0.1
     """Probability of replacing the current instruction with "" (for classifier-free guidance)."""
     cache: str | None = None

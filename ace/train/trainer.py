@@ -34,7 +34,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ace.atomic import atomic_write, nearest_existing
-from ace.conditioning import ConditionTokenizer
+from ace.conditioning import ConditionTokenizer, resize_budget
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
@@ -273,7 +273,11 @@ class Trainer:
             cfg.objective.name,
             **({"shift": cfg.objective.shift} if cfg.objective.name == "rectified-flow" else {}),
         )
-        self.max_seq_len = cfg.data.max_seq_len or transformer.config.rope_max_len
+        self.max_seq_len = cfg.data.max_seq_len or resize_budget(
+            transformer.config.rope_max_len,
+            self.conditioner.vae_factor,
+            transformer.config.patch_size,
+        )
         self.batches = make_batches(cfg.data, self.accelerator, t.seed, self.max_seq_len, dataset)
         if cfg.data.cache:  # read T5 states and VAE posteriors instead of running the encoders
             from ace.train.cache import build_cache
