@@ -64,6 +64,10 @@ MADE_VERSION = 2
 """Of what a run makes and keeps (data, VAE, cache): a change remakes them on the next
 run (2: the toy model's resize budget, part of the cache's fingerprint, became 64)."""
 
+MADE = {"data", "vae", "cache", "train", "edits", "report.json", "report.png", "summary.md",
+        "summary.json", "made.json"}  # fmt: skip
+"""What a run writes in OUT."""
+
 QUICK = [  # every step runs, on almost nothing
     "data.toy_n=16",
     "model.vae_toy_steps=2",
@@ -77,7 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo", help="where all goes")
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help="where all goes (default outputs/demo, or outputs/demo-quick with --quick)",
+    )  # fmt: skip
     p.add_argument("--n", type=int, default=128, help="held-out LCUs to evaluate (default 128)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--quick", action="store_true", help="a smoke run: every step, tiny sizes")
@@ -181,6 +188,13 @@ def prepare_out(out: Path, quick: bool, fresh: bool) -> None:
     records the mode that made them."""
     made = {"overrides": QUICK if quick else [], "version": MADE_VERSION}
     marker = out / "made.json"
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in MADE) if out.is_dir() else []
+    if (out.exists() and not out.is_dir()) or (foreign and not marker.is_file()):
+        # the run deletes folders inside OUT: never in one the demo did not make
+        raise SystemExit(
+            f"demo.py: error: --out {out} holds files demo.py did not make ({', '.join(foreign)}"
+            "); give a new or empty directory"
+        )
     fresh = fresh or _read_json(marker) != made
     for name in ["train", "edits", *(["data", "vae", "cache"] if fresh else [])]:
         shutil.rmtree(out / name, ignore_errors=True)
@@ -190,7 +204,7 @@ def prepare_out(out: Path, quick: bool, fresh: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = args.out.absolute()
+    out = (args.out or ROOT / "outputs" / ("demo-quick" if args.quick else "demo")).absolute()
     prepare_out(out, args.quick, args.fresh)
     timings: dict[str, float] = {}
     overrides = [

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,14 @@ def test_rerun_keeps_data_only_when_made_in_the_same_mode(tmp_path):
     made()
     demo.prepare_out(out, quick=False, fresh=True)
     assert left() == []
+    # a folder the demo did not make is refused, untouched (a --quick run shared the
+    # default folder, and any --out lost its data, vae and cache folders)
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit, match=r"holds files demo.py did not make \(notes.txt\)"):
+        demo.prepare_out(mine, quick=True, fresh=False)
+    assert (mine / "data").is_dir() and (mine / "notes.txt").is_file()
 
 
 def test_verdicts_use_the_baseline_each_family_faces():

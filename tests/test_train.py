@@ -478,6 +478,13 @@ def test_an_output_dir_holding_a_run_is_refused_without_resume(data, tmp_path):
     Trainer(load_config(CONFIG, args(data, out, 2, "train.checkpoint_every=2"))).train()
     with pytest.raises(ValueError, match=r"already holds a run .*train.resume=latest"):
         Trainer(load_config(CONFIG, args(data, out, 2, "optim.lr=1e-3")))
+    # a run that stopped before its first checkpoint: the message said to resume, and the
+    # resume then said there was nothing to resume
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"stopped before its first checkpoint .*delete that"):
+        Trainer(load_config(CONFIG, args(data, early, 2)))
     (tmp_path / "file").write_text("")
     for where in (tmp_path / "file", tmp_path / "file" / "sub"):
         with pytest.raises(ValueError, match="is a file, not a directory"):

@@ -219,6 +219,12 @@ def check_output_dir(cfg: Config) -> None:
         raise ValueError(f"train.output_dir {out}: {parent} is a file, not a directory")
     if cfg.train.resume is None and out.is_dir():
         held = sorted(p.name for p in out.iterdir() if p.name == "metrics.jsonl" or CHECKPOINT.match(p.name))  # fmt: skip
+        if held and not any(CHECKPOINT.match(h) for h in held):  # it stopped before one
+            raise ValueError(
+                f"train.output_dir {out} holds a run that stopped before its first checkpoint "
+                "(metrics.jsonl, no checkpoint-*): nothing to resume; delete that directory, "
+                "or give a new train.output_dir"
+            )
         if held:
             raise ValueError(
                 f"train.output_dir {out} already holds a run ({', '.join(held[:3])}); continue "
