@@ -559,6 +559,10 @@ def test_missing_manifest_and_script_errors(tmp_path, capsys):
     outputs/demo/train, and then make test."""
     out = f"train.output_dir={tmp_path / 'out'}"
     missing_vae = [f"model.vae={tmp_path / 'no-vae'}", "model.vae_toy_steps=0", out]
+    with pytest.raises(
+        ValueError, match=r"model\.pretrained: no ACEPipeline directory at .*convert_official"
+    ):
+        Trainer(load_config(CONFIG, [f"model.pretrained={tmp_path / 'no-pipe'}", out]))
     with pytest.raises(ValueError, match=r"model\.vae: no VAE directory"):
         Trainer(load_config(TOY, [f"data.manifest={tmp_path / 'none'}", *missing_vae]))
     assert not (tmp_path / "no-vae").exists()

@@ -87,6 +87,12 @@ def check_model_dirs(cfg: Config) -> None:
     ``model.pretrained``): before any data is made for a run that cannot start."""
     m = cfg.model
     if m.pretrained:
+        if not (Path(m.pretrained) / "model_index.json").is_file():
+            raise ValueError(
+                f"model.pretrained: no ACEPipeline directory at {m.pretrained} (no "
+                "model_index.json); convert the release first (scripts/convert_official.py), "
+                "or set model.pretrained=null to train from scratch"
+            )
         return
     if m.vae != "tiny" and not Path(m.vae).is_dir():
         raise ValueError(
