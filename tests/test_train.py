@@ -554,6 +554,14 @@ def test_ema_under_fsdp_is_refused_before_anything_is_made(tmp_path, monkeypatch
     assert not out.exists()
 
 
+def test_a_preset_that_cannot_read_the_vae_is_named_before_training(data, tmp_path):
+    """configs/tiny.yaml with model.preset=toy: a matmul shape error at the first step."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"model\.preset=toy reads 8 latent channels but the VAE"):
+        Trainer(load_config(CONFIG, args(data, out, 2, "model.preset=toy")))
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_missing_manifest_and_script_errors(tmp_path, capsys):
     """Each config's own output_dir is replaced: the README runs make demo, which fills
     outputs/demo/train, and then make test."""

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """ACETransformer preset: "tiny", "ace-0.6b-512", "ace-0.6b-1024"."""
+    """ACETransformer preset: "tiny", "toy" (the CPU demo's), "ace-0.6b-512", "ace-0.6b-1024"."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """ACETransformer arguments over the preset, e.g. {depth: 4}."""
     pretrained: str | None = None

@@ -135,7 +135,15 @@ def build_components(cfg: Config, accelerator=None, dataset=None):
         else AutoencoderKL.from_pretrained(m.vae, local_files_only=True)
     )
     overrides = {"text_dim": text_encoder.config.d_model, **m.overrides}
-    return tokenizer, text_encoder, vae, ACETransformer.from_preset(m.preset, **overrides)
+    transformer = ACETransformer.from_preset(m.preset, **overrides)
+    latent, reads = vae.config.latent_channels, transformer.config.in_channels
+    if latent != reads:  # a shape error at the first step otherwise
+        raise ValueError(
+            f"model.preset={m.preset} reads {reads} latent channels but the VAE "
+            f"({m.vae}) makes {latent}; pick a matching VAE, or model.overrides.in_channels="
+            f"{latent}"
+        )
+    return tokenizer, text_encoder, vae, transformer
 
 
 def manifest_word_encoder(cfg: Config, accelerator=None, dataset=None):
