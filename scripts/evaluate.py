@@ -124,11 +124,11 @@ def check_fits(pipe, size: int) -> None:
     ``rope_max_len``), before the first sample fails on it."""
     per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px per side
     tokens = (size // per_token) ** 2
-    if tokens > pipe.max_seq_len:
+    limit = pipe.transformer.config.rope_max_len  # tokens (pipe.max_seq_len: the resize's units)
+    if tokens > limit:
         raise UserError(
             f"--size {size} gives {tokens} tokens per image, more than this pipeline's "
-            f"rope_max_len={pipe.max_seq_len}; at most "
-            f"{int(pipe.max_seq_len**0.5) * per_token} px"
+            f"rope_max_len={limit}; at most {int(limit**0.5) * per_token} px"
         )
 
 

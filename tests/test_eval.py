@@ -3,6 +3,7 @@ contact sheet, and scripts/evaluate.py end to end on the tiny pipeline and the t
 
 import json
 import math
+import runpy
 import sys
 import types
 from dataclasses import dataclass
@@ -329,6 +330,23 @@ def test_script_mix_train_draws_the_training_mix(fake_toy, tmp_path, capsys):
     assert code == 0, out
     assert fake_toy.seen["balanced"] is False
     assert json.loads((tmp_path / "r.json").read_text())["config"]["balanced"] is False
+
+
+def test_size_check_counts_a_factor_4_vaes_tokens():
+    """With the toy VAE (8 px tokens, rope_max_len 256) 128 px fits; the check must count
+    tokens against rope_max_len, not against the resize budget (64 for that geometry)."""
+    from diffusers import AutoencoderKL
+
+    from ace.cli import UserError
+    from ace.testing import tiny_pipeline
+    from ace.train.vae import toy_vae_config
+
+    check_fits = runpy.run_path(str(ROOT / "scripts" / "evaluate.py"))["check_fits"]
+    pipe = tiny_pipeline()
+    pipe.vae = AutoencoderKL(**toy_vae_config(latent_channels=4))
+    check_fits(pipe, 128)  # 16 x 16 tokens
+    with pytest.raises(UserError, match="at most 128 px"):
+        check_fits(pipe, 136)
 
 
 @pytest.mark.parametrize(
