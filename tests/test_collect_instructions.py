@@ -197,6 +197,7 @@ def test_rejection_reasons_by_hand():
             "make the car in {image} red",
         ),
         ("make sure the sky in {image} turns orange", "turn the sky in {image} orange"),
+        ("put new text on the sign in {image}", "change the words on the sign in {image}"),
         ("rewrite the sign in {image} so it reads OPEN", "change the sign in {image} to OPEN"),
         ("replace the placeholder text in {image} with SALE", "put SALE on the poster in {image}"),
         (

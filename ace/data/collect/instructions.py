@@ -436,7 +436,7 @@ _CHATTER = (
     re.compile(r"^\W*(?:sure|certainly|of course|okay|ok)\b\s*[,!.:]", re.IGNORECASE),
     re.compile(r"\bhere(?:'s| is| are)\b", re.IGNORECASE),
     re.compile(
-        r"\b(?:rewritten|paraphrased|revised|new)\s+(?:instruction|version|sentence|text)s?\b",
+        r"\b(?:rewritten|paraphrased|revised)\s+(?:instruction|version|sentence|text)s?\b",
         re.IGNORECASE,
     ),
     re.compile(r"\bi(?:'ve| have)?\s+(?:kept|rewrote|rewritten|changed|replaced)\b", re.IGNORECASE),
