@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -500,13 +501,19 @@ class ShardStream(IterableDataset):
     def _order(self) -> dict[str, Any]:
         """What fixes the order of samples: a resume with another would repeat some and miss
         others. Shards by file name, so a moved directory still resumes."""
-        names = "\n".join(os.path.basename(u.rstrip("/")) for u in self.urls)
         return {
             "shuffle_buffer": self.shuffle_buffer,
             "shuffle_shards": self.shuffle_shards,
             "repeat": self.repeat,
-            "shard_names": hashlib.sha256(names.encode()).hexdigest()[:16],
+            "shard_names": self._shard_names,
         }
+
+    @functools.cached_property
+    def _shard_names(self) -> str:
+        """Digest of the shard file names, hashed once: ``state_dict`` runs before every
+        sample under token-budget batching."""
+        names = "\n".join(os.path.basename(u.rstrip("/")) for u in self.urls)
+        return hashlib.sha256(names.encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state_dict()``: same seed, world size, shuffling, repeat and shard
