@@ -57,6 +57,30 @@ def star_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rep[keep], np.flatnonzero(keep)
 
 
+class _Edges:
+    """The edges of an M-node graph, added a block at a time; whenever they exceed
+    ``max_edges`` (default 4 M + 1e6) they are replaced by a spanning forest of their
+    components (< M edges), so at most max(max_edges, M) + one block are held at once."""
+
+    def __init__(self, m: int, max_edges: int | None = None) -> None:
+        self.m = m
+        self.max_edges = 4 * m + 1_000_000 if max_edges is None else max_edges
+        self.rows: list[np.ndarray] = []
+        self.cols: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.rows.append(a)
+        self.cols.append(b)
+        self.n += len(a)
+        if self.n > self.max_edges:
+            r, c = star_edges(components(self.m, self.rows, self.cols))
+            self.rows, self.cols, self.n = [r], [c], len(r)
+
+    def components(self) -> np.ndarray:
+        return components(self.m, self.rows, self.cols)
+
+
 def similarity_components(
     x: np.ndarray, t: float, block: int = 2048, max_edges: int | None = None
 ) -> np.ndarray:
@@ -69,11 +93,8 @@ def similarity_components(
     at once: memory stays O(M + block^2) however dense the cluster.
     """
     m = len(x)
-    max_edges = 4 * m + 1_000_000 if max_edges is None else max_edges
     t = min(t, 1.0 - COSINE_TOL)
-    rows: list[np.ndarray] = []
-    cols: list[np.ndarray] = []
-    n_edges = 0
+    edges = _Edges(m, max_edges)
     for i0 in range(0, m, block):
         xi = x[i0 : i0 + block]  # (b, D)
         for j0 in range(i0, m, block):
@@ -81,13 +102,8 @@ def similarity_components(
             a, b = np.nonzero(s >= t)
             a, b = a + i0, b + j0
             keep = a < b
-            rows.append(a[keep])
-            cols.append(b[keep])
-            n_edges += int(keep.sum())
-            if n_edges > max_edges:  # per tile: a dense cluster never holds a row of tiles
-                r, c = star_edges(components(m, rows, cols))
-                rows, cols, n_edges = [r], [c], len(r)
-    return components(m, rows, cols)
+            edges.add(a[keep], b[keep])  # per tile: a dense cluster never holds a row of tiles
+    return edges.components()
 
 
 def pairs_from_linear(m: int, lin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,21 +127,14 @@ def score_components(
     as in ``similarity_components`` whenever they exceed ``max_edges`` (default
     4 M + 1e6), so a large set holds O(M + chunk) edges, not M^2 / 2."""
     m = len(ids)
-    max_edges = 4 * m + 1_000_000 if max_edges is None else max_edges
     t = min(t, 1.0 - COSINE_TOL)
     total = m * (m - 1) // 2
-    rows, cols = [], []
-    n_edges = 0
+    edges = _Edges(m, max_edges)
     for s0 in range(0, total, chunk):
         a, b = pairs_from_linear(m, np.arange(s0, min(s0 + chunk, total), dtype=np.int64))
         keep = score_pairs(scorer, [ids[i] for i in a], [ids[i] for i in b]) >= t
-        rows.append(a[keep])
-        cols.append(b[keep])
-        n_edges += int(keep.sum())
-        if n_edges > max_edges:
-            r, c = star_edges(components(m, rows, cols))
-            rows, cols, n_edges = [r], [c], len(r)
-    return components(m, rows, cols)
+        edges.add(a[keep], b[keep])
+    return edges.components()
 
 
 def set_pairs(m: int, cap: int | None = None, seed: Sequence[int] = (0,)) -> np.ndarray:
