@@ -41,6 +41,7 @@ import math
 import numbers
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -329,8 +330,7 @@ def pair_images(
     cfg = config or PairingConfig()
     ids = list(ids)
     if len(set(ids)) != len(ids):
-        seen = set()
-        twice = next(i for i in ids if i in seen or seen.add(i))
+        twice = next(i for i, n in Counter(ids).items() if n > 1)
         raise ValueError(f"image ids must be unique: {twice!r} appears more than once")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
