@@ -643,6 +643,30 @@ def test_token_budget_and_shard_streams_resume_exactly(data, tmp_path, mode):
         assert all(r["tokens"] <= 40 for r in rows) and len({r["tokens"] for r in rows}) > 1
 
 
+@pytest.mark.parametrize("mode", ["manifest", "shards"])
+def test_token_budget_counts_the_vaes_own_token_size(data, tmp_path, mode):
+    """With a factor-4 VAE (the toy geometry) a token is 8 px: a 64 px frame is 64 tokens,
+    not the 16 a 16 px count gives, and batches stay within data.max_tokens."""
+    from diffusers import AutoencoderKL
+
+    from ace.train.vae import toy_vae_config
+
+    vae = tmp_path / "vae"
+    AutoencoderKL(**toy_vae_config(latent_channels=4)).save_pretrained(vae)
+    extra = []
+    if mode == "shards":
+        from ace.data.shards import write_shards
+
+        write_shards(data, tmp_path / "shards", samples_per_shard=4, progress=False)
+        extra = [f"data.shards={tmp_path / 'shards' / 'shard-{000000..000003}.tar'}"]
+    out = tmp_path / "run"
+    # t2i LCUs are 64 tokens and recolours 128: 1-3 per batch (16 px counting packed 4)
+    run = args(data, out, 4, f"model.vae={vae}", "data.max_tokens=200", *extra)
+    Trainer(load_config(CONFIG, run)).train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(64 <= r["tokens"] <= 200 for r in rows), rows
+
+
 BUDGET = "data.max_tokens=40"
 
 

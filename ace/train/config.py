@@ -62,7 +62,8 @@ class DataConfig:
     """LCUs per batch and process (with max_tokens: at most this many)."""
     max_tokens: int = 0
     """If > 0: fill each batch of each process up to this many image tokens (all frames),
-    no padding, instead of a fixed number of LCUs."""
+    no padding, instead of a fixed number of LCUs. A token is one DiT patch: 16 px square
+    for the released VAE, 8 px for the toy VAE."""
     shards: str = ""
     """WebDataset shards to stream instead of the manifest: a path, brace pattern or pipe: URL."""
     shuffle_buffer: int = 0

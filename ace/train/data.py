@@ -68,10 +68,17 @@ class ManifestBatches:
     """Map-style batches of a manifest; bad samples are skipped with a warning and counted."""
 
     def __init__(
-        self, dataset, cfg: DataConfig, seed: int, rank: int, world: int, max_seq_len: int
+        self,
+        dataset,
+        cfg: DataConfig,
+        seed: int,
+        rank: int,
+        world: int,
+        max_seq_len: int,
+        patch_pixels: int = 16,
     ):
         self.dataset, self.cfg, self.seed, self.rank, self.world = dataset, cfg, seed, rank, world
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.patch_pixels = max_seq_len, patch_pixels
         self.skipped = 0
         self._stand_in: list | None = None
         self.items = dataset  # what take() reads: the manifest, or an embedding cache of it
@@ -82,7 +89,7 @@ class ManifestBatches:
         if cfg.max_tokens:
             from ace.data.batching import dataset_costs
 
-            self.costs = dataset_costs(dataset, max_seq_len)
+            self.costs = dataset_costs(dataset, max_seq_len, patch_pixels)
 
     def indices(self, step: int) -> list[int]:
         if not self.cfg.max_tokens:
@@ -135,7 +142,7 @@ class ManifestBatches:
 
         item = self.items[i]
         if isinstance(item, LCU):  # not cached: an image too small to train on raises here
-            lcu_tokens(item, self.max_seq_len)
+            lcu_tokens(item, self.max_seq_len, self.patch_pixels)
         return item
 
     def stand_in(self) -> list:
@@ -157,7 +164,15 @@ class ManifestBatches:
 class ShardBatches:
     """Batches streamed from WebDataset shards; ``state_dict`` makes a checkpoint resume exactly."""
 
-    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, max_seq_len: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seed: int,
+        rank: int,
+        world: int,
+        max_seq_len: int,
+        patch_pixels: int = 16,
+    ):
         from ace.data.batching import TokenBudgetBatcher
         from ace.data.shards import ShardStream
 
@@ -170,10 +185,14 @@ class ShardBatches:
             world_size=world,
             repeat=True,
         )
-        self.loader = _Trainable(self.stream.loader(cfg.num_workers), max_seq_len)
+        self.loader = _Trainable(self.stream.loader(cfg.num_workers), max_seq_len, patch_pixels)
         if cfg.max_tokens:
             self.source = TokenBudgetBatcher(
-                self.loader, cfg.max_tokens, max_seq_len, max_samples=cfg.batch_size
+                self.loader,
+                cfg.max_tokens,
+                max_seq_len,
+                max_samples=cfg.batch_size,
+                patch_pixels=patch_pixels,
             )
         else:
             self.source = _Chunks(self.loader, cfg.batch_size)
@@ -232,15 +251,16 @@ class _Trainable:
     with a warning, and counted (the count is part of the position, so a resumed run counts
     as the uninterrupted one did)."""
 
-    def __init__(self, loader, max_seq_len: int):
+    def __init__(self, loader, max_seq_len: int, patch_pixels: int = 16):
         self.loader, self.max_seq_len, self.skipped = loader, max_seq_len, 0
+        self.patch_pixels = patch_pixels
 
     def __iter__(self):
         from ace.data.batching import lcu_tokens
 
         for lcu in self.loader:
             try:
-                lcu_tokens(lcu, self.max_seq_len)
+                lcu_tokens(lcu, self.max_seq_len, self.patch_pixels)
             except ValueError as e:
                 self.skipped += 1
                 warnings.warn(f"skipping a streamed sample: {e}", stacklevel=2)
@@ -276,12 +296,21 @@ class _Chunks:
         self.loader.load_state_dict(state)
 
 
-def make_batches(cfg: DataConfig, accelerator, seed: int, max_seq_len: int, dataset=None):
+def make_batches(
+    cfg: DataConfig,
+    accelerator,
+    seed: int,
+    max_seq_len: int,
+    dataset=None,
+    patch_pixels: int = 16,
+):
     """Shard batches (``cfg.shards``) or manifest batches, on ``dataset`` if the caller has
-    already read the manifest."""
+    already read the manifest. ``patch_pixels`` is the side in pixels of one DiT token
+    (VAE factor x patch size: 16 for the released model, 8 for the toy VAE); the token
+    budget ``cfg.max_tokens`` counts tokens of that size."""
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.shards:
-        return ShardBatches(cfg, seed, rank, world, max_seq_len)
+        return ShardBatches(cfg, seed, rank, world, max_seq_len, patch_pixels)
     if dataset is None:
         dataset = build_dataset(cfg, accelerator)
-    return ManifestBatches(dataset, cfg, seed, rank, world, max_seq_len)
+    return ManifestBatches(dataset, cfg, seed, rank, world, max_seq_len, patch_pixels)

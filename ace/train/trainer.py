@@ -293,12 +293,15 @@ class Trainer:
             cfg.objective.name,
             **({"shift": cfg.objective.shift} if cfg.objective.name == "rectified-flow" else {}),
         )
+        token_px = self.conditioner.vae_factor * transformer.config.patch_size  # 16, or 8 (toy)
         self.max_seq_len = cfg.data.max_seq_len or resize_budget(
             transformer.config.rope_max_len,
             self.conditioner.vae_factor,
             transformer.config.patch_size,
         )
-        self.batches = make_batches(cfg.data, self.accelerator, t.seed, self.max_seq_len, dataset)
+        self.batches = make_batches(
+            cfg.data, self.accelerator, t.seed, self.max_seq_len, dataset, patch_pixels=token_px
+        )
         if cfg.data.cache:  # read T5 states and VAE posteriors instead of running the encoders
             from ace.train.cache import build_cache
 
