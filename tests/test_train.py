@@ -458,6 +458,19 @@ def test_bad_config_names_the_key(data, overrides, message):
         load_config(CONFIG, [f"data.manifest={data}", *overrides])
 
 
+def test_mixed_precision_no_survives_yaml(data, tmp_path):
+    """YAML 1.1 reads a bare no as False: train.mixed_precision=no (the documented value)
+    and ``mixed_precision: no`` in a file both mean no mixed precision."""
+    big, manifest = ROOT / "configs" / "ace_0.6b_512.yaml", f"data.manifest={data}"
+    assert load_config(big, [manifest]).train.mixed_precision == "bf16"
+    cfg = load_config(big, [manifest, "train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    (tmp_path / "no.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "no.yaml", [manifest]).train.mixed_precision == "no"
+    with pytest.raises(ValueError, match=r"train\.mixed_precision must be no, bf16 or fp16"):
+        load_config(CONFIG, [f"data.manifest={data}", "train.mixed_precision=yes"])
+
+
 def test_bad_yaml_files_are_one_line_errors(data, tmp_path):
     (tmp_path / "broken.yaml").write_text("train: {max_steps: 3\n")
     (tmp_path / "list.yaml").write_text("- train\n- data\n")

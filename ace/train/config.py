@@ -212,6 +212,8 @@ def _check(cfg: Config) -> None:
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if t.mixed_precision == "False":  # YAML 1.1 reads a bare no (or off, false) as False
+        t.mixed_precision = "no"
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(
             f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}"
