@@ -66,6 +66,19 @@ def check_out(path: Path, flag: str = "--out", *siblings: str) -> None:
         raise UserError(f"{flag} {path}: no permission to write in {parent}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' ``--help``: the module docstring as written, and every option's default
+    after its help (unless the help already names it, or there is none to name)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        quiet = d is None or d is False or d in ("", [], argparse.SUPPRESS) or action.required
+        if quiet or "default" in text or not action.option_strings:
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """``ArgumentParser`` whose errors are one line, ``PROG: error: ...``, exit code 2
     (not the usage block followed by the error)."""

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from ace.atomic import atomic_write
-from ace.cli import OneLineParser
+from ace.cli import HelpFormatter, OneLineParser
 
 PROG = "annotate.py"
 SETTINGS = "annotate.json"
@@ -39,7 +39,7 @@ LCU_CHOICES |= {"generation": ("generation",), "none": ()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = HelpFormatter
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=fmt)
     p.add_argument("--images", type=Path, required=True, help="the folder of images (recursive)")
     p.add_argument("--out", type=Path, required=True, help="the dataset directory to write")

@@ -37,7 +37,7 @@ import time
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from ace.cli import text_table
+from ace.cli import HelpFormatter, text_table
 from ace.convert import official_dit_to_ace
 from ace.diffusion import apply_guidance
 from ace.models import PRESETS, ACETransformer
@@ -51,9 +51,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--configs",
         default="tiny,ace-0.6b-512",

@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 
-from ace.cli import OneLineParser, text_table
+from ace.cli import HelpFormatter, OneLineParser, text_table
 
 DTYPES = ("fp32", "bf16", "fp16")
 PROG = "benchmark_attention.py"
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(
         prog="benchmark_attention.py",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)

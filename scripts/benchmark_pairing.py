@@ -26,12 +26,12 @@ from ace.data.collect.pairing import PairingConfig, pair_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ace.cli import OneLineParser
+    from ace.cli import HelpFormatter, OneLineParser
 
     p = OneLineParser(
         prog="benchmark_pairing.py",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--n", type=int, default=1_000_000, help="vectors (default 1,000,000)")
     p.add_argument("--dim", type=int, default=768, help="dimension (default 768)")

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ace.cli import OneLineParser, UserError, text_table
+from ace.cli import HelpFormatter, OneLineParser, UserError, text_table
 
 DTYPES = ("fp32", "bf16", "fp16")
 MODES = ("whole", "tiled")
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(
         prog="benchmark_vae.py",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (multiple of 8)")
     p.add_argument("--vae", default="sd", help="'sd' (the released architecture, random) or a dir")

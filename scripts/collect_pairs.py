@@ -27,13 +27,13 @@ import os
 import sys
 from pathlib import Path
 
+from ace.cli import HelpFormatter
+
 PROG = "collect_pairs.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", type=Path, required=True, help="the image folder (recursive)")
     p.add_argument("--out", type=Path, required=True, help="the output folder")
     src = p.add_mutually_exclusive_group(required=True)

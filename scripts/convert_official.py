@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ace.atomic import umask
-from ace.cli import OneLineParser, UserError
+from ace.cli import HelpFormatter, OneLineParser, UserError
 
 RELEASED_STEPS = {512: 20, 1024: 50}
 
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(
         prog="convert_official.py",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--dit", required=True, help="the released DiT checkpoint (.pth)")
     p.add_argument(

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from ace.cli import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy.yaml"
 
@@ -78,9 +80,7 @@ QUICK = [  # every step runs, on almost nothing
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="demo.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--out", type=Path, default=None,
         help="where all goes (default outputs/demo, or outputs/demo-quick with --quick)",

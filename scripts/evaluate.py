@@ -20,16 +20,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from ace.cli import OneLineParser, UserError, check_out, pick_device, text_table
+from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, pick_device, text_table
 
 SUITES = ("toy",)
 PROG = "evaluate.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--pipeline", required=True, help="an ACEPipeline directory, or 'tiny' (random, for tests)"
     )

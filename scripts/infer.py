@@ -29,15 +29,13 @@ import sys
 from pathlib import Path
 
 from ace.atomic import atomic_write
-from ace.cli import OneLineParser, UserError, check_out, pick_device
+from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, pick_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(
-        prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = OneLineParser(prog="infer.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--pipeline",
         required=True,

@@ -26,15 +26,13 @@ import json
 import sys
 from pathlib import Path
 
-from ace.cli import OneLineParser, UserError, check_out, pick_device, text_table
+from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, pick_device, text_table
 
 PROG = "probe.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--pipeline", required=True, help="an ACEPipeline directory, or 'tiny' (random, for tests)"
     )

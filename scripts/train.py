@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ace.cli import HelpFormatter
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--config", required=True, help="a YAML file of overrides of the config dataclasses"
     )

@@ -37,11 +37,9 @@ PARTIAL = "manifest.partial.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ace.cli import OneLineParser
+    from ace.cli import HelpFormatter, OneLineParser
 
-    p = OneLineParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("manifest", type=Path, help="an LCU dataset directory or its manifest.jsonl")
     p.add_argument("--out", type=Path, required=True, help="the directory of the new manifest")
     p.add_argument("--mode", choices=("template", "rewrite", "caption"), required=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ace.cli import OneLineParser, text_table
+from ace.cli import HelpFormatter, OneLineParser, text_table
 from tests._scripts import run_script
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -33,6 +33,29 @@ def test_parser_errors_in_one_line_with_exit_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err == "tool.py: error: argument --n: invalid int value: 'x'\n"
+
+
+def test_help_names_each_default_once():
+    p = OneLineParser(prog="tool.py", formatter_class=HelpFormatter, description="a\n  b")
+    p.add_argument("--n", type=int, default=64, help="samples")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--size", type=int, default=64, help="side (default 64)")
+    p.add_argument("--out", required=True, help="where")
+    p.add_argument("--tag", default=None, help="a tag")
+    p.add_argument("--image", action="append", default=[], help="an image")
+    p.add_argument("--quiet", action="store_true", help="no bar")
+    text = " ".join(p.format_help().split())  # argparse wraps at the terminal width
+    assert "a\n  b" in p.format_help()  # the description as written
+    assert "samples (default: 64)" in text and "seed (default: 0)" in text
+    assert "side (default 64) " in text and text.count("default") == 3
+    for bare in ("where", "a tag", "an image", "no bar"):
+        assert f"{bare} " in text or text.endswith(bare)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.py")))
+def test_every_script_has_help(script, capsys):
+    code, out, _ = run_script(SCRIPTS / script, ["--help"], capsys)
+    assert code == 0 and out.startswith("usage:"), out
 
 
 @pytest.mark.parametrize(
