@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(name: str, cmd: list[str], timings: dict) -> None:
-    print(f"\n== {name}: {' '.join(map(str, cmd))}", flush=True)
+    print(f"\n== {name}: python {shlex.join(map(str, cmd))}", flush=True)
     start = time.perf_counter()
     code = subprocess.call([sys.executable, *map(str, cmd)], cwd=ROOT)
     timings[name] = round(time.perf_counter() - start, 1)
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
     run(
         "evaluate",
         ["scripts/evaluate.py", "--pipeline", pipeline, "--suite", "toy", "--n", n,
-         "--steps", steps, "--quiet", "--out", report_path],
+         "--steps", steps, "--out", report_path],
         timings,
     )  # fmt: skip
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,11 @@ def test_quick_demo_runs_every_step(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {"train", "evaluate", "edit recolor"} <= summary["seconds"].keys()
     assert "| task | n |" in (out / "summary.md").read_text()
+    # the logged commands run as printed: an instruction is one quoted argument
+    logged = [line for line in result.stdout.splitlines() if line.startswith("== edit recolor: ")]
+    argv = shlex.split(logged[0].split(": ", 1)[1])
+    assert argv[:2] == ["python", "scripts/infer.py"]
+    assert " " in argv[argv.index("--instruction") + 1]
 
 
 def test_rerun_keeps_data_only_when_made_in_the_same_mode(tmp_path):
