@@ -484,6 +484,42 @@ def test_bad_yaml_files_are_one_line_errors(data, tmp_path):
             load_config(tmp_path / name, [f"data.manifest={data}"])
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl: nothing is locked")
+def test_a_second_run_in_a_busy_output_dir_is_refused(data, tmp_path):
+    """While one process trains in OUTPUT, another is refused before it touches anything
+    (here: the first run's checkpoint being written); once the first dies, even by
+    SIGKILL, the directory is free."""
+    out = tmp_path / "run"
+    (out / ".tmp-checkpoint-3").mkdir(parents=True)  # the busy run's save in progress
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from ace.train.lock import run_lock\n"
+         f"with run_lock(Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        trainer = Trainer(load_config(CONFIG, args(data, out, 2)))
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid}\)"):
+            trainer.train()
+        assert (out / ".tmp-checkpoint-3").is_dir() and not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    Trainer(load_config(CONFIG, args(data, out, 2))).train()  # the kernel dropped the lock
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_run_lock_is_refused_within_one_process_too(tmp_path):
+    from ace.train.lock import run_lock
+
+    held, busy = run_lock(tmp_path / "out"), pytest.raises(ValueError, match="another run")
+    with held, busy, run_lock(tmp_path / "out"):
+        pass
+    with run_lock(tmp_path / "out"):  # released on exit
+        pass
+
+
 def test_an_output_dir_holding_a_run_is_refused_without_resume(data, tmp_path):
     """A fresh run there would append to the old rows, overwrite config.json and, resumed
     later, load the old run's optimizer state; a file is no directory either."""

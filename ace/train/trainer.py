@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
 from ace.train.config import Config, to_dict
 from ace.train.data import build_dataset, make_batches
+from ace.train.lock import run_lock
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -478,8 +480,14 @@ class Trainer:
     # ------------------------------------------------------------------------ the loop
 
     def train(self) -> Path:
-        cfg, acc = self.cfg, self.accelerator
+        """Train to ``train.max_steps`` and export; returns OUTPUT/pipeline. The main process
+        holds OUTPUT/.lock meanwhile: a second run in the same directory is refused."""
         self.out.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.out) if self.accelerator.is_main_process else nullcontext():
+            return self._train()
+
+    def _train(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:  # what an interrupted save or export left half-written
             for stale in [*self.out.glob(".tmp-checkpoint-*"), self.out / ".tmp-pipeline"]:
                 shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,54 @@
+"""One run at a time per output directory.
+
+Two training runs in one ``train.output_dir`` (a resume started while the first run still
+trains, or the same command in two terminals) would interleave their metrics rows, delete
+each other's temporary checkpoints and rotate away each other's checkpoints. The main
+process holds an advisory lock on ``OUTPUT/.lock`` for as long as ``Trainer.train`` runs:
+
+    with run_lock(Path("outputs/run")):
+        ...  # a second run_lock on the same directory raises ValueError here
+
+The lock is ``fcntl.flock``: the kernel drops it when the process ends, however it ends
+(a SIGKILL leaves no stale lock behind). Where there is no ``fcntl`` (Windows) nothing is
+locked; network file systems may not honour it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (``out`` is created); ValueError at once if another process, or
+    another ``run_lock`` of this one, holds it. The file keeps the holder's pid, for the
+    message."""
+    if fcntl is None:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(
+                f"train.output_dir {out} is in use by another run (pid {holder}); wait for "
+                "it to finish, or give another train.output_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
