@@ -39,6 +39,9 @@ def main(argv=None) -> int:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 1
     if trainer.accelerator.is_main_process:
+        skipped = trainer.skipped_total
+        if skipped:  # the warnings scroll by with the bar: say it once more at the end
+            print(f"train.py: {skipped} sample(s) skipped as unreadable or too small (warned)")
         print(f"wrote {out}")
     return 0
 

@@ -21,6 +21,7 @@ from ace.lcu import LCU, ConditionUnit
 from ace.pipeline import ACEPipeline
 from ace.train import Trainer, load_config
 from ace.train.trainer import TrainingStopped
+from tests._scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"  # the plumbing config: seconds per run
@@ -319,20 +320,22 @@ def test_train_step_runs_without_train(data, tmp_path):
     assert row["step"] == 1 and math.isfinite(row["loss"]) and not row["skipped_step"]
 
 
-def test_bad_samples_are_skipped_and_counted(data, tmp_path):
+def test_bad_samples_are_skipped_and_counted(data, tmp_path, capsys):
     broken = tmp_path / "broken"
     write_manifest(solid_lcus(8), broken, progress=False)
     first = json.loads((broken / "manifest.jsonl").read_text().splitlines()[0])
     (broken / first["target"]).write_bytes(b"not a png")  # a corrupt image
     second = json.loads((broken / "manifest.jsonl").read_text().splitlines()[1])
     (broken / second["turns"][0]["images"][0]).unlink()  # a missing image
-    trainer = Trainer(load_config(CONFIG, args(broken, tmp_path / "run", 6)))
-    with pytest.warns(UserWarning, match="skipping sample"):
-        trainer.train()
+    with pytest.warns(UserWarning, match="skipping sample"):  # train.py, in-process
+        argv = ["--config", CONFIG, *args(broken, tmp_path / "run", 6)]
+        code, out, _ = run_script(ROOT / "scripts" / "train.py", argv, capsys)
     rows = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows[-1]["skipped_samples"] >= 2 and len(rows) == 6
+    # ... and said once more at the end, after the bar
+    assert code == 0 and f"{rows[-1]['skipped_samples']} sample(s) skipped" in out, out
 
 
 def test_a_rank_whose_whole_batch_fails_skips_the_step_and_goes_on(tmp_path):
