@@ -461,6 +461,25 @@ def test_bad_config_names_the_key(data, overrides, message):
         load_config(CONFIG, [f"data.manifest={data}", *overrides])
 
 
+def test_a_resume_on_changed_records_is_warned(data, tmp_path):
+    """The same records resume silently; edited ones warn that the order is not exact."""
+    import warnings
+
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    out = tmp_path / "run"
+    Trainer(load_config(CONFIG, args(own, out, 3, "train.checkpoint_every=3"))).train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Trainer(load_config(CONFIG, [*args(own, out, 4), "train.resume=latest"])).train()
+    assert not [w for w in seen if "records differ" in str(w.message)]
+    manifest = own / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:-1]) + "\n")  # one record fewer
+    with pytest.warns(UserWarning, match=r"records differ .* \(16 records then, 15 now\)"):
+        Trainer(load_config(CONFIG, [*args(own, out, 5), "train.resume=latest"])).train()
+
+
 def test_mixed_precision_no_survives_yaml(data, tmp_path):
     """YAML 1.1 reads a bare no as False: train.mixed_precision=no (the documented value)
     and ``mixed_precision: no`` in a file both mean no mixed precision."""

@@ -12,12 +12,25 @@ takes exactly what the uninterrupted run took.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ace.train.config import DataConfig
+
+
+def records_digest(dataset) -> str:
+    """A digest of a manifest's records (their order and content, not the image files): a
+    checkpoint keeps it, and a resume on other records is warned that its sample order is
+    not the uninterrupted run's."""
+    h = hashlib.sha256()
+    for record in dataset.records:
+        h.update(json.dumps(record, sort_keys=True).encode())
+        h.update(b"\n")
+    return f"{len(dataset.records)}:{h.hexdigest()[:16]}"
 
 
 def build_dataset(cfg: DataConfig, accelerator=None):

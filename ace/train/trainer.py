@@ -40,7 +40,7 @@ from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
 from ace.train.config import Config, to_dict
-from ace.train.data import build_dataset, make_batches
+from ace.train.data import build_dataset, make_batches, records_digest
 from ace.train.lock import run_lock
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -285,6 +285,7 @@ class Trainer:
             if cfg.data.manifest and not cfg.data.shards
             else None
         )
+        self.data_digest = records_digest(dataset) if dataset is not None else None
         tokenizer, text_encoder, vae, transformer = build_components(cfg, self.accelerator, dataset)
         self.tokenizer = tokenizer
         device = self.accelerator.device
@@ -571,6 +572,7 @@ class Trainer:
             state = {"step": self.step, "nonfinite": self.nonfinite, "skipped": skipped}
             state["tokenizer"] = tokenizer_digest(self.conditioner.tokenizer)
             state["world_size"] = acc.num_processes
+            state["data"] = self.data_digest  # the manifest's records (shards: the stream's)
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             self._remove_checkpoint(self.step)
             os.replace(tmp, final)
@@ -637,6 +639,14 @@ class Trainer:
                 f"train.resume: {path} was trained on {world} processes, this run has "
                 f"{self.accelerator.num_processes}; resume on {world}, or start a new "
                 "train.output_dir"
+            )
+        then = state.get("data")
+        if then is not None and self.data_digest is not None and then != self.data_digest:
+            warnings.warn(  # extending a dataset is legitimate; only exactness is lost
+                f"train.resume: the manifest's records differ from those {path} was trained "
+                f"on ({then.split(':')[0]} records then, {self.data_digest.split(':')[0]} now): "
+                "the resumed run will not see the samples an uninterrupted run would have",
+                stacklevel=2,
             )
         if self.accelerator.distributed_type == DistributedType.FSDP:
             self._materialise_optimizer_state()
