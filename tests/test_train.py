@@ -461,6 +461,23 @@ def test_bad_config_names_the_key(data, overrides, message):
         load_config(CONFIG, [f"data.manifest={data}", *overrides])
 
 
+def test_toy_n_against_an_existing_manifest_of_another_size_is_warned(data):
+    """data.toy_n makes a manifest only where there is none: one already there of another
+    size is trained on, and said so."""
+    import warnings
+
+    from ace.train.config import DataConfig
+    from ace.train.data import build_dataset
+
+    with pytest.warns(UserWarning, match=r"data\.toy_n=8, but .* already holds 16 LCUs"):
+        assert len(build_dataset(DataConfig(manifest=str(data), toy_n=8))) == 16
+    for toy_n in (0, 16):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            build_dataset(DataConfig(manifest=str(data), toy_n=toy_n))
+        assert not [w for w in seen if "toy_n" in str(w.message)]
+
+
 def test_a_resume_on_changed_records_is_warned(data, tmp_path):
     """The same records resume silently; edited ones warn that the order is not exact."""
     import warnings

@@ -61,7 +61,14 @@ def build_dataset(cfg: DataConfig, accelerator=None):
         raise ValueError(
             f"data.manifest: no manifest at {manifest} (set data.toy_n to generate a toy split)"
         )
-    return LCUManifest(manifest)
+    dataset = LCUManifest(manifest)
+    if cfg.toy_n > 0 and len(dataset) != cfg.toy_n and is_main:
+        warnings.warn(  # toy_n makes a manifest only where there is none
+            f"data.toy_n={cfg.toy_n}, but {manifest} already holds {len(dataset)} LCUs; "
+            "training on those (delete it, or give a new data.manifest, to make a new toy split)",
+            stacklevel=2,
+        )
+    return dataset
 
 
 def global_batch_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
