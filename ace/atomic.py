@@ -1,6 +1,11 @@
 """Atomic file writes: a file appears whole or not at all.
 
 atomic_write(Path("report.json"), lambda tmp: Path(tmp).write_text(text))
+
+A rename is atomic against a process that dies; against a machine that goes down, the
+renamed file's data may not have reached the disk yet. What must survive that too (the
+trainer's checkpoints and export) is flushed first: ``fsync_tree(tmp)``, the rename, then
+``fsync_dir(parent)``.
 """
 
 from __future__ import annotations
@@ -56,3 +61,31 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush ``path`` to disk: a file, or a directory with every file and directory under
+    it (directories too, so that their entries are durable)."""
+    path = Path(path)
+    if path.is_file():
+        _fsync(path, os.O_RDONLY)
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(Path(root) / name, os.O_RDONLY)
+        fsync_dir(root)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename in it) to disk; a no-op where directories
+    cannot be opened (Windows)."""
+    if os.name != "nt":
+        _fsync(Path(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -549,6 +549,27 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(data, tmp_path):
     assert (out / "pipeline" / "model_index.json").is_file()
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_checkpoints_and_the_export_reach_the_disk_before_their_rename(data, tmp_path, monkeypatch):
+    """A machine that goes down after a rename may keep the name but not the data: every
+    file of a checkpoint (and of the pipeline) is fsynced under its temporary name, and the
+    output directory after the rename."""
+    synced = []
+
+    def fsync(fd, real=os.fsync):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = (tmp_path / "run").resolve()
+    Trainer(load_config(CONFIG, args(data, out, 2, "train.checkpoint_every=2"))).train()
+    for final, tmp in [("checkpoint-2", ".tmp-checkpoint-2"), ("pipeline", ".tmp-pipeline")]:
+        files = {p.relative_to(out / final) for p in (out / final).rglob("*") if p.is_file()}
+        flushed = {Path(s).relative_to(out / tmp) for s in synced if s.startswith(f"{out / tmp}/")}
+        assert files and files <= flushed, files - flushed
+    assert str(out) in synced[synced.index(str(out / ".tmp-pipeline")) :]  # the rename, after
+
+
 def test_a_run_lock_is_refused_within_one_process_too(tmp_path):
     from ace.train.lock import run_lock
 

@@ -34,7 +34,7 @@ from accelerate.utils import DistributedType, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ace.atomic import atomic_write, nearest_existing
+from ace.atomic import atomic_write, fsync_dir, fsync_tree, nearest_existing
 from ace.conditioning import ConditionTokenizer, resize_budget
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
@@ -574,8 +574,10 @@ class Trainer:
             state["world_size"] = acc.num_processes
             state["data"] = self.data_digest  # the manifest's records (shards: the stream's)
             (tmp / "trainer_state.json").write_text(json.dumps(state))
+            fsync_tree(tmp)  # on disk before its name says it is complete
             self._remove_checkpoint(self.step)
             os.replace(tmp, final)
+            fsync_dir(self.out)
             others = sorted(s for s in self.checkpoints() if s != self.step)
             for old in others[: max(0, len(others) - (self.cfg.train.keep_last - 1))]:
                 self._remove_checkpoint(old)
@@ -723,8 +725,10 @@ class Trainer:
             tmp = self.out / ".tmp-pipeline"
             shutil.rmtree(tmp, ignore_errors=True)
             pipe.save_pretrained(tmp)
+            fsync_tree(tmp)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
+            fsync_dir(self.out)
         if self.ema is not None:  # after saving: the state dict shares the parameters' storage
             self.ema.restore(model.parameters())
         acc.wait_for_everyone()
