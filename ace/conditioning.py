@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import math
 import re
+import warnings
 from typing import Any
 
 import ftfy
@@ -144,10 +145,12 @@ def preprocess_mask(
 ) -> torch.Tensor:
     """Mask at its image's original size -> float32 (1, H', W') of 0/1 at ``size`` (H', W').
 
-    ``mask``: PIL "L" (set where > 128) or "1", or a tensor (1, H, W) / (H, W) that is
-    bool, integer 0-255 (set where > 128), integer 0/1 (an integer mask whose maximum is
-    1: set where 1) or float in [0, 1] (set where > 128/255). Cropped like its image,
-    resized nearest-exact. None or an all-zero result gives all ones. ``image_size``, if
+    ``mask``: PIL "L" or "1", or a tensor (1, H, W) / (H, W) that is bool, integer or
+    float in [0, 1]. Integer and "L" masks are 0-255 (set where > 128, the released rule)
+    unless their maximum is 1: a 0/1 mask (what saving a numpy 0/1 array gives), set where
+    1, which the released rule would read as empty. Floats are set where > 128/255.
+    Cropped like its image, resized nearest-exact. None or an all-zero result gives all
+    ones (warned when the mask did mark pixels, all at 128 or below). ``image_size``, if
     given, is the image's original (H, W).
     """
     if not (
@@ -169,18 +172,30 @@ def preprocess_mask(
         )
     top, left, ch, cw = _crop_box(height, width)
     if is_pil:
-        pil = mask.convert("L").crop((left, top, left + cw, top + ch))  # mode "1" -> 0 / 255
+        pil = mask.convert("L")  # mode "1" -> 0 / 255
+        marked = pil.getextrema()[1]  # the largest value: 1 for a 0/1 mask (a saved numpy 0/1)
+        pil = pil.crop((left, top, left + cw, top + ch))
         pil = pil.resize((w_out, h_out), Image.Resampling.NEAREST)  # PIL nearest == nearest-exact
-        out = torch.from_numpy(np.asarray(pil) > MASK_THRESHOLD)[None].float()  # (1, H', W')
+        threshold = 0 if marked == 1 else MASK_THRESHOLD
+        out = torch.from_numpy(np.asarray(pil) > threshold)[None].float()  # (1, H', W')
     else:
         m = mask.reshape(1, height, width)[:, top : top + ch, left : left + cw]
+        marked = float(mask.max()) if mask.numel() else 0.0
         if m.is_floating_point():
             _check_unit_range(m, "float mask (use an integer tensor for 0-255)")
             m = m > MASK_THRESHOLD / 255
         elif m.dtype != torch.bool:  # integer: 0/1 when its maximum is 1, else 0-255
-            m = m > (0 if mask.numel() and mask.max() == 1 else MASK_THRESHOLD)
+            m = m > (0 if marked == 1 else MASK_THRESHOLD)
         out = F.interpolate(m[None].float(), size=(h_out, w_out), mode="nearest-exact")[0]
-    return out if out.any() else torch.ones_like(out)
+    if out.any():
+        return out
+    if marked:  # the released rule below, on a mask that does mark something: say so
+        warnings.warn(
+            "a mask marks pixels, but none above 128 of 255 (after the crop and resize): it "
+            "is read as no mask, the whole image; mark the region to edit in white",
+            stacklevel=2,
+        )
+    return torch.ones_like(out)
 
 
 def fill_masked(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--task",
         default="",
+        choices=("", "inpainting"),
+        metavar="TASK",
         help="'inpainting' sets the masked pixels of the inputs to -1 first, as the released "
         "inpainting requests do (default: none; masks only mark the region to edit)",
     )
@@ -92,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_image(path: str | Path, mode: str):
+    from PIL import Image
+
     from ace.images import open_image
 
     path = Path(path)
@@ -99,8 +103,29 @@ def load_image(path: str | Path, mode: str):
         raise UserError(f"image not found: {path}")
     try:
         return open_image(path, mode)  # upright (EXIF), 16-bit scaled to 8
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:  # the latter: PIL's size guard
         raise UserError(f"cannot read image {path}: {e}") from e
+
+
+def load_mask(path: str | Path):
+    """A mask file as greyscale ("L"). One in colour or with transparency is refused: it
+    would be read by its grey value (a red brush stroke is 76, at or below the threshold
+    of 128, so no mask, the whole image), and its transparency dropped."""
+    import numpy as np
+
+    rgba = np.asarray(load_image(path, "RGBA"))  # (H, W, 4)
+    if rgba.size and (rgba[..., 3] < 255).any():
+        raise UserError(
+            f"mask {path} has transparency; give a greyscale mask: white (> 128) marks the "
+            "region to edit, black the rest"
+        )
+    rgb = rgba[..., :3].astype(np.int16)
+    if rgb.size and (rgb.max(-1) - rgb.min(-1)).max() > 16:  # JPEG noise aside
+        raise UserError(
+            f"mask {path} is in colour; give a greyscale mask: white (> 128) marks the "
+            "region to edit, black the rest"
+        )
+    return load_image(path, "L")
 
 
 def _paths(turn: dict, key: str, i: int, nulls: bool) -> list:
@@ -123,8 +148,8 @@ def load_history(path: str) -> list:
     if not file.is_file():
         raise UserError(f"history file not found: {file}")
     try:
-        turns = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        turns = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"history file {file} is not valid JSON: {e}") from e
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         raise UserError(f"history file {file} must hold a list of turns (objects)")
@@ -139,7 +164,7 @@ def load_history(path: str) -> list:
         masks = None  # "masks": null or absent -> no masks
         if turn.get("masks") is not None:
             masks = _paths(turn, "masks", i, True)
-            masks = [None if m is None else load_image(file.parent / m, "L") for m in masks]
+            masks = [None if m is None else load_mask(file.parent / m) for m in masks]
         try:  # checked here, before the pipeline loads: counts, sizes, references
             out.append(ConditionUnit(turn["instruction"], images, masks))
         except ValueError as e:
@@ -171,7 +196,12 @@ def run(args: argparse.Namespace) -> Path:
         )
     device = pick_device(args.device)
     images = [load_image(p, "RGB") for p in args.image]
-    masks = [None if m.lower() == "none" else load_image(m, "L") for m in args.mask] or None
+    masks = [None if m.lower() == "none" else load_mask(m) for m in args.mask] or None
+    if args.task == "inpainting" and images and not any(m is not None for m in masks or []):
+        raise UserError(
+            "--task inpainting needs a --mask: without one the whole input is filled with "
+            "-1 first, and the output ignores it"
+        )
     history = load_history(args.history) if args.history else None
     steps = args.steps
     try:  # the request and its settings, checked before the (slow) pipeline load
@@ -182,7 +212,10 @@ def run(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise UserError(str(e)) from e
 
-    pipe = ACEPipeline.from_pretrained(args.pipeline).to(device)
+    try:
+        pipe = ACEPipeline.from_pretrained(args.pipeline).to(device)
+    except (OSError, ValueError) as e:  # a missing or broken component
+        raise UserError(f"--pipeline {args.pipeline}: {str(e).splitlines()[0]}") from e
     steps = steps if steps is not None else pipe.config.default_steps
     try:
         result = pipe(

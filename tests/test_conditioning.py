@@ -180,7 +180,8 @@ def test_preprocess_mask_binarises_above_128():
     assert torch.equal(preprocess_mask(torch.from_numpy(a)[None] / 255, (32, 32)), m)
     assert torch.equal(preprocess_mask(torch.from_numpy(a > 128), (32, 32)), m)
     assert torch.equal(preprocess_mask(Image.fromarray(a > 128).convert("1"), (32, 32)), m)
-    assert preprocess_mask(torch.tensor([[0.5]]), (1, 1)).item() == 1  # all zero -> ones
+    with pytest.warns(UserWarning, match="none above 128"):  # all zero -> ones, said
+        assert preprocess_mask(torch.tensor([[0.5]]), (1, 1)).item() == 1
     assert preprocess_mask(torch.tensor([[0.5, 0.51]]), (1, 2)).tolist() == [[[0.0, 1.0]]]
 
 
@@ -198,14 +199,26 @@ def test_preprocess_mask_integer_zero_one_is_read_as_zero_one():
     want = torch.zeros(1, 32, 32)
     want[0, 0, 1] = 1
     assert torch.equal(preprocess_mask(torch.from_numpy(b), (32, 32)), want)
-    # PIL "L" with 0/1 values is still 0-255: all below 128 -> whole image
-    assert torch.equal(preprocess_mask(Image.fromarray(a), (32, 32)), torch.ones(1, 32, 32))
+    # and so is PIL "L" (a numpy 0/1 array saved as PNG); the released rule read it as empty
+    assert torch.equal(preprocess_mask(Image.fromarray(a), (32, 32)), expected)
+    assert torch.equal(preprocess_mask(Image.fromarray(b), (32, 32)), want)
 
 
 def test_preprocess_mask_all_zero_or_none_is_all_ones():
+    """The released rule; a mask that marks pixels, none above 128 (a red brush stroke is
+    76 in grey), is warned about, since the whole image is almost never what was meant."""
+    import warnings
+
     ones = torch.ones(1, 16, 24)
-    assert torch.equal(preprocess_mask(Image.new("L", (30, 20), 128), (16, 24)), ones)
-    assert torch.equal(preprocess_mask(None, (16, 24)), ones)
+    with pytest.warns(UserWarning, match=r"none above 128 .* the whole image"):
+        assert torch.equal(preprocess_mask(Image.new("L", (30, 20), 128), (16, 24)), ones)
+    with pytest.warns(UserWarning, match="none above 128"):
+        red = Image.new("RGB", (30, 20), (220, 40, 40)).convert("L")
+        assert torch.equal(preprocess_mask(red, (16, 24)), ones)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing marked: the released "no mask", silently
+        assert torch.equal(preprocess_mask(Image.new("L", (30, 20), 0), (16, 24)), ones)
+        assert torch.equal(preprocess_mask(None, (16, 24)), ones)
 
 
 def test_preprocess_mask_cropped_like_image_and_pil_equals_tensor():

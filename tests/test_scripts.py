@@ -4,6 +4,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -147,6 +148,14 @@ def test_infer_checks_output_and_size_before_loading_the_pipeline(tmp_path, caps
     m = save_image(tmp_path / "m.png", 16, 16, mode="L")
     (tmp_path / "file").write_text("")
     out = ["--output", tmp_path / "o.png"]
+    red = tmp_path / "red.png"  # a red brush stroke: grey 76, at or below the threshold
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(red)
+    alpha = tmp_path / "alpha.png"  # the transparent part meant as the region
+    Image.new("RGBA", (32, 32), (255, 255, 255, 0)).save(alpha)
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n")  # a PNG named as the history
+    big = save_image(tmp_path / "big.png", 64, 64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's size guard: > 2x is an error
     for extra, message in [
         (["--height", 50, "--width", 64, *out], "height must be a positive int multiple of 16"),
         (["--steps", 0, *out], "num_inference_steps must be an int >= 1, got 0"),
@@ -156,10 +165,20 @@ def test_infer_checks_output_and_size_before_loading_the_pipeline(tmp_path, caps
         (["--instruction", "{image2}", "--image", a, "--image", a, *out], r"\{image2\}"),
         (["--instruction", "edit {image}", "--image", a, "--mask", m, *out], "differs"),
         (["--output", tmp_path / "file" / "o.png"], "is a file, not a directory"),
+        # masks that would silently become "the whole image", and typos of the task
+        (["--instruction", "edit {image}", "--image", a, "--mask", red, *out], "is in colour"),
+        (["--instruction", "edit {image}", "--image", a, "--mask", alpha, *out], "transparency"),
+        (["--task", "inpaint", *out], "invalid choice: 'inpaint'"),
+        (
+            ["--instruction", "fill {image}", "--image", a, "--task", "inpainting", *out],
+            "needs a --mask",
+        ),
+        (["--history", binary, *out], "is not valid JSON"),
+        (["--instruction", "edit {image}", "--image", big, *out], "cannot read image .*big.png"),
     ]:
         code, _, err = script("infer.py", [*base, *extra], capsys)
         assert code == 2 and err.count("\n") == 1 and re.search(message, err), (extra, err)
-    names = ["a.png", "file", "m.png", "model_index.json", "x.png"]
+    names = ["a.png", "alpha.png", "big.png", "bin.json", "file", "m.png", "model_index.json", "red.png", "x.png"]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == names  # nothing written
 
 
@@ -184,9 +203,17 @@ def test_infer_task_inpainting_is_the_pipelines(pipe_dir, tmp_path, capsys):
     assert not np.array_equal(got["inpainting"], got[""])
 
 
-def test_infer_rejects_a_directory_that_is_not_a_pipeline(tmp_path, capsys):
+def test_infer_rejects_a_directory_that_is_not_a_pipeline(pipe_dir, tmp_path, capsys):
     code, _, err = script("infer.py", ["--pipeline", tmp_path, "--instruction", "x", "--output", tmp_path / "o.png"], capsys)  # fmt: skip
     assert code == 2 and "not an ACEPipeline directory" in err
+    shutil.copytree(pipe_dir, tmp_path / "broken")
+    for weights in (tmp_path / "broken" / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    argv = ["--pipeline", tmp_path / "broken", "--instruction", "x", "--output", tmp_path / "o.png"]
+    code, _, err = script("infer.py", argv, capsys)
+    last = err.splitlines()[-1]  # after the loading bars
+    assert code == 2 and last.startswith(f"infer.py: error: --pipeline {tmp_path / 'broken'}: ")
+    assert "Traceback" not in err, err
 
 
 # ------------------------------------------------------------------------ convert_official.py
