@@ -43,7 +43,12 @@ from ace.models.cuda_graph import GraphCache, GraphedForward, layout_key
 # diffusers loads a component only from a module that is already imported
 from ace.models.transformer import ACETransformer  # noqa: F401
 from ace.packing import PackedBatch, patchify
-from ace.request import PreparedLCU, check_inputs, prepare_lcu  # noqa: F401 (public here too)
+from ace.request import (  # noqa: F401 (public here too)
+    PreparedLCU,
+    check_inputs,
+    prepare_lcu,
+    unconditional_texts,
+)
 
 if TYPE_CHECKING:
     from ace.chat import ChatSession
@@ -262,12 +267,8 @@ class ACEPipeline(DiffusionPipeline):
         states = conditioner.encode_text([*turns, negative_prompt] if cfg else turns)
         frame_turns = lcu.frame_turns()
         texts = [[states[i] for i in frame_turns]]
-        if cfg:  # released: the negative prompt replaces the LAST entry of the per-image
-            # prompt list, so it reaches the last frame and the target (which reads that
-            # entry); the other frames of a multi-image turn keep their instruction
-            uncond = [states[i] for i in frame_turns]
-            uncond[0] = uncond[-1] = states[-1]
-            texts.append(uncond)
+        if cfg:  # the negative prompt for the target and the last frame (released)
+            texts.append(unconditional_texts(texts[0], states[-1]))
         cond_latents = (
             conditioner.encode_images(prepared.images, generator=generator)
             if prepared.images

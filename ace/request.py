@@ -14,6 +14,7 @@ Shapes: (H, W) pixel size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,8 +24,25 @@ from ace.conditioning import fill_masked, preprocess_image, preprocess_mask
 from ace.diffusion import check_guidance
 from ace.lcu import LCU
 
+T = TypeVar("T")
+
 INPAINTING_TASKS = ("inpainting", "Inpainting", "Try On")
 """Task tags whose current-turn images are blanked where masked (the released list)."""
+
+
+def unconditional_texts(frame_texts: list[T], empty: T) -> list[T]:
+    """The per-frame texts of classifier-free guidance's unconditional half, from the
+    conditional ones: the released sampler puts the negative prompt in place of the LAST
+    entry of its per-image prompt list, which the last frame and the target (frame 0) read;
+    every other frame keeps its own instruction. Training drops conditions the same way
+    (``empty``: the empty prompt), so the model learns the input guidance will give it.
+
+    >>> unconditional_texts(["edit", "old turn", "edit", "edit"], "")
+    ['', 'old turn', 'edit', '']
+    """
+    out = list(frame_texts)
+    out[0] = out[-1] = empty
+    return out
 
 
 def _is_int(x) -> bool:

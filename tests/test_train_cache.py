@@ -65,6 +65,35 @@ def test_cached_batches_equal_the_encoders(manifest, cache, parts, seed):
         )
 
 
+def test_dropout_trains_the_texts_guidance_gives(parts, tmp_path):
+    """A dropped LCU reads what the sampler's unconditional half feeds: the empty prompt on
+    the target and the last frame, every other frame its own turn's instruction. Frames
+    [target, history image, current image 1, current image 2] read, by hand,
+    ["", history, current, ""]; with no current image [target, history image]: ["", ""]."""
+    from PIL import Image
+
+    from ace.lcu import LCU, ConditionUnit
+
+    conditioner, _ = parts
+    empty = conditioner.encode_text([""])[0].shape[0]
+
+    def im(c):
+        return Image.new("RGB", (32, 32), (c, 0, 0))
+
+    old = [ConditionUnit("make {image} very red", [im(3)])]
+    two = LCU(ConditionUnit("put {image1} beside {image}", [im(1), im(2)]), old, target=im(4))
+    none = LCU(ConditionUnit("now blue"), old, target=im(4))
+    write_manifest([two, none], tmp_path / "data", progress=False)
+    data = LCUManifest(tmp_path / "data")
+    built = build_cache(data, conditioner, tmp_path / "emb", MAX_SEQ_LEN, progress=False)
+    kept = batch([data[0], data[1]], parts, seed=0, dropout=0.0).packed.text_lengths
+    (cur, hist, cur1, cur2), (now, hist2) = kept
+    assert cur == cur1 == cur2 and hist == hist2 and len({cur, hist, now, empty}) == 4
+    for items in ([data[0], data[1]], [built[0], built[1]]):
+        got = batch(items, parts, seed=0, dropout=1.0).packed.text_lengths
+        assert got == [[empty, hist, cur, empty], [empty, empty]], got
+
+
 def test_cache_layout_and_every_sample(cache, manifest):
     info = json.loads((cache.root / "cache.json").read_text())
     assert info["num_shards"] == 3 and len(cache) == len(manifest) == 10

@@ -19,7 +19,7 @@ from torch import Tensor
 from ace.conditioning import ConditionTokenizer, downsample_mask, preprocess_image, preprocess_mask
 from ace.lcu import LCU
 from ace.packing import PackedBatch
-from ace.request import prepare_lcu
+from ace.request import prepare_lcu, unconditional_texts
 
 
 @dataclass
@@ -84,13 +84,15 @@ def encode_batch(
         if getattr(lcu, "target", None) is None:
             raise ValueError(f"training LCU {i} has no target")
         items.append(prepare_training_lcu(lcu, max_seq_len))
-    all_prompts, prompt_index = [], []
+    all_prompts, prompt_index, dropped = [], [], []
     for item in items:
-        turns = list(item.turns)
-        if _drop(generator, cond_dropout):
-            turns[-1] = ""  # drop the current instruction, as the unconditional half sees it
         prompt_index.append([len(all_prompts) + t for t in item.frame_turns])
-        all_prompts.extend(turns)
+        all_prompts.extend(item.turns)
+        dropped.append(_drop(generator, cond_dropout))
+    if any(dropped):  # one empty prompt, read as the unconditional half reads it
+        all_prompts.append("")
+        for i in (i for i, d in enumerate(dropped) if d):
+            prompt_index[i] = unconditional_texts(prompt_index[i], len(all_prompts) - 1)
     states = conditioner.encode_text(all_prompts)
     texts = [[states[j].to(device) for j in idx] for idx in prompt_index]
     flat = [x for item in items for x in item.frames]
@@ -102,17 +104,18 @@ def encode_batch(
 
 
 def _drop(generator: torch.Generator, cond_dropout: float) -> bool:
-    """One draw per LCU, in batch order: drop its current instruction?"""
+    """One draw per LCU, in batch order: train it on the unconditional half's texts
+    (``request.unconditional_texts``)?"""
     return torch.rand((), generator=generator).item() < cond_dropout
 
 
 def _encode_cached(items, conditioner, model, cond_dropout, generator, device, dtype):
     texts = []
     for item in items:
-        turns = list(item.texts)
+        frame_texts = [item.texts[t] for t in item.frame_turns]
         if _drop(generator, cond_dropout):
-            turns[-1] = item.empty_text
-        texts.append([turns[t].to(device) for t in item.frame_turns])
+            frame_texts = unconditional_texts(frame_texts, item.empty_text)
+        texts.append([t.to(device) for t in frame_texts])
     flat = [(m, s) for item in items for m, s in zip(item.means, item.stds)]
     latents = iter(conditioner.sample_latents(flat, generator=generator))
     lat = [[next(latents).to(device, dtype) for _ in item.means] for item in items]

@@ -80,7 +80,9 @@ class DataConfig:
     1024 at 512 px); default: what fits the model's rope_max_len tokens (the same for the
     released geometry, 64 for the toy VAE's 8 px tokens: 128 px)."""
     cond_dropout: float = 0.1
-    """Probability of replacing the current instruction with "" (for classifier-free guidance)."""
+    """Probability of training an LCU on classifier-free guidance's unconditional texts: ""
+    for the target and the last frame, as the sampler's unconditional half reads them
+    (``ace.request.unconditional_texts``)."""
     cache: str | None = None
     """A directory for the embedding cache (ace.train.cache): T5 states and VAE posteriors of
     the manifest, built there on first use and read instead of running the encoders."""
