@@ -716,6 +716,24 @@ def test_tensorboard_tracker_receives_the_logged_rows(data, tmp_path):
     assert loss == pytest.approx(losses(out), rel=1e-6)
 
 
+def test_fine_tuning_keeps_the_pretrained_objective(data, tmp_path):
+    """model.pretrained starts from a pipeline's weights; training it on another objective
+    (the default ddpm-eps for a flow model) is refused before any work, and the matching
+    one fine-tunes and exports the same kind of scheduler."""
+    flow = ["objective.name=rectified-flow", "objective.shift=3.0"]
+    first = tmp_path / "first"
+    Trainer(load_config(CONFIG, args(data, first, 1, *flow))).train()
+    tune = [f"model.pretrained={first / 'pipeline'}"]
+    for wrong in ([], ["objective.name=rectified-flow"]):  # ddpm-eps; flow at shift 1
+        with pytest.raises(ValueError, match=r"objective.name=rectified-flow objective.shift=3.0"):
+            Trainer(load_config(CONFIG, args(data, tmp_path / "wrong", 1, *tune, *wrong)))
+    assert not (tmp_path / "wrong").exists()
+    Trainer(load_config(CONFIG, args(data, tmp_path / "tuned", 1, *tune, *flow))).train()
+    pipe = ACEPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.scheduler.config.shift == 3.0
+
+
 def test_ema_weights_are_exported(data, tmp_path):
     out = tmp_path / "ema"
     trainer = Trainer(

@@ -95,6 +95,7 @@ def check_model_dirs(cfg: Config) -> None:
                 "model_index.json); convert the release first (scripts/convert_official.py), "
                 "or set model.pretrained=null to train from scratch"
             )
+        check_pretrained_objective(cfg)
         return
     if m.vae != "tiny" and not Path(m.vae).is_dir():
         raise ValueError(
@@ -105,6 +106,36 @@ def check_model_dirs(cfg: Config) -> None:
         raise ValueError(
             f"model.text_encoder: {m.text_encoder} is not tiny, words or a T5 directory "
             "(a transformers T5 encoder with its tokenizer)"
+        )
+
+
+def config_objective(cfg: Config):
+    """The ``Objective`` the config trains."""
+    o = cfg.objective
+    return make_objective(o.name, **({"shift": o.shift} if o.name == "rectified-flow" else {}))
+
+
+def check_pretrained_objective(cfg: Config) -> None:
+    """ValueError unless the config trains the objective ``model.pretrained``'s scheduler
+    samples: fine-tuning a flow model on epsilon targets (the default objective) would run,
+    and export it with a DDIM scheduler."""
+    import diffusers
+
+    from ace.diffusion import objective_for_scheduler
+
+    folder = Path(cfg.model.pretrained) / "scheduler"
+    try:
+        name = json.loads((folder / "scheduler_config.json").read_text())["_class_name"]
+        scheduler = getattr(diffusers, name).from_pretrained(folder)
+        theirs = objective_for_scheduler(scheduler)
+    except (OSError, KeyError, AttributeError, ValueError) as e:
+        raise ValueError(f"model.pretrained: cannot read its scheduler in {folder}: {e}") from e
+    ours = config_objective(cfg)
+    if theirs != ours:
+        shift = f" objective.shift={theirs.shift}" if theirs.name == "rectified-flow" else ""
+        raise ValueError(
+            f"model.pretrained {cfg.model.pretrained} samples {theirs} but this config trains "
+            f"{ours}; train it as it was trained (objective.name={theirs.name}{shift})"
         )
 
 
@@ -292,10 +323,7 @@ class Trainer:
         self.conditioner = ConditionTokenizer(tokenizer, text_encoder.to(device), vae.to(device))
         with torch.no_grad():  # the image indicator embeddings: fixed, as T5 is frozen
             self.indicators = self.conditioner.indicator_table().to(device)
-        self.objective = make_objective(
-            cfg.objective.name,
-            **({"shift": cfg.objective.shift} if cfg.objective.name == "rectified-flow" else {}),
-        )
+        self.objective = config_objective(cfg)
         token_px = self.conditioner.vae_factor * transformer.config.patch_size  # 16, or 8 (toy)
         self.max_seq_len = cfg.data.max_seq_len or resize_budget(
             transformer.config.rope_max_len,
