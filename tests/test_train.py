@@ -794,6 +794,26 @@ def test_token_budget_counts_the_vaes_own_token_size(data, tmp_path, mode):
     assert len(rows) == 4 and all(64 <= r["tokens"] <= 200 for r in rows), rows
 
 
+@pytest.mark.parametrize("extra", [["data.max_tokens=64"], ["data.batch_size=2"]])
+def test_an_accumulated_step_is_the_mean_over_its_samples(data, tmp_path, extra):
+    """With token budgets, micro-batches hold different numbers of samples: the window's
+    gradient is still that of the mean loss over all its samples, as one big batch would
+    give (reference: the per-sample mean rebuilt from the same micro-batches and draws)."""
+    cfg = load_config(CONFIG, args(data, tmp_path / "run", 1, "train.grad_accum=2", "optim.grad_clip=0", *extra))  # fmt: skip
+    trainer = Trainer(cfg)
+    params = list(trainer.unwrapped.parameters())
+    got = []
+    trainer.optimizer.step = lambda *a, **k: got.append([p.grad.clone() for p in params])
+    trainer.train_step()  # the optimizer "steps" by recording the gradient: weights unchanged
+    means, counts = zip(*[trainer.forward_loss(k)[::2] for k in (0, 1)])
+    if extra[0].startswith("data.max_tokens"):
+        assert counts[0] != counts[1], counts  # the case that matters
+    total = sum(m * n for m, n in zip(means, counts)) / sum(counts)
+    reference = torch.autograd.grad(total, params)
+    for g, r in zip(got[0], reference):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
 BUDGET = "data.max_tokens=40"
 
 

@@ -377,6 +377,7 @@ class Trainer:
         self.skipped_before, self.skipped_since, self._skipped_here = 0, 0, 0
         self.unloaded = 0  # micro-batches in a row with a rank that loaded none of its batch
         self.window_finite = True  # no non-finite loss since the last optimizer step
+        self.window_samples = 0.0  # samples of the window so far, every rank's
 
     @property
     def unwrapped(self):
@@ -424,18 +425,22 @@ class Trainer:
     def micro_step(self, index: int) -> tuple[float, float, float, bool]:
         """Forward and backward of micro-batch ``index``; the optimizer steps at the end of
         each accumulation window whose every micro-batch had a finite loss on every rank.
-        Returns the summed loss, tokens and samples over the ranks, and whether every rank
-        loaded its batch and had a finite loss."""
+        Returns the loss summed over the samples, the tokens and the samples, each over the
+        ranks, and whether every rank loaded its batch and had a finite loss."""
         acc, cfg = self.accelerator, self.cfg
         with acc.accumulate(self.model):
             loss, tokens, samples = self.forward_loss(index)
             # backward runs whatever the loss, so that the step's one host sync (below) comes
             # after forward and backward are queued, not between them; a non-finite loss
-            # only makes non-finite gradients, which the skip below throws away
-            acc.backward(loss)
-            # one small all-reduce per step: the mean loss for the log, the batch size, and
-            # whether EVERY rank's loss is finite (all ranks must skip a step together)
-            loss = loss.detach().float()
+            # only makes non-finite gradients, which the skip below throws away. Weighted by
+            # the micro-batch's samples (a full fixed-size batch: 1), and the window's
+            # gradient rescaled below, every sample of the window counts the same however
+            # token budgets, failed loads and ranks split it
+            acc.backward(loss * (samples / cfg.data.batch_size))
+            # one small all-reduce per step: the loss summed over samples for the log, the
+            # batch size, and whether EVERY rank's loss is finite (all ranks must skip a step
+            # together)
+            loss = loss.detach().float() * samples
             n_tokens, n_samples = loss.new_full((), tokens), loss.new_full((), samples)
             loaded = loss.new_full((), float(samples > 0))
             skipped = loss.new_full((), float(self.batches.skipped - self._skipped_here))
@@ -450,8 +455,17 @@ class Trainer:
             loaded = int(n_loaded) == acc.num_processes
             # with gradient accumulation, one skipped micro-batch spoils its whole window
             self.window_finite = self.window_finite and finite and loaded
+            self.window_samples += samples
             stepped = acc.sync_gradients and self.window_finite
             if stepped:
+                # accelerate averaged the window's micro-batches and DDP its ranks: make it
+                # the mean over the window's samples (a no-op when every batch was full)
+                scale = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
+                scale /= max(self.window_samples, 1)
+                if scale != 1.0:
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(scale)
                 # clipped only on a step that is taken: with fp16, clipping unscales the
                 # gradients, and a skipped step would leave the GradScaler's round open
                 if cfg.optim.grad_clip > 0:
@@ -460,7 +474,7 @@ class Trainer:
                 if not self.optimizer.step_was_skipped:  # fp16's GradScaler may skip it
                     self.schedule.step()
             if acc.sync_gradients:
-                self.window_finite = True
+                self.window_finite, self.window_samples = True, 0.0
             self.optimizer.zero_grad(set_to_none=True)
         if not finite:
             self.nonfinite += 1
@@ -497,7 +511,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {
             "step": self.step,
-            "loss": sum(p[0] for p in parts) / (accum * acc.num_processes),
+            "loss": sum(p[0] for p in parts) / max(sum(p[2] for p in parts), 1),  # per sample
             "lr": lr,
             "tokens": int(sum(p[1] for p in parts)),
             "samples/s": sum(p[2] for p in parts) / seconds,
