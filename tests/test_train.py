@@ -510,6 +510,24 @@ def test_mixed_precision_no_survives_yaml(data, tmp_path):
         load_config(CONFIG, [f"data.manifest={data}", "train.mixed_precision=yes"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.overrides.depth=abc", r"model\.overrides=.*depth must be an int >= 1, got 'abc'"),
+        ("model.overrides.patch_size=0", "patch_size must be an int >= 1, got 0"),
+        ("model.overrides.mlp_ratio=-1", "mlp_ratio must be a number > 0, got -1"),
+        ("model.overrides.pred_sigma=maybe", "pred_sigma must be true or false, got 'maybe'"),
+        ("model.overrides.text_dim=16", r"model\.overrides\.text_dim=16, but the text encoder makes 32"),
+        ("model.overrides.depht=3", r"unknown ACETransformer argument\(s\) \['depht'\]"),
+    ],
+)  # fmt: skip
+def test_bad_model_overrides_name_the_key(data, tmp_path, override, message):
+    """Each was a traceback from inside a layer (or, text_dim, a matmul error at step 1;
+    pred_sigma=maybe trained)."""
+    with pytest.raises(ValueError, match=message):
+        Trainer(load_config(CONFIG, args(data, tmp_path / "run", 1, override)))
+
+
 def test_bad_yaml_files_are_one_line_errors(data, tmp_path):
     (tmp_path / "broken.yaml").write_text("train: {max_steps: 3\n")
     (tmp_path / "list.yaml").write_text("- train\n- data\n")

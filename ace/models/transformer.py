@@ -12,6 +12,7 @@ layouts). ``predict`` is the list-level entry point of DESIGN.md that packs for 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import ClassVar
 
 import torch
@@ -45,6 +46,22 @@ PRESETS: dict[str, dict] = {
         text_dim=32, rope_max_len=256, qk_norm=True, pred_sigma=True, num_indicators=10,
     ),
 }  # fmt: skip
+
+
+def _check_config(args: dict) -> None:
+    """ValueError naming the first argument of the wrong type or out of range (a config
+    override such as ``depth: abc`` or ``patch_size: 0`` would fail deep in a layer)."""
+    for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads", "text_dim",
+                 "rope_max_len", "num_indicators"):  # fmt: skip
+        v = args[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    r = args["mlp_ratio"]
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+        raise ValueError(f"mlp_ratio must be a number > 0, got {r!r}")
+    for name in ("qk_norm", "pred_sigma"):
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name} must be true or false, got {args[name]!r}")
 
 
 class ACETransformer(ModelMixin, ConfigMixin):
@@ -87,6 +104,7 @@ class ACETransformer(ModelMixin, ConfigMixin):
         num_indicators: int = 10,
     ):
         super().__init__()
+        _check_config(locals())
         if hidden_size % num_heads or (hidden_size // num_heads) % 2 or hidden_size < 6 * num_heads:
             raise ValueError(
                 f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of an even "

@@ -168,7 +168,18 @@ def build_components(cfg: Config, accelerator=None, dataset=None):
         else AutoencoderKL.from_pretrained(m.vae, local_files_only=True)
     )
     overrides = {"text_dim": text_encoder.config.d_model, **m.overrides}
-    transformer = ACETransformer.from_preset(m.preset, **overrides)
+    try:
+        transformer = ACETransformer.from_preset(m.preset, **overrides)
+    except ValueError as e:
+        raise ValueError(
+            f"model.preset={m.preset}, model.overrides={dict(m.overrides)}: {e}"
+        ) from e
+    if transformer.config.text_dim != text_encoder.config.d_model:  # a matmul error at step 1
+        raise ValueError(
+            f"model.overrides.text_dim={transformer.config.text_dim}, but the text encoder "
+            f"makes {text_encoder.config.d_model}-dim states; drop the override (the "
+            "encoder's width is the default)"
+        )
     latent, reads = vae.config.latent_channels, transformer.config.in_channels
     if latent != reads:  # a shape error at the first step otherwise
         raise ValueError(
