@@ -295,6 +295,7 @@ def _small_target_mask(root: Path) -> None:
         (lambda r: set_line(r, 3, {"turns": [{"instruction": "a", "images": ["a.png"], "masks": []}], "target": "x.png", "task": "t"}), "line 3: turns\\[0\\].masks: 0 masks for 1 images"),
         (lambda r: set_line(r, 3, {"turns": [{"instruction": "a", "images": []}], "target": "x.png", "task": "t", "targt_mask": None}), "line 3: record: unknown field\\(s\\) \\['targt_mask'\\]"),
         (lambda r: set_line(r, 3, {"turns": [{"instruction": "a", "images": []}], "target": None, "task": "t"}), "line 3: target: expected a path string, got null"),
+        (lambda r: (r / "manifest.jsonl").write_bytes(b'{"turns": \xff}\n'), "not UTF-8 text"),
     ],
 )  # fmt: skip
 def test_malformed_lines_fail_when_the_manifest_is_opened(dataset, break_it, message):

@@ -704,6 +704,10 @@ def test_missing_manifest_and_script_errors(tmp_path, capsys):
     assert not (tmp_path / "none").exists()  # failed before making toy data for the words encoder
     with pytest.raises(ValueError, match="no manifest at"):
         Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'none'}", "data.toy_n=0", out]))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for budget in ("data.max_tokens=0", "data.max_tokens=64"):  # an empty packing said otherwise
+        with pytest.raises(ValueError, match=r"data\.manifest: .*empty\.jsonl holds no LCUs"):
+            Trainer(load_config(CONFIG, [f"data.manifest={tmp_path / 'empty.jsonl'}", budget, out]))
     named = tmp_path / "toy" / "train.jsonl"  # toy_n writes DIR/manifest.jsonl, not this
     with pytest.raises(ValueError, match=r"give data\.manifest as that directory"):
         Trainer(load_config(CONFIG, [f"data.manifest={named}", "data.toy_n=4", out]))

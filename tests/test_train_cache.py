@@ -130,6 +130,26 @@ def test_reopening_checks_the_fingerprint(cache, manifest, parts):
         EmbeddingCache(cache.root / "nowhere")
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["{}", '{"fingerprint": {"num_samples": 3}', '{"fingerprint": 5, "shard_size": 4}', "\udcff"],
+)
+def test_an_unreadable_cache_json_is_named(tmp_path, text):
+    """A truncated, foreign or binary cache.json: one message naming it, not a KeyError."""
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "cache.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=r"emb: cache\.json is unreadable .* delete the directory"):
+        EmbeddingCache(tmp_path / "emb")
+
+
+def test_a_cache_path_that_is_a_file_is_refused(manifest, parts, tmp_path):
+    (tmp_path / "emb").write_text("")
+    with pytest.raises(ValueError, match=r"emb is a file, not a directory"):
+        build_cache(manifest, parts[0], tmp_path / "emb" / "sub", MAX_SEQ_LEN, progress=False)
+    with pytest.raises(ValueError, match=r"emb is a file, not a directory"):
+        build_cache(manifest, parts[0], tmp_path / "emb", MAX_SEQ_LEN, progress=False)
+
+
 def test_the_same_vae_loaded_from_another_path_reuses_the_cache(cache, manifest, parts, tmp_path):
     """Where the weights came from (config _name_or_path) is not part of the fingerprint."""
     from diffusers import AutoencoderKL

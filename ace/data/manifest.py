@@ -251,19 +251,22 @@ class LCUManifest(Dataset):
         self.lines: list[int] = []
         """The 1-based line number of each record."""
         with open(self.path, encoding="utf-8-sig") as f:  # a BOM some editors write: skipped
-            for line, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}: line {line}: invalid JSON: {e}") from e
-                try:
-                    _check_record(record, line)
-                except ValueError as e:
-                    raise ValueError(f"{self.path}: {e}") from e
-                self.records.append(record)
-                self.lines.append(line)
+            try:
+                for line, text in enumerate(f, start=1):
+                    if not text.strip():
+                        continue
+                    try:
+                        record = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{self.path}: line {line}: invalid JSON: {e}") from e
+                    try:
+                        _check_record(record, line)
+                    except ValueError as e:
+                        raise ValueError(f"{self.path}: {e}") from e
+                    self.records.append(record)
+                    self.lines.append(line)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{self.path}: not UTF-8 text (a JSONL manifest): {e}") from e
         self.tasks: Counter[str] = Counter(r["task"] for r in self.records)
         """How many records each task has."""
 

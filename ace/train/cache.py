@@ -57,7 +57,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ace.atomic import atomic_write
+from ace.atomic import atomic_write, nearest_existing
 from ace.conditioning import downsample_mask
 from ace.train.batch import prepare_training_lcu
 
@@ -257,6 +257,9 @@ def build_cache(
     opened as is, after its fingerprint is checked against this run's.
     """
     root = Path(root)
+    parent = nearest_existing(root)
+    if not parent.is_dir():
+        raise ValueError(f"embedding cache {root}: {parent} is a file, not a directory")
     fingerprint = cache_fingerprint(dataset, conditioner, max_seq_len)
     if (root / CACHE_FILE).is_file():
         return EmbeddingCache(root, fingerprint)
@@ -300,7 +303,10 @@ def _start_build(root: Path, fingerprint: dict, shard_size: int) -> None:
         tmp.unlink(missing_ok=True)
     marker = root / BUILDING_FILE
     build = {"fingerprint": fingerprint, "shard_size": shard_size}
-    previous = json.loads(marker.read_text()) if marker.is_file() else None
+    try:
+        previous = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):  # unreadable: of unknown origin, so its shards go
+        previous = None
     if previous != build:
         stale = sorted(root.glob("shard-*.safetensors"))
         if stale:
@@ -332,8 +338,16 @@ class EmbeddingCache:
         info_path = self.root / CACHE_FILE
         if not info_path.is_file():
             raise ValueError(f"{self.root} is not a built embedding cache (no {CACHE_FILE})")
-        self.info = json.loads(info_path.read_text())
-        stored = self.info["fingerprint"]
+        try:
+            self.info = json.loads(info_path.read_text(encoding="utf-8"))
+            stored = dict(self.info["fingerprint"])
+            self.shard_size = int(self.info["shard_size"])
+            self._n, num_shards = int(stored["num_samples"]), int(self.info["num_shards"])
+        except (ValueError, KeyError, TypeError) as e:  # JSON and Unicode errors are ValueErrors
+            raise ValueError(
+                f"embedding cache {self.root}: {CACHE_FILE} is unreadable ({type(e).__name__}: "
+                f"{e}); delete the directory to rebuild it"
+            ) from e
         if fingerprint is not None and stored != fingerprint:
             changed = sorted(
                 k for k in {*stored, *fingerprint} if stored.get(k) != fingerprint.get(k)
@@ -342,9 +356,7 @@ class EmbeddingCache:
                 f"embedding cache {self.root} was built for a different {', '.join(changed)}; "
                 "delete it, or point data.cache at a new directory"
             )
-        self.shard_size = int(self.info["shard_size"])
-        self._n = int(stored["num_samples"])
-        for s in range(int(self.info["num_shards"])):
+        for s in range(num_shards):
             if not shard_path(self.root, s).is_file():
                 raise ValueError(
                     f"embedding cache {self.root}: {shard_path(self.root, s).name} is missing"

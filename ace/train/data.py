@@ -62,6 +62,8 @@ def build_dataset(cfg: DataConfig, accelerator=None):
             f"data.manifest: no manifest at {manifest} (set data.toy_n to generate a toy split)"
         )
     dataset = LCUManifest(manifest)
+    if not len(dataset):
+        raise ValueError(f"data.manifest: {manifest} holds no LCUs")
     if cfg.toy_n > 0 and len(dataset) != cfg.toy_n and is_main:
         warnings.warn(  # toy_n makes a manifest only where there is none
             f"data.toy_n={cfg.toy_n}, but {manifest} already holds {len(dataset)} LCUs; "
