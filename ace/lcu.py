@@ -246,7 +246,9 @@ class LCU:
     target: ImageLike | None = None
     """The image to produce (training): an RGB PIL image or a float tensor (3, H, W)."""
     target_mask: MaskLike | None = None
-    """Where the target is supervised/edited; the target's size."""
+    """The target frame's mask channel in training, the target's size: a model input, not
+    a loss weight (the loss covers the whole target, as released). None: the first input
+    image's mask, as inference feeds it."""
     task: str = ""
     """A free task tag (the dataset's ``task`` field). One tag changes the inputs:
     ``"inpainting"`` sets the masked pixels of the input images to -1, as the released
