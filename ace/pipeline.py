@@ -19,6 +19,9 @@ latents, 5. pack once, 6. denoise (both CFG halves in one transformer call per s
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,6 +49,7 @@ from ace.packing import PackedBatch, patchify
 from ace.request import (  # noqa: F401 (public here too)
     PreparedLCU,
     check_inputs,
+    check_size,
     prepare_lcu,
     unconditional_texts,
 )
@@ -126,6 +130,15 @@ class ACEPipeline(DiffusionPipeline):
         the DiT's ``rope_max_len`` tokens, whatever its VAE's factor."""
         cfg = self.transformer.config
         return resize_budget(cfg.rope_max_len, self.conditioner.vae_factor, cfg.patch_size)
+
+    @staticmethod
+    def max_seq_len_of(path: str | os.PathLike) -> int:
+        """``max_seq_len`` of the saved pipeline at ``path``, from its configs alone (no
+        weights load), so a request's size can be checked first."""
+        t = json.loads((Path(path) / "transformer" / "config.json").read_text())
+        v = json.loads((Path(path) / "vae" / "config.json").read_text())
+        factor = 2 ** (len(v["block_out_channels"]) - 1)
+        return resize_budget(t["rope_max_len"], factor, t["patch_size"])
 
     @property
     def default_size(self) -> int:
@@ -246,6 +259,7 @@ class ACEPipeline(DiffusionPipeline):
         check_inputs(
             num_inference_steps, height, width, guidance_scale, guidance_rescale, output_type
         )
+        check_size(height, width, self.max_seq_len)
         num_inference_steps = int(num_inference_steps)
         lcu = self.build_lcu(instruction, images, masks, history, task)
         device, dtype = self._execution_device, self.transformer.dtype

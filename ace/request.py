@@ -80,6 +80,22 @@ class PreparedLCU:
     target_mask: Tensor  # (1, H, W)
 
 
+def check_size(height: int | None, width: int | None, max_seq_len: int) -> None:
+    """ValueError when a requested target size exceeds the model's budget of
+    ``max_seq_len`` squares of 16 px (``ACEPipeline.max_seq_len``): its tokens would not fit
+    the DiT's RoPE table. Checked before any encoder runs."""
+    if height is None or width is None:
+        return
+    squares = (height // 16) * (width // 16)
+    if squares > max_seq_len:
+        side = int(max_seq_len**0.5) * 16
+        raise ValueError(
+            f"height x width = {height} x {width} is {squares} squares of 16 px, more than "
+            f"this model's {max_seq_len} (at most {side} x {side} for a square); ask for a "
+            "smaller size"
+        )
+
+
 def prepare_lcu(lcu: LCU, max_seq_len: int, size: tuple[int, int] | None = None) -> PreparedLCU:
     """Preprocess an LCU as the released code does (ACE_REFERENCE section 2).
 

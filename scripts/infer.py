@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> Path:
     import torch
 
     from ace.pipeline import ACEPipeline
-    from ace.request import check_inputs
+    from ace.request import check_inputs, check_size
 
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:
@@ -208,6 +208,12 @@ def run(args: argparse.Namespace) -> Path:
         check_inputs(
             1 if steps is None else steps, args.height, args.width, args.guidance, args.rescale
         )
+        if args.height is not None:  # within the model's token budget: from its configs
+            try:
+                budget = ACEPipeline.max_seq_len_of(args.pipeline)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"--pipeline {args.pipeline}: unreadable config: {e}") from e
+            check_size(args.height, args.width, budget)
         ACEPipeline.build_lcu(args.instruction, images, masks, history, args.task)
     except ValueError as e:
         raise UserError(str(e)) from e

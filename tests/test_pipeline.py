@@ -238,6 +238,10 @@ def test_negative_prompt_replaces_only_the_last_image_text_as_released(pipe):
         (dict(instruction="edit {image}", images=[img(32, 32)], masks=[None, None]), "mask"),
         (dict(instruction="many", images=[img(16, 16, i) for i in range(10)]), "9"),
         (dict(instruction="a star", height=30), "multiple of 16"),
+        (  # before any encoder runs: 1024 squares of 16 px against the tiny model's 256
+            dict(instruction="a star", height=512, width=512),
+            r"512 x 512 is 1024 squares of 16 px, more than this model's 256 \(at most 256 x 256",
+        ),
         (dict(instruction="a star", output_type="tensor"), "output_type"),
         (
             dict(instruction="a star", latents=torch.zeros(1, 4, 3, 3), height=32, width=32),

@@ -182,6 +182,16 @@ def test_infer_checks_output_and_size_before_loading_the_pipeline(tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == names  # nothing written
 
 
+def test_infer_checks_a_size_past_the_models_budget_before_loading(pipe_dir, tmp_path, capsys, monkeypatch):  # fmt: skip
+    def never(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(ACEPipeline, "from_pretrained", never)
+    argv = ["--pipeline", pipe_dir, "--instruction", "a star", "--height", 512, "--width", 512, "--output", tmp_path / "o.png"]  # fmt: skip
+    code, _, err = script("infer.py", argv, capsys)
+    assert code == 2 and "more than this model's 256 (at most 256 x 256" in err, err
+
+
 def test_infer_task_inpainting_is_the_pipelines(pipe_dir, tmp_path, capsys):
     """--task reaches the pipeline: the CLI's inpainting is the API's, not a plain edit."""
     a = save_image(tmp_path / "a.png", 32, 32)
