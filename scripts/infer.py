@@ -88,6 +88,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cpu, cuda, mps ... (default: cuda, xpu or mps when available)",
     )
     p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="weights' dtype; auto: bf16 on CUDA, fp32 elsewhere",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="enable_model_cpu_offload(): each component on the GPU only while it runs",
+    )
+    p.add_argument(
         "--output", required=True, help="where to write the image (.png; .jpg, .webp at quality 95)"
     )
     return p.parse_args(argv)
@@ -218,10 +229,18 @@ def run(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise UserError(str(e)) from e
 
+    if args.offload and device.type == "cpu":
+        raise UserError("--offload moves components to an accelerator as they run; there is none")
+    name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     try:
-        pipe = ACEPipeline.from_pretrained(args.pipeline).to(device)
+        pipe = ACEPipeline.from_pretrained(args.pipeline, dtype=dtype)
     except (OSError, ValueError) as e:  # a missing or broken component
         raise UserError(f"--pipeline {args.pipeline}: {str(e).splitlines()[0]}") from e
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
     steps = steps if steps is not None else pipe.config.default_steps
     try:
         result = pipe(

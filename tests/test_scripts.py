@@ -192,6 +192,20 @@ def test_infer_checks_a_size_past_the_models_budget_before_loading(pipe_dir, tmp
     assert code == 2 and "more than this model's 256 (at most 256 x 256" in err, err
 
 
+def test_infer_dtype_loads_the_weights_in_it(pipe_dir, tmp_path, capsys):
+    """--dtype bf16 is the pipeline loaded with dtype=bfloat16 (the same image, bit for
+    bit); --offload without an accelerator is refused."""
+    base = ["--pipeline", pipe_dir, "--instruction", "a star", "--height", 32, "--width", 32, "--steps", 1]  # fmt: skip
+    code, _, err = script("infer.py", [*base, "--dtype", "bf16", "--output", tmp_path / "b.png"], capsys)  # fmt: skip
+    assert code == 0, err
+    pipe = ACEPipeline.from_pretrained(pipe_dir, dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16
+    expected = pipe("a star", height=32, width=32, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(0)).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(expected))
+    code, _, err = script("infer.py", [*base, "--offload", "--device", "cpu", "--output", tmp_path / "o.png"], capsys)  # fmt: skip
+    assert code == 2 and "--offload" in err and not (tmp_path / "o.png").exists()
+
+
 def test_infer_task_inpainting_is_the_pipelines(pipe_dir, tmp_path, capsys):
     """--task reaches the pipeline: the CLI's inpainting is the API's, not a plain edit."""
     a = save_image(tmp_path / "a.png", 32, 32)
