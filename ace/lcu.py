@@ -64,6 +64,8 @@ the mask's maximum is 1."""
 
 # One pattern for every image reference: "" -> {image}, "2" -> {image2}.
 _IMAGE_REF = re.compile(r"\{image(\d*)\}")
+# what a mistyped image name looks like: {Image}, { image }, {image_1}, {img2} ...
+_LOOKALIKE = re.compile(r"\{\s*(?:image|img)\s*[_-]?\s*\d*\s*\}", re.IGNORECASE)
 
 _IMAGE_EXPECTED = "an RGB PIL image or a float torch tensor shaped (3, H, W)"
 _MASK_EXPECTED = 'a PIL image of mode "L" or "1", or a torch tensor shaped (1, H, W) or (H, W)'
@@ -175,6 +177,12 @@ class ConditionUnit:
             if mask is not None:
                 _check_mask(mask, f"masks[{i}]", size)
 
+        for m in _LOOKALIKE.finditer(self.instruction):
+            if not _IMAGE_REF.fullmatch(m.group(0)):  # T5 would read it as plain text
+                raise ValueError(
+                    f"instruction has {m.group(0)}, which is not an image name (the names "
+                    "are {image}, {image1}, ..., {image9}: lower case, no spaces)"
+                )
         for m in _IMAGE_REF.finditer(self.instruction):
             digits = m.group(1)
             if digits.startswith("0"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,7 @@ from ace.models.cuda_graph import GraphCache, GraphedForward, layout_key
 from ace.models.transformer import ACETransformer  # noqa: F401
 from ace.packing import PackedBatch, patchify
 from ace.request import (  # noqa: F401 (public here too)
+    INPAINTING_TASKS,
     PreparedLCU,
     check_inputs,
     check_size,
@@ -260,6 +262,12 @@ class ACEPipeline(DiffusionPipeline):
             num_inference_steps, height, width, guidance_scale, guidance_rescale, output_type
         )
         check_size(height, width, self.max_seq_len)
+        if "inpaint" in str(task).lower() and task not in INPAINTING_TASKS:
+            warnings.warn(  # other tags are labels; toy ones (recolor ...) are passed too
+                f"task={task!r} is not an inpainting tag {INPAINTING_TASKS}: the masked pixels "
+                "are not filled; pass task='inpainting' for that",
+                stacklevel=2,
+            )
         num_inference_steps = int(num_inference_steps)
         lcu = self.build_lcu(instruction, images, masks, history, task)
         device, dtype = self._execution_device, self.transformer.dtype

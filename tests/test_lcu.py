@@ -1,6 +1,7 @@
 """Tests for ace.lcu: naming, frame pairing, indicator rows and validation."""
 
 import doctest
+import re
 
 import numpy as np
 import pytest
@@ -258,6 +259,18 @@ def test_reference_to_missing_image():
 def test_reference_with_leading_zero_is_not_a_name():
     with pytest.raises(ValueError, match=r"\{image0\}, which is not an image name"):
         ConditionUnit("{image0}", [rgb()])
+
+
+@pytest.mark.parametrize(
+    "typo", ["{Image}", "{ image }", "{image_1}", "{img}", "{IMAGE1}", "{image 2}"]
+)
+def test_a_mistyped_image_name_is_refused(typo):
+    """T5 would read it as plain text and no indicator would tie it to an image."""
+    with pytest.raises(
+        ValueError, match=rf"instruction has {re.escape(typo)}, which is not an image name"
+    ):
+        ConditionUnit(f"make {typo} blue", [rgb(), rgb()])
+    ConditionUnit("make {image} and {image1} blue, as the images show", [rgb(), rgb()])
 
 
 def test_too_many_images_in_a_cu():

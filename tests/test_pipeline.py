@@ -187,6 +187,11 @@ def test_inpainting_fill_only_for_inpainting_requests(pipe):
     assert same(run(pipe, "fill {image}", task="inpainting", **kw), run(pipe, "fill {image}", task="Try On", **kw))  # fmt: skip
 
 
+def test_a_task_that_looks_like_inpainting_but_is_not_is_warned(pipe):
+    with pytest.warns(UserWarning, match=r"task='inpaint' is not an inpainting tag"):
+        pipe("fill {image}", images=[img(32, 32)], task="inpaint", num_inference_steps=1)
+
+
 def test_inpainting_blanks_an_unmasked_current_image_wholly_as_released():
     """Released process_edit_image: a missing mask is all-zero, hence all-ones, and an
     inpainting task sets every masked pixel to -1, so the whole image. History images
