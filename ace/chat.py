@@ -8,9 +8,11 @@ second = chat("make {image} blue")  # {image} is the previous output
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 from ace.lcu import LCU, MAX_INPUT_IMAGES, ConditionUnit
+from ace.request import check_inputs, check_size
 
 if TYPE_CHECKING:
     from ace.pipeline import ACEPipeline
@@ -46,9 +48,24 @@ class ChatSession:
             isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 0
         ):
             raise ValueError(f"max_history must be None or an int >= 0, got {max_history!r}")
+        params = inspect.signature(type(pipe).__call__).parameters
+        known = set(params) - {"self"}
+        unknown = sorted(set(defaults) - known)
+        if unknown:  # a TypeError at the first turn otherwise
+            raise ValueError(
+                f"unknown setting(s) {unknown} for the session; the pipeline takes "
+                f"{sorted(known - {'history', 'images', 'masks', 'instruction'})}"
+            )
         self.pipe = pipe
         self.max_history = max_history
         self.defaults = {"num_inference_steps": pipe.config.default_steps, **defaults}
+        # the settings, checked now rather than at the first turn
+        d = {k: v.default for k, v in params.items() if k != "self"} | self.defaults
+        check_inputs(
+            d["num_inference_steps"], d["height"], d["width"], d["guidance_scale"],
+            d["guidance_rescale"],
+        )  # fmt: skip
+        check_size(d["height"], d["width"], pipe.max_seq_len)
         self.history: list[ConditionUnit] = []
         self.outputs: list = []
 

@@ -251,7 +251,9 @@ class ACEPipeline(DiffusionPipeline):
                 (released: 20 / 4.5 / 0.5 at 512 px). A scale <= 1 samples the conditional
                 prediction alone; the released code then feeds the negative prompt's states
                 under the instruction's text mask, a quirk not reproduced.
-            generator: for the initial noise.
+            generator: for the initial noise and for the input images' latents (drawn from
+                the VAE posterior, as released): an edit given ``latents`` but no generator
+                still varies from call to call.
             latents: the initial noise of the target, (1, C, H/8, W/8), scaled latent space.
             output_type: "pil", "np" (float arrays in [0, 1]) or "latent".
             task: ``"inpainting"`` sets the masked pixels of the inputs to -1 first, as the
@@ -262,6 +264,8 @@ class ACEPipeline(DiffusionPipeline):
             num_inference_steps, height, width, guidance_scale, guidance_rescale, output_type
         )
         check_size(height, width, self.max_seq_len)
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt: expected a str, got {negative_prompt!r}")
         if "inpaint" in str(task).lower() and task not in INPAINTING_TASKS:
             warnings.warn(  # other tags are labels; toy ones (recolor ...) are passed too
                 f"task={task!r} is not an inpainting tag {INPAINTING_TASKS}: the masked pixels "

@@ -287,6 +287,7 @@ def test_bad_requests_raise_value_error(pipe, kwargs, message):
         (dict(height=32, width=32, guidance_scale=0.5, guidance_rescale=-0.1), "rescale"),
         (dict(height=32, width=32, guidance_scale=-1.0), "guidance scale must be finite and >= 0"),
         (dict(height=32, width=32, guidance_scale=float("inf")), "guidance scale must be finite"),
+        (dict(height=32, width=32, negative_prompt=None), "negative_prompt: expected a str"),
         (
             dict(
                 images=[
@@ -383,6 +384,21 @@ def test_chat_output_is_not_the_stored_next_input(pipe):
     kept = out.copy()
     out.paste((255, 0, 0), (0, 0, 32, 32))  # the user draws on what they were given
     assert same(chat.outputs[-1], kept) and same(chat.lcu("x").images[0], kept)
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        (dict(steps=4), r"unknown setting\(s\) \['steps'\] for the session"),
+        (dict(height=60, width=64), "height must be a positive int multiple of 16, got 60"),
+        (dict(guidance_scale=-1), "guidance scale must be finite and >= 0"),
+        (dict(height=512, width=512), "more than this model's 256"),
+    ],
+)
+def test_chat_checks_its_settings_when_made(pipe, defaults, message):
+    """Each failed only at the first turn (``steps``: a TypeError)."""
+    with pytest.raises(ValueError, match=message):
+        pipe.chat(**defaults)
 
 
 def test_chat_refuses_per_turn_defaults_and_passes_its_task(pipe):
