@@ -270,7 +270,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    from PIL import Image
+
+    with Image.open(path) as im:  # the size the request came to (sides floored to 16)
+        print(f"wrote {path} ({im.width} x {im.height})")
     return 0
 
 

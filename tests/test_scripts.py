@@ -55,7 +55,7 @@ def save_image(path, w, h, seed=0, mode="RGB"):
 def test_infer_text_to_image_edit_and_history(pipe_dir, tmp_path, capsys):
     out = tmp_path / "t2i.png"
     code, stdout, _ = script("infer.py", ["--pipeline", pipe_dir, "--instruction", "a red circle", "--steps", 2, "--height", 32, "--width", 48, "--output", out], capsys)  # fmt: skip
-    assert code == 0 and "wrote" in stdout and Image.open(out).size == (48, 32)
+    assert code == 0 and f"wrote {out} (48 x 32)" in stdout and Image.open(out).size == (48, 32)
 
     a, b = save_image(tmp_path / "a.png", 48, 32, 1), save_image(tmp_path / "b.png", 32, 32, 2)
     m = save_image(tmp_path / "m.png", 48, 32, 3, mode="L")
