@@ -10,6 +10,7 @@ trainer's checkpoints and export) is flushed first: ``fsync_tree(tmp)``, the ren
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -78,9 +79,14 @@ def fsync_tree(path: str | os.PathLike) -> None:
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a directory's entries (a rename in it) to disk; a no-op where directories
-    cannot be opened (Windows)."""
-    if os.name != "nt":
+    cannot be opened (Windows) or synced (some FUSE and CIFS mounts)."""
+    if os.name == "nt":
+        return
+    try:
         _fsync(Path(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:  # some FUSE and CIFS mounts cannot sync a directory: best effort
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
 
 
 def _fsync(path: Path, flags: int) -> None:

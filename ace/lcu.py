@@ -154,8 +154,8 @@ class ConditionUnit:
     """RGB PIL images or float tensors (3, H, W); at most ``MAX_INPUT_IMAGES``."""
     masks: list[MaskLike | None] | None = None
     """One mask or None per image, the image's size; None means no masks at all. A mask
-    (``MaskLike``) marks the region to edit: PIL "L" > 128, or a bool, float [0, 1],
-    integer 0-255 or integer 0/1 (maximum 1) tensor."""
+    (``MaskLike``) marks the region to edit: PIL "L" or integer 0-255 (> 128, the released
+    rule) or 0/1 (maximum 1), bool, or float [0, 1] (``conditioning.preprocess_mask``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.instruction, str):

@@ -236,8 +236,8 @@ class ACEPipeline(DiffusionPipeline):
             instruction: the current instruction; names its images ``{image}``, ``{image1}``...
             images: a list of input images (RGB PIL, or float tensors (3, H, W) in [0, 1]).
             masks: a list of one mask or None per image; white = the region to edit (PIL
-                "L" > 128; tensors: bool, float in [0, 1], integer 0-255, or integer 0/1
-                when the mask's maximum is 1).
+                "L" or integer 0-255: > 128, as released; 0/1 when the maximum is 1, which
+                the released rule reads as empty; bool; float in [0, 1]).
             history: a list of earlier turns, oldest first (ConditionUnits or dicts with
                 keys instruction, images, masks).
             negative_prompt: the unconditional half's text for the target and the last

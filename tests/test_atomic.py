@@ -53,3 +53,28 @@ def test_nearest_existing_is_where_mkdir_p_would_start(tmp_path):
     assert nearest_existing(tmp_path / "a") == tmp_path / "a"
     assert nearest_existing(tmp_path / "a" / "b" / "c") == tmp_path / "a"
     assert nearest_existing(tmp_path / "f" / "x") == tmp_path / "f"  # a file: callers refuse it
+
+
+def test_fsync_tree_tolerates_a_mount_that_cannot_sync_directories(tmp_path, monkeypatch):
+    """Some FUSE and CIFS mounts answer EINVAL to fsync on a directory: a checkpoint there
+    is still saved (its files are synced); a real I/O error still raises."""
+    import errno
+    import stat
+
+    from ace.atomic import fsync_tree
+
+    (tmp_path / "ckpt" / "sub").mkdir(parents=True)
+    (tmp_path / "ckpt" / "sub" / "w.bin").write_bytes(b"x")
+    synced = []
+
+    def fsync(fd, code=errno.EINVAL):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fsync_tree(tmp_path / "ckpt")
+    assert len(synced) == 1  # the file
+    monkeypatch.setattr(os, "fsync", lambda fd: fsync(fd, errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        fsync_tree(tmp_path / "ckpt")

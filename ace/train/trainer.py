@@ -625,7 +625,8 @@ class Trainer:
             state = {"step": self.step, "nonfinite": self.nonfinite, "skipped": skipped}
             state["tokenizer"] = tokenizer_digest(self.conditioner.tokenizer)
             state["world_size"] = acc.num_processes
-            state["data"] = self.data_digest  # the manifest's records (shards: the stream's)
+            state["data"] = self.data_digest  # the manifest's records (shards: None; the
+            # stream refuses a resume on other shard names itself)
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             fsync_tree(tmp)  # on disk before its name says it is complete
             self._remove_checkpoint(self.step)
