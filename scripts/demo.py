@@ -187,7 +187,9 @@ def prepare_out(out: Path, quick: bool, fresh: bool) -> None:
     deterministic and kept, unless ``fresh`` or they were made in the other mode (a
     ``--quick`` run's 16 LCUs and 2-step VAE must not become a full run's): ``OUT/made.json``
     records the mode that made them."""
-    made = {"overrides": QUICK if quick else [], "version": MADE_VERSION}
+    from ace.train.cache import FORMAT  # a newer cache format remakes the cache alone
+
+    made = {"overrides": QUICK if quick else [], "version": MADE_VERSION, "cache": FORMAT}
     marker = out / "made.json"
     foreign = sorted(p.name for p in out.iterdir() if p.name not in MADE) if out.is_dir() else []
     if (out.exists() and not out.is_dir()) or (foreign and not marker.is_file()):
@@ -196,8 +198,11 @@ def prepare_out(out: Path, quick: bool, fresh: bool) -> None:
             f"demo.py: error: --out {out} holds files demo.py did not make ({', '.join(foreign)}"
             "); give a new or empty directory"
         )
-    fresh = fresh or _read_json(marker) != made
-    for name in ["train", "edits", *(["data", "vae", "cache"] if fresh else [])]:
+    before = _read_json(marker)
+    before = before if isinstance(before, dict) else {}
+    fresh = fresh or {**before, "cache": FORMAT} != made
+    stale = ["cache"] if before.get("cache") != FORMAT else []
+    for name in ["train", "edits", *(["data", "vae", "cache"] if fresh else stale)]:
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(made) + "\n")

@@ -78,6 +78,11 @@ def test_rerun_keeps_data_only_when_made_in_the_same_mode(tmp_path):
     made()
     demo.prepare_out(out, quick=False, fresh=True)
     assert left() == []
+    made()  # a cache of an older format (a newer ace): the cache alone is remade
+    marker = json.loads((out / "made.json").read_text())
+    (out / "made.json").write_text(json.dumps({**marker, "cache": marker["cache"] - 1}))
+    demo.prepare_out(out, quick=False, fresh=False)
+    assert left() == ["data", "vae"]
     # a folder the demo did not make is refused, untouched (a --quick run shared the
     # default folder, and any --out lost its data, vae and cache folders)
     mine = tmp_path / "mine"
