@@ -34,6 +34,11 @@ from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, pick_dev
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+TASKS = ("inpainting", "Inpainting", "Try On")
+"""--task values: the released inpainting tags (``ace.request.INPAINTING_TASKS``, kept
+here so that --help needs no torch)."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(prog="infer.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
@@ -70,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--task",
         default="",
-        choices=("", "inpainting"),
+        choices=("", *TASKS),
         metavar="TASK",
         help="'inpainting' sets the masked pixels of the inputs to -1 first, as the released "
         "inpainting requests do (default: none; masks only mark the region to edit)",
@@ -208,7 +213,7 @@ def run(args: argparse.Namespace) -> Path:
     device = pick_device(args.device)
     images = [load_image(p, "RGB") for p in args.image]
     masks = [None if m.lower() == "none" else load_mask(m) for m in args.mask] or None
-    if args.task == "inpainting" and images and not any(m is not None for m in masks or []):
+    if args.task in TASKS and images and not any(m is not None for m in masks or []):
         raise UserError(
             "--task inpainting needs a --mask: without one the whole input is filled with "
             "-1 first, and the output ignores it"

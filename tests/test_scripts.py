@@ -1,5 +1,6 @@
 """scripts/infer.py and scripts/convert_official.py, run as a user would, on tiny components."""
 
+import importlib.util
 import json
 import os
 import re
@@ -190,6 +191,15 @@ def test_infer_checks_a_size_past_the_models_budget_before_loading(pipe_dir, tmp
     argv = ["--pipeline", pipe_dir, "--instruction", "a star", "--height", 512, "--width", 512, "--output", tmp_path / "o.png"]  # fmt: skip
     code, _, err = script("infer.py", argv, capsys)
     assert code == 2 and "more than this model's 256 (at most 256 x 256" in err, err
+
+
+def test_infer_task_choices_are_the_released_inpainting_tags():
+    from ace.request import INPAINTING_TASKS
+
+    spec = importlib.util.spec_from_file_location("infer", SCRIPTS / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    assert infer.TASKS == INPAINTING_TASKS
 
 
 def test_infer_dtype_loads_the_weights_in_it(pipe_dir, tmp_path, capsys):

@@ -548,6 +548,7 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(data, tmp_path):
     SIGKILL, the directory is free."""
     out = tmp_path / "run"
     (out / ".tmp-checkpoint-3").mkdir(parents=True)  # the busy run's save in progress
+    ready = Trainer(load_config(CONFIG, args(data, out, 2)))  # built before the other began
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from ace.train.lock import run_lock\n"
@@ -556,10 +557,14 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(data, tmp_path):
     )  # fmt: skip
     try:
         assert holder.stdout.readline() == "held\n"
-        trainer = Trainer(load_config(CONFIG, args(data, out, 2)))
-        with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid}\)"):
-            trainer.train()
+        busy = rf"in use by another run \(pid {holder.pid}\)"
+        with pytest.raises(ValueError, match=busy):
+            ready.train()
         assert (out / ".tmp-checkpoint-3").is_dir() and not (out / "metrics.jsonl").exists()
+        (out / "metrics.jsonl").write_text('{"step": 1}\n')  # the busy run, before its checkpoint
+        with pytest.raises(ValueError, match=busy):  # not "stopped before its first checkpoint"
+            Trainer(load_config(CONFIG, args(data, out, 2)))
+        (out / "metrics.jsonl").unlink()
     finally:
         holder.kill()
         holder.wait()

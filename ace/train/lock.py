@@ -28,6 +28,34 @@ except ImportError:  # Windows
 LOCK_NAME = ".lock"
 
 
+def _busy(out: Path, holder: str) -> ValueError:
+    return ValueError(
+        f"train.output_dir {out} is in use by another run (pid {holder}); wait for it to "
+        "finish, or give another train.output_dir"
+    )
+
+
+def check_free(out: Path) -> None:
+    """ValueError now if a run holds ``out/.lock``: before a second run reads what the first
+    is writing there (and, say, takes a run before its first checkpoint for a dead one).
+    A shared, non-blocking probe: probes do not block each other."""
+    if fcntl is None or not (out / LOCK_NAME).is_file():
+        return
+    try:
+        fd = os.open(out / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise _busy(
+            out, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        ) from None
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """Hold ``out/.lock`` (``out`` is created); ValueError at once if another process, or
@@ -42,10 +70,8 @@ def run_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(
-                f"train.output_dir {out} is in use by another run (pid {holder}); wait for "
-                "it to finish, or give another train.output_dir"
+            raise _busy(
+                out, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

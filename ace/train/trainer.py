@@ -41,7 +41,7 @@ from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
 from ace.train.config import Config, to_dict
 from ace.train.data import build_dataset, make_batches, records_digest
-from ace.train.lock import run_lock
+from ace.train.lock import check_free, run_lock
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -275,6 +275,8 @@ def check_output_dir(cfg: Config) -> None:
     parent = nearest_existing(out)
     if not parent.is_dir():
         raise ValueError(f"train.output_dir {out}: {parent} is a file, not a directory")
+    if os.environ.get("RANK", "0") == "0":  # the main process (torchrun sets RANK)
+        check_free(out)
     if cfg.train.resume is None and out.is_dir():
         held = sorted(p.name for p in out.iterdir() if p.name == "metrics.jsonl" or CHECKPOINT.match(p.name))  # fmt: skip
         if held and not any(CHECKPOINT.match(h) for h in held):  # it stopped before one
