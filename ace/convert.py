@@ -89,13 +89,17 @@ def _is_weights(value) -> bool:
     )
 
 
-def official_dit_to_ace(state_dict: dict, in_channels: int = 4) -> dict[str, Tensor]:
+def official_dit_to_ace(
+    state_dict: dict, in_channels: int = 4, share_qk_norm: bool = False
+) -> dict[str, Tensor]:
     """Convert a released ACE DiT state dict (either spelling) to ``ACETransformer`` keys.
 
     Args:
         state_dict: the released checkpoint, optionally wrapped as ``{"state_dict": ...}``.
         in_channels: latent channels C. A patch embedding with exactly C input channels
             (no mask channel) gets a zero-weight mask channel appended.
+        share_qk_norm: the target model's ``config.share_qk_norm`` (True for the released
+            presets): no ``norm_k`` keys; else ``norm_k`` is a copy of ``norm_q``.
 
     Returns:
         a new dict that loads into ``ACETransformer`` with ``strict=True``.
@@ -133,9 +137,15 @@ def official_dit_to_ace(state_dict: dict, in_channels: int = 4) -> dict[str, Ten
         raise ValueError(
             f"unknown keys in the ACE checkpoint: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
         )
-    # 3. the norm quirk: the released model normalises k with norm_q
+    # 3. the norm quirk: the released model normalises k with norm_q; its stored norm_k is
+    # never used. A model with share_qk_norm (the released presets) has no norm_k; one
+    # without gets a copy of norm_q, which computes the same
     for key in [k for k in out if k.endswith(".norm_q.weight")]:
-        out[key.replace(".norm_q.", ".norm_k.")] = out[key].clone()
+        k_key = key.replace(".norm_q.", ".norm_k.")
+        if share_qk_norm:
+            out.pop(k_key, None)
+        else:
+            out[k_key] = out[key].clone()
     # 4. a patch embedding without the mask channel reads the mask with zero weights
     w = out.get("x_embedder.proj.weight")
     if w is not None and w.shape[1] == in_channels:

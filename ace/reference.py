@@ -171,6 +171,7 @@ class ReferenceDiT(nn.Module):
         qk_norm=True,
         pred_sigma=True,
         num_indicators=10,
+        share_qk_norm=True,  # the released model's only way: k uses norm_q (norm_k is stored)
     ):
         super().__init__()
         d, p = hidden_size, patch_size

@@ -205,7 +205,8 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
     torch.manual_seed(0)
     ref = ReferenceDiT(**cfg)
     ours = ACETransformer(**cfg)
-    ours.load_state_dict(official_dit_to_ace(ref.state_dict()), strict=True)
+    share = cfg.get("share_qk_norm", False)
+    ours.load_state_dict(official_dit_to_ace(ref.state_dict(), share_qk_norm=share), strict=True)
     ref, ours = ref.to(device, dtype), ours.to(device, dtype)
     inputs = make_batch(cfg, args, device, dtype, torch.Generator().manual_seed(1))
 

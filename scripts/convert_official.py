@@ -119,7 +119,11 @@ def build(args: argparse.Namespace):
             f"{transformer.config.in_channels} (in_channels)"
         )
     try:
-        state = official_dit_to_ace(load_weights(args.dit), transformer.config.in_channels)
+        state = official_dit_to_ace(
+            load_weights(args.dit),
+            transformer.config.in_channels,
+            share_qk_norm=transformer.config.get("share_qk_norm", False),
+        )
         transformer.load_state_dict(state, strict=True)
         vae.load_state_dict(convert_ldm_vae(load_weights(args.vae), dict(vae.config)), strict=True)
     except (ValueError, RuntimeError) as e:  # unknown keys, wrong shapes

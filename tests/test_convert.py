@@ -85,6 +85,41 @@ def test_norm_quirk_norm_k_gets_norm_q():
             )
 
 
+def test_a_shared_qk_norm_model_trains_like_the_released_one():
+    """The released model normalises k with norm_q: converted into a share_qk_norm model
+    (the released presets) it has no norm_k, predicts the same, and the gradient of every
+    weight, norm_q's included, is the reference's. A model with its own norm_k predicts
+    the same but splits norm_q's gradient with norm_k."""
+    torch.manual_seed(0)
+    ref = ReferenceDiT(**CFG)
+    sd = ref.state_dict()
+    shared = ACETransformer(**CFG, share_qk_norm=True)
+    shared.load_state_dict(official_dit_to_ace(sd, share_qk_norm=True), strict=True)
+    assert not any("norm_k" in k for k in shared.state_dict())
+    own = ACETransformer(**CFG)
+    own.load_state_dict(official_dit_to_ace(sd), strict=True)
+
+    def grads(model, call):
+        model.zero_grad()
+        g = torch.Generator().manual_seed(3)
+        frames = [[torch.randn(4, 6, 4, generator=g), torch.randn(4, 4, 8, generator=g)]]
+        texts = [[torch.randn(3, 16, generator=g), torch.randn(5, 16, generator=g)]]
+        out = call(model, frames, texts, torch.tensor([250.0]), torch.randn(10, 16, generator=g))
+        out[0].square().sum().backward()
+        return out[0].detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    out_ref, g_ref = grads(ref, lambda m, f, t, s, i: m(f, [[None, None]], t, s, i))
+    out_shared, g_shared = grads(shared, lambda m, f, t, s, i: m.predict(f, None, t, s, i))
+    out_own, g_own = grads(own, lambda m, f, t, s, i: m.predict(f, None, t, s, i))
+    torch.testing.assert_close(out_shared, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_own, out_ref, rtol=1e-5, atol=1e-6)
+    for kind in ("attn", "cross_attn"):
+        name = f"blocks.1.{kind}.norm_q.weight"
+        torch.testing.assert_close(g_shared[name], g_ref[name], rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(g_own[name], g_ref[name], rtol=1e-2)  # half of it, or so
+    assert ACETransformer.from_preset("ace-0.6b-512", depth=1, hidden_size=48, num_heads=4, text_dim=16).config.share_qk_norm  # fmt: skip
+
+
 def test_wrappers_prefixes_and_ignored_keys():
     sd = ReferenceDiT(**CFG).state_dict()
     wrapped = {"module." + k: v for k, v in sd.items()}

@@ -98,7 +98,7 @@ class _AttentionTap:
     def _hook(self, module, args, _out) -> None:
         x, cos, sin = args[:3]  # one sample: all its tokens are one segment
         q, k, _v = module.qkv(x).chunk(3, dim=-1)  # (T, d) each
-        q, k = module.norm_q(q), module.norm_k(k)
+        q, k = module.norm_q(q), module.key_norm(k)
         q, k = (t.unflatten(-1, (module.num_heads, -1)) for t in (q, k))  # (T, H, D)
         q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
         logits = torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])  # (H, T, T)

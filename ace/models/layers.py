@@ -70,50 +70,67 @@ class TextProjection(nn.Module):
         return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
 
 
-class SelfAttention(nn.Module):
+def _qk_norms(dim: int, qk_norm: bool, share: bool) -> tuple[nn.Module, nn.Module | None]:
+    """(norm_q, norm_k). ``share``: no norm_k; k is normalised with norm_q, as the released
+    model does (ACE_REFERENCE section 4), so fine-tuning trains the one weight it has."""
+    if not qk_norm:
+        return nn.Identity(), nn.Identity()
+    return RMSNorm(dim), (None if share else RMSNorm(dim))
+
+
+class _QKNormed(nn.Module):
+    """What both attentions share: q/k norms, k's possibly q's (``_qk_norms``)."""
+
+    norm_q: nn.Module
+    norm_k: nn.Module | None
+
+    def key_norm(self, k: Tensor) -> Tensor:
+        """k's norm: its own, or q's where shared (the released model)."""
+        return (self.norm_q if self.norm_k is None else self.norm_k)(k)
+
+
+class SelfAttention(_QKNormed):
     """Self-attention among all image tokens of a sample, with 3D RoPE and q/k RMSNorm.
 
     q, k, v are one fused projection (stored as ``qkv``, q/k/v stacked on dim 0).
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, share_qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim) if qk_norm else nn.Identity()
+        self.norm_q, self.norm_k = _qk_norms(dim, qk_norm, share_qk_norm)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, layout: SegmentLayout, backend: str
     ) -> Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (T, d) each
-        q, k = self.norm_q(q), self.norm_k(k)  # norms over the full d, before the head split
+        q, k = self.norm_q(q), self.key_norm(k)  # norms over the full d, before the head split
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))  # (T, H, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = segment_attention(q, k, v, layout, backend)  # (T, H, D)
         return self.proj(out.flatten(1))  # (T, d)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_QKNormed):
     """Each frame's tokens read only the tokens of the text paired with that frame; no RoPE.
 
     k and v are one fused projection (stored as ``kv``, k/v stacked on dim 0).
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, share_qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim) if qk_norm else nn.Identity()
+        self.norm_q, self.norm_k = _qk_norms(dim, qk_norm, share_qk_norm)
 
     def forward(self, x: Tensor, y: Tensor, layout: SegmentLayout, backend: str) -> Tensor:
         q = self.norm_q(self.q(x))  # (T, d)
         k, v = self.kv(y).chunk(2, dim=-1)  # (Tt, d) each
-        k = self.norm_k(k)
+        k = self.key_norm(k)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))  # (T|Tt, H, D)
         out = segment_attention(q, k, v, layout, backend)  # (T, H, D)
         return self.proj(out.flatten(1))  # (T, d)
@@ -137,11 +154,13 @@ def layer_norm(x: Tensor) -> Tensor:
 class ACEBlock(nn.Module):
     """PixArt adaLN-single block: modulated self-attention, plain cross-attention, modulated MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, share_qk_norm: bool = False
+    ):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
-        self.attn = SelfAttention(dim, num_heads, qk_norm)
-        self.cross_attn = CrossAttention(dim, num_heads, qk_norm)
+        self.attn = SelfAttention(dim, num_heads, qk_norm, share_qk_norm)
+        self.cross_attn = CrossAttention(dim, num_heads, qk_norm, share_qk_norm)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, y: Tensor, t0: Tensor, packed, backend: str) -> Tensor:

@@ -29,10 +29,12 @@ PRESETS: dict[str, dict] = {
     "ace-0.6b-512": dict(
         in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
         text_dim=4096, rope_max_len=1024, qk_norm=True, pred_sigma=True, num_indicators=10,
+        share_qk_norm=True,
     ),
     "ace-0.6b-1024": dict(
         in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
         text_dim=4096, rope_max_len=4096, qk_norm=True, pred_sigma=True, num_indicators=10,
+        share_qk_norm=True,
     ),
     # for tests, examples and the CPU demo; head dim 12 gives RoPE 2/2/2 pairs
     "tiny": dict(
@@ -59,7 +61,7 @@ def _check_config(args: dict) -> None:
     r = args["mlp_ratio"]
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
         raise ValueError(f"mlp_ratio must be a number > 0, got {r!r}")
-    for name in ("qk_norm", "pred_sigma"):
+    for name in ("qk_norm", "pred_sigma", "share_qk_norm"):
         if not isinstance(args[name], bool):
             raise ValueError(f"{name} must be true or false, got {args[name]!r}")
 
@@ -80,6 +82,8 @@ class ACETransformer(ModelMixin, ConfigMixin):
         pred_sigma: the output also holds a learned-sigma half (2C channels), dropped by
             ``forward``; kept for weight compatibility.
         num_indicators: rows of the image-indicator table; at most this many frames.
+        share_qk_norm: normalise k with q's norm weight (no ``norm_k``), as the released
+            model does; its presets set it, so that fine-tuning trains what it trained.
 
     Use ``ACETransformer.from_preset("ace-0.6b-512")`` for the released architecture.
     """
@@ -102,6 +106,7 @@ class ACETransformer(ModelMixin, ConfigMixin):
         qk_norm: bool = True,
         pred_sigma: bool = True,
         num_indicators: int = 10,
+        share_qk_norm: bool = False,
     ):
         super().__init__()
         _check_config(locals())
@@ -119,7 +124,7 @@ class ACETransformer(ModelMixin, ConfigMixin):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.y_embedder = TextProjection(text_dim, d)
         self.blocks = nn.ModuleList(
-            ACEBlock(d, num_heads, mlp_ratio, qk_norm) for _ in range(depth)
+            ACEBlock(d, num_heads, mlp_ratio, qk_norm, share_qk_norm) for _ in range(depth)
         )
         self.final_layer = FinalLayer(d, p, self.out_channels)
         self.gradient_checkpointing = False
