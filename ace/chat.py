@@ -9,6 +9,7 @@ second = chat("make {image} blue")  # {image} is the previous output
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ace.lcu import LCU, MAX_INPUT_IMAGES, ConditionUnit
@@ -105,7 +106,7 @@ class ChatSession:
             history=lcu.history,
             **{**self.defaults, **kwargs},
         )
-        self.history.append(lcu.current)
+        self.history.append(replace(lcu.current, task=lcu.task))  # the turn's own task
         # a copy: drawing on the returned image must not change the next turn's input
         self.outputs.append(out.images[0].copy())
         return out.images[0]

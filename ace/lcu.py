@@ -156,10 +156,16 @@ class ConditionUnit:
     """One mask or None per image, the image's size; None means no masks at all. A mask
     (``MaskLike``) marks the region to edit: PIL "L" or integer 0-255 (> 128, the released
     rule) or 0/1 (maximum 1), bool, or float [0, 1] (``conditioning.preprocess_mask``)."""
+    task: str = ""
+    """A history turn's task tag: its images are filled as that task's were (an inpainting
+    tag blanks them where masked, as the released code's per-image task list does). The
+    current turn's tag is ``LCU.task``; chat sessions record each turn's here."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.instruction, str):
             raise ValueError(f"instruction: expected a str, got {_describe(self.instruction)}")
+        if not isinstance(self.task, str):
+            raise ValueError(f"task: expected a str, got {_describe(self.task)}")
         self.images = _as_list(
             self.images, "images", "a list of RGB PIL images or (3, H, W) float tensors"
         )
@@ -205,8 +211,8 @@ class ConditionUnit:
         )
 
 
-TURN_KEYS = ("instruction", "images", "masks")
-TURN_EXPECTED = "a ConditionUnit or a dict with keys instruction, images, masks"
+TURN_KEYS = ("instruction", "images", "masks", "task")
+TURN_EXPECTED = "a ConditionUnit or a dict with keys instruction, images, masks, task"
 
 
 def as_condition_unit(turn: Any, what: str) -> ConditionUnit:

@@ -100,21 +100,22 @@ def prepare_lcu(lcu: LCU, max_seq_len: int, size: tuple[int, int] | None = None)
     """Preprocess an LCU as the released code does (ACE_REFERENCE section 2).
 
     Images: centre crop to aspect <= 4, bicubic resize to a token budget, [-1, 1]; masks
-    cropped and resized with their image, binarised, all-zero or None = whole image. For
-    an inpainting LCU (``INPAINTING_TASKS``) the masked pixels of the current turn's
-    images are set to -1, an image without a mask wholly, as the released code does (its
-    per-image task list holds the request's task for those); history images, whose turns'
-    tasks an LCU does not keep, are blanked only where a mask is given. The target is
+    cropped and resized with their image, binarised, all-zero or None = whole image. An
+    image whose turn has an inpainting task (``INPAINTING_TASKS``; the current turn's is
+    ``lcu.task``, a history turn's its ``ConditionUnit.task``) has its masked pixels set to
+    -1, an image without a mask wholly, as the released code does with its per-image task
+    list (history tasks first, then the request's). The target is
     ``size`` when given (a pipeline's height and width), else the size of the LCU's first
     image; its mask is that image's mask, resized to the target's size with nearest
     neighbours. Without images ``size`` is required and the mask is all ones.
     """
     images, masks = [], []
-    first_current = len(lcu.images) - len(lcu.current.images)
-    for k, (image, mask) in enumerate(zip(lcu.images, lcu.masks)):
+    tasks = [cu.task for cu in lcu.history for _ in cu.images]  # each image's turn's task
+    tasks += [lcu.task] * len(lcu.current.images)
+    for image, mask, task in zip(lcu.images, lcu.masks, tasks):
         x = preprocess_image(image, max_seq_len)  # (3, H, W)
         m = preprocess_mask(mask, tuple(x.shape[1:]))  # (1, H, W); None -> ones
-        if lcu.task in INPAINTING_TASKS and (k >= first_current or mask is not None):
+        if task in INPAINTING_TASKS:
             x = fill_masked(x, m)
         images.append(x)
         masks.append(m)

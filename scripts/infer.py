@@ -17,7 +17,7 @@
         --image previous.png --output out.png
 
 The history file is a list of turns, oldest first ("images" and "masks" optional; one mask
-path or null per image):
+path or null per image; "task": "inpainting" for a turn that was an inpainting request):
     [{"instruction": "make {image} red", "images": ["a.png"], "masks": [null]}]
 """
 
@@ -171,10 +171,11 @@ def load_history(path: str) -> list:
         raise UserError(f"history file {file} must hold a list of turns (objects)")
     out = []
     for i, turn in enumerate(turns):
-        unknown = set(turn) - {"instruction", "images", "masks"}
+        unknown = set(turn) - {"instruction", "images", "masks", "task"}
         if "instruction" not in turn or unknown:
             raise UserError(
-                f"history turn {i}: needs 'instruction' (and optional 'images', 'masks'); got {sorted(turn)}"
+                f"history turn {i}: needs 'instruction' (and optional 'images', 'masks', "
+                f"'task'); got {sorted(turn)}"
             )
         images = [load_image(file.parent / p, "RGB") for p in _paths(turn, "images", i, False)]
         masks = None  # "masks": null or absent -> no masks
@@ -182,7 +183,7 @@ def load_history(path: str) -> list:
             masks = _paths(turn, "masks", i, True)
             masks = [None if m is None else load_mask(file.parent / m) for m in masks]
         try:  # checked here, before the pipeline loads: counts, sizes, references
-            out.append(ConditionUnit(turn["instruction"], images, masks))
+            out.append(ConditionUnit(turn["instruction"], images, masks, turn.get("task", "")))
         except ValueError as e:
             raise UserError(f"history turn {i}: {e}") from e
     return out

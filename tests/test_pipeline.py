@@ -194,8 +194,7 @@ def test_a_task_that_looks_like_inpainting_but_is_not_is_warned(pipe):
 
 def test_inpainting_blanks_an_unmasked_current_image_wholly_as_released():
     """Released process_edit_image: a missing mask is all-zero, hence all-ones, and an
-    inpainting task sets every masked pixel to -1, so the whole image. History images
-    (their turns' tasks are not kept) are blanked only where masked."""
+    inpainting task sets every masked pixel to -1, so the whole image."""
     hist, cur = img(32, 32, 3), img(32, 32, 4)
     lcu = LCU(
         ConditionUnit("fill {image}", [cur]),
@@ -207,6 +206,30 @@ def test_inpainting_blanks_an_unmasked_current_image_wholly_as_released():
     assert torch.equal(prepared.images[0], preprocess_image(hist, 256))  # history: as it was
     plain = prepare_lcu(LCU(ConditionUnit("fill {image}", [cur])), 256)
     assert torch.equal(plain.images[0], preprocess_image(cur, 256))  # no inpainting: whole
+
+
+def test_history_images_are_filled_by_their_own_turns_task_as_released():
+    """Released: task = history tasks + [request task], one per image. A history turn that
+    was an inpainting request has its image blanked (wholly: no mask) whatever the current
+    task; a plain history turn keeps a masked image as it was under an inpainting request."""
+    hist, cur = img(32, 32, 3), img(32, 32, 4)
+    was_inpainting = ConditionUnit("fill {image}", [hist], task="inpainting")
+    prepared = prepare_lcu(LCU(ConditionUnit("now {image} blue", [cur]), [was_inpainting]), 256)
+    assert torch.equal(prepared.images[0], torch.full((3, 32, 32), -1.0))
+    assert torch.equal(prepared.images[1], preprocess_image(cur, 256))
+    plain = ConditionUnit("make {image} red", [hist], [box_mask(32, 32)])
+    lcu = LCU(ConditionUnit("fill {image}", [cur]), [plain], task="inpainting")
+    prepared = prepare_lcu(lcu, 256)
+    assert torch.equal(prepared.images[0], preprocess_image(hist, 256))  # its turn: not
+    assert torch.equal(prepared.images[1], torch.full((3, 32, 32), -1.0))
+
+
+def test_chat_keeps_each_turns_task_for_the_next(pipe):
+    chat = pipe.chat(height=32, width=32, num_inference_steps=1)
+    chat("a red square")
+    chat("fill {image}", masks=[box_mask(32, 32)], task="inpainting")
+    lcu = chat.lcu("now make {image} blue")
+    assert [cu.task for cu in lcu.history] == ["", "inpainting"] and lcu.task == ""
 
 
 def test_negative_prompt_replaces_only_the_last_image_text_as_released(pipe):
