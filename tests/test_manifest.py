@@ -62,7 +62,9 @@ def hand_lcus() -> list[LCU]:
             current=ConditionUnit("now make {image} green", [blue], [None]),
             history=[
                 ConditionUnit("a red square"),
-                ConditionUnit("put a blue box in {image}", [red], [mask((2, 2, 9, 9))]),
+                ConditionUnit(
+                    "put a blue box in {image}", [red], [mask((2, 2, 9, 9))], "inpainting"
+                ),
             ],
             target=solid((0, 200, 0), box=(2, 2, 9, 9)),
             target_mask=mask((0, 0, 23, 15)),
@@ -79,6 +81,7 @@ def assert_same_lcu(a: LCU, b: LCU) -> None:
     """Same instructions, task, and pixel arrays of every image, mask and target."""
     assert a.task == b.task
     assert [cu.instruction for cu in a.turns] == [cu.instruction for cu in b.turns]
+    assert [cu.task for cu in a.history] == [cu.task for cu in b.history]  # a history turn's tag
     assert [len(cu.images) for cu in a.turns] == [len(cu.images) for cu in b.turns]
     for x, y in zip([*a.images, *a.masks], [*b.images, *b.masks]):
         if x is None or y is None:
@@ -137,6 +140,7 @@ def test_record_layout_and_file_names(tmp_path):
                 "instruction": "put a blue box in {image}",
                 "images": ["images/chain_t1_i0.png"],
                 "masks": ["images/chain_t1_m0.png"],
+                "task": "inpainting",  # written only when a turn has one
             },
             {"instruction": "now make {image} green", "images": ["images/chain_t2_i0.png"], "masks": [None]},
         ],

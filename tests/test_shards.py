@@ -40,7 +40,10 @@ def numbered(n: int) -> list[LCU]:
         else:
             lcu = LCU(
                 ConditionUnit(f"lcu {i} {{image}}", [im], [None]),
-                history=[ConditionUnit("before"), ConditionUnit("then {image}", [im])],
+                history=[
+                    ConditionUnit("before"),
+                    ConditionUnit("then {image}", [im], task="inpainting"),
+                ],
                 target=im,
                 target_mask=mask,
                 task="multi_turn",
@@ -55,6 +58,7 @@ def name(lcu: LCU) -> str:
 
 def assert_same_lcu(a: LCU, b: LCU) -> None:
     assert a.task == b.task and a.instructions() == b.instructions()
+    assert [cu.task for cu in a.history] == [cu.task for cu in b.history]
     frames_a = [a.target, a.target_mask, *a.images, *a.masks]
     frames_b = [b.target, b.target_mask, *b.images, *b.masks]
     assert len(frames_a) == len(frames_b)
@@ -125,7 +129,12 @@ def test_sample_layout(tmp_path):
     assert record == {
         "turns": [
             {"instruction": "before", "images": [], "masks": []},
-            {"instruction": "then {image}", "images": ["t1_i0.png"], "masks": [None]},
+            {
+                "instruction": "then {image}",
+                "images": ["t1_i0.png"],
+                "masks": [None],
+                "task": "inpainting",
+            },
             {"instruction": "lcu 2 {image}", "images": ["t2_i0.png"], "masks": [None]},
         ],
         "target": "target.png",

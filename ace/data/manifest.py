@@ -83,7 +83,8 @@ def write_lcu(lcu: LCU, root: Path, name: str) -> dict[str, Any]:
             None if mk is None else _save(mk, "L", root, f"{stem}_m{k}.png")
             for k, mk in enumerate(cu.masks)
         ]
-        turns.append({"instruction": cu.instruction, "images": images, "masks": masks})
+        turn = {"instruction": cu.instruction, "images": images, "masks": masks}
+        turns.append({**turn, "task": cu.task} if cu.task else turn)  # a history turn's tag
     mask, stem = lcu.target_mask, f"images/{name}_target"
     return {
         "turns": turns,
@@ -167,8 +168,9 @@ def _check_record(record: Any, line: int) -> None:
         fail("turns: expected a non-empty list of turns, got []")
     for t, turn in enumerate(record["turns"]):
         w = f"turns[{t}]"
-        fields(turn, w, ("instruction", "images"), ("masks",))
+        fields(turn, w, ("instruction", "images"), ("masks", "task"))
         need(turn["instruction"], str, f"{w}.instruction", "a string")
+        need(turn.get("task", ""), str, f"{w}.task", "a string")
         need(turn["images"], list, f"{w}.images", "a list of paths")
         for k, p in enumerate(turn["images"]):
             need(p, str, f"{w}.images[{k}]", "a path string")
@@ -219,7 +221,7 @@ def read_record(record: dict[str, Any], root: Path, line: int) -> LCU:
             for k, p in enumerate(turn.get("masks") or [None] * len(images))
         ]
         try:
-            units.append(ConditionUnit(turn["instruction"], images, masks))
+            units.append(ConditionUnit(turn["instruction"], images, masks, turn.get("task", "")))
         except ValueError as e:
             raise ValueError(f"line {line}: turns[{t}]: {e}") from e
     target = _load(root, record["target"], "RGB", line, "target")

@@ -119,7 +119,8 @@ def _shard_sample(ds: LCUManifest, i: int) -> dict[str, Any]:
             None if p is None else add(p, f"t{t}_m{k}.png", mk, "L")
             for k, (p, mk) in enumerate(zip(paths, cu.masks))
         ]
-        turns.append({"instruction": turn["instruction"], "images": images, "masks": masks})
+        out_turn = {"instruction": turn["instruction"], "images": images, "masks": masks}
+        turns.append({**out_turn, "task": turn["task"]} if turn.get("task") else out_turn)
     mask = record.get("target_mask")
     out: dict[str, Any] = {
         "turns": turns,
@@ -234,7 +235,7 @@ def sample_to_lcu(sample: Mapping[str, Any]) -> LCU:
             for k, p in enumerate(turn.get("masks") or [None] * len(images))
         ]
         try:
-            units.append(ConditionUnit(turn["instruction"], images, masks))
+            units.append(ConditionUnit(turn["instruction"], images, masks, turn.get("task", "")))
         except ValueError as e:
             raise ValueError(f"turns[{t}]: {e}") from e
     target = load(record["target"], "RGB", "target")
