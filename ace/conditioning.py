@@ -148,7 +148,9 @@ def preprocess_mask(
     ``mask``: PIL "L" or "1", or a tensor (1, H, W) / (H, W) that is bool, integer or
     float in [0, 1]. Integer and "L" masks are 0-255 (set where > 128, the released rule)
     unless their maximum is 1: a 0/1 mask (what saving a numpy 0/1 array gives), set where
-    1, which the released rule would read as empty. Floats are set where > 128/255.
+    1, which the released rule would read as empty. A mode "1" mask is read as 0/255
+    (the released code compares its bool array with 128, so it is empty there too).
+    Floats are set where > 128/255.
     Cropped like its image, resized nearest-exact. None or an all-zero result gives all
     ones (warned when the mask did mark pixels, all at 128 or below). ``image_size``, if
     given, is the image's original (H, W).

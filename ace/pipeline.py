@@ -239,7 +239,9 @@ class ACEPipeline(DiffusionPipeline):
                 "L" or integer 0-255: > 128, as released; 0/1 when the maximum is 1, which
                 the released rule reads as empty; bool; float in [0, 1]).
             history: a list of earlier turns, oldest first (ConditionUnits or dicts with
-                keys instruction, images, masks).
+                keys instruction, images, masks, task). Kept without ``images`` too: its
+                images are frames and the first sets the default size; the released code
+                ignores the history of a request without images (pass none for that).
             negative_prompt: the unconditional half's text for the target and the last
                 input image (released: it replaces the last entry of the per-image prompt
                 list); other images keep their instructions.
