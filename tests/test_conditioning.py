@@ -430,3 +430,50 @@ def test_valid_rows_of_prefix_and_scattered_masks():
     for mask in ([1, 1, 1, 0, 0, 0], [1] * 6, [0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 0, 1]):
         mask = torch.tensor(mask)
         assert torch.equal(_valid_rows(states, mask), states[mask.bool()])
+
+
+def released_process_edit_image(image, mask, task, max_seq_len=1024):
+    """The released ``process_edit_image`` written out step by step (ACE_REFERENCE section
+    2): centre crop to aspect 4 (Python rounding of the offsets), resize to the budget in
+    16 px squares (bicubic image, nearest mask), binarise > 128 (empty: all ones), scale
+    to [-1, 1], and -1 under the mask for an inpainting task."""
+    import math
+
+    mask = Image.new("L", image.size, 0) if mask is None else mask
+    w, h = image.size
+    crop_h, crop_w = (int(4 * w), w) if h / w > 4 else (h, int(4 * h)) if w / h > 4 else (h, w)
+    if (crop_h, crop_w) != (h, w):
+        top, left = round((h - crop_h) / 2.0), round((w - crop_w) / 2.0)  # half to even
+        box = (left, top, left + crop_w, top + crop_h)
+        image, mask = image.crop(box), mask.crop(box)
+    h, w = image.height, image.width
+    scale = min(1.0, math.sqrt(max_seq_len / ((h / 16) * (w / 16))))
+    size = (int(w * scale) // 16 * 16, int(h * scale) // 16 * 16)
+    if size != (w, h):
+        image = image.resize(size, Image.BICUBIC)
+        mask = mask.resize(size, Image.NEAREST)
+    m = np.asarray(mask) > 128
+    m = torch.from_numpy(m if m.any() else np.ones_like(m)).float()[None]  # (1, H, W)
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+    x = (x - 0.5) / 0.5
+    if task in ("inpainting", "Try On", "Inpainting"):
+        x[m.repeat(3, 1, 1) == 1] = -1.0
+    return x, m
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_prepare_lcu_equals_the_released_preprocessing(seed):
+    """Random sizes (some past 4:1), random 0-255 masks, an inpainting request: bit for bit."""
+    from ace.lcu import LCU, ConditionUnit
+    from ace.request import prepare_lcu
+
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(20, 700, 2))
+    if seed % 3 == 0:
+        w = 5 * h + int(rng.integers(0, 7))
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    mask = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
+    for task in ("inpainting", ""):
+        x, m = released_process_edit_image(image, mask, task)
+        prepared = prepare_lcu(LCU(ConditionUnit("{image}", [image], [mask]), task=task), 1024)
+        assert torch.equal(prepared.images[0], x) and torch.equal(prepared.masks[0], m)
