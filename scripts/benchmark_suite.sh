@@ -19,6 +19,10 @@
 # Never write a wrapper through an existing link to the interpreter: a wrapper written
 # through a symlink to python3 replaces python3 itself, and every later call hangs.
 set -u
+case "${1:-}" in  # the header above is the help
+  -h | --help) sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "benchmark_suite.sh: error: unknown option $1 (OUTDIR comes first; --help)" >&2; exit 2 ;;
+esac
 OUT=${1:?usage: scripts/benchmark_suite.sh OUTDIR [BUDGET_SECONDS]}
 BUDGET=${2:-600}
 mkdir -p "$OUT"

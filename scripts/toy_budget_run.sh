@@ -19,6 +19,10 @@
 # returns; the data, VAE, cache and checkpoints stay in $TOY_WORK. The interpreter is
 # $PYTHON (default python). Exits non-zero when a step fails.
 set -u -o pipefail
+case "${1:-}" in  # the header above is the help
+  -h | --help) sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "toy_budget_run.sh: error: unknown option $1 (OUTDIR comes first; --help)" >&2; exit 2 ;;
+esac
 OUT=${1:?usage: scripts/toy_budget_run.sh OUTDIR [BUDGET_SECONDS] [overrides...]}
 BUDGET=${2:-1800}
 if ! [[ $BUDGET =~ ^[0-9]+$ ]] || ((BUDGET < 60)); then
@@ -54,7 +58,15 @@ left() {
 echo "== 1. data, VAE, cache, 30 timed steps" | tee -a "$LOG"
 rm -rf "$WORK/calibrate"
 timeout "$(left)" $PY scripts/train.py "${SHARED[@]}" train.output_dir="$WORK/calibrate" \
-  train.max_steps=30 train.log_every=10 >>"$LOG" 2>&1 || { echo "calibration failed: see $LOG"; exit 1; }
+  train.max_steps=30 train.log_every=10 >>"$LOG" 2>&1 || {
+  code=$?
+  if ((code == 124)); then  # timeout's status: the budget ran out
+    echo "calibration ran out of the $BUDGET s budget (data, toy VAE, cache, 30 steps: about 10 minutes on a 2-core CPU): give more; see $LOG"
+  else
+    echo "calibration failed: see $LOG"
+  fi
+  exit 1
+}
 
 # steps/s of the last 20 steps (the first 10 include warm-up work), from the logged rows
 RATE=$($PY - "$WORK/calibrate/metrics.jsonl" <<'EOF'

@@ -149,3 +149,16 @@ def test_scripts_report_a_bad_device_in_one_line(script, argv, tmp_path, capsys)
     code, _, err = run_script(SCRIPTS / script, argv, capsys)
     assert not out.exists()
     assert code == 2 and err == f"{script}: error: --device 'nonsense' is not a torch device (cpu, cuda, cuda:1, xpu, mps ...)\n"  # fmt: skip
+
+
+@pytest.mark.parametrize("script", ["toy_budget_run.sh", "benchmark_suite.sh"])
+def test_shell_scripts_answer_help_and_refuse_an_option_as_outdir(script, tmp_path):
+    """--help printed mkdir's help and then ran every step with '--help' as OUTDIR."""
+    import subprocess
+
+    run = lambda *a: subprocess.run(["bash", str(SCRIPTS / script), *a], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # noqa: E731  # fmt: skip
+    shown = run("--help")
+    assert shown.returncode == 0 and f"scripts/{script} OUTDIR" in shown.stdout, shown.stderr
+    refused = run("--bogus")
+    assert refused.returncode == 2 and "unknown option --bogus" in refused.stderr
+    assert list(tmp_path.iterdir()) == []  # no OUTDIR named after the option
