@@ -172,9 +172,12 @@ def summary(rows: list[dict], timings: dict, info: dict) -> str:
     for r in rows:
         margin = r["model"] - r["baseline_psnr"]
         margin = "n/a" if math.isnan(margin) else f"{margin:+.2f} ± {r['se']:.2f}"
+        verdict = VERDICT[r["beats"]]
+        if r["beats"] is not None and r["n"] < 2:  # no standard error: a hint, not a verdict
+            verdict += " (1 sample)"
         lines.append(
             f"| {r['task']} | {r['n']} | {r['model']:.2f} | {r['baseline']} | "
-            f"{r['baseline_psnr']:.2f} | {margin} | {VERDICT[r['beats']]} | {r['ceiling']:.2f} | "
+            f"{r['baseline_psnr']:.2f} | {margin} | {verdict} | {r['ceiling']:.2f} | "
             f"{r['keep']:.2f} |"
         )
     lines += ["", "| step | seconds |", "| --- | --- |"]

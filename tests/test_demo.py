@@ -134,6 +134,7 @@ def test_verdicts_skip_missing_baselines():
     rows = {r["task"]: r for r in demo.verdicts(report)}
     assert rows["grayscale"]["beats"] is None and rows["grayscale"]["baseline"] == "n/a"
     assert (rows["edge_to_image"]["baseline"], rows["edge_to_image"]["beats"]) == ("copy", True)
-    assert "| grayscale | 1 | 12.00 | n/a | nan | n/a | n/a | nan | 1.00 |" in demo.summary(
-        list(rows.values()), {"x": 1.0}, {"machine": "m"}
-    )
+    text = demo.summary(list(rows.values()), {"x": 1.0}, {"machine": "m"})
+    assert "| grayscale | 1 | 12.00 | n/a | nan | n/a | n/a | nan | 1.00 |" in text
+    # one sample: no standard error, so the verdict says what it rests on
+    assert "| edge_to_image | 1 | 12.00 | copy | 3.00 | +9.00 ± nan | yes (1 sample) |" in text

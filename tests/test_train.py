@@ -469,7 +469,7 @@ def test_toy_n_against_an_existing_manifest_of_another_size_is_warned(data):
     from ace.train.config import DataConfig
     from ace.train.data import build_dataset
 
-    with pytest.warns(UserWarning, match=r"data\.toy_n=8, but .* already holds 16 LCUs"):
+    with pytest.warns(UserWarning, match=r"data\.toy_n=8 is not used: .* already holds 16 LCUs"):
         assert len(build_dataset(DataConfig(manifest=str(data), toy_n=8))) == 16
     for toy_n in (0, 16):
         with warnings.catch_warnings(record=True) as seen:

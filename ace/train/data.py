@@ -66,8 +66,9 @@ def build_dataset(cfg: DataConfig, accelerator=None):
         raise ValueError(f"data.manifest: {manifest} holds no LCUs")
     if cfg.toy_n > 0 and len(dataset) != cfg.toy_n and is_main:
         warnings.warn(  # toy_n makes a manifest only where there is none
-            f"data.toy_n={cfg.toy_n}, but {manifest} already holds {len(dataset)} LCUs; "
-            "training on those (delete it, or give a new data.manifest, to make a new toy split)",
+            f"data.toy_n={cfg.toy_n} is not used: {manifest} already holds {len(dataset)} "
+            "LCUs, which this run trains on (toy_n makes a toy split only where there is no "
+            "manifest; set data.toy_n=0 to say so)",
             stacklevel=2,
         )
     return dataset
