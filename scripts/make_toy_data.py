@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tasks",
         nargs="+",
         default=None,
-        help="tasks to draw from, comma- or space-separated (default: all)",
+        help="tasks to draw from, comma- or space-separated, in the training mix's "
+        "proportions (a rare one may not come up in a small --n) (default: all)",
     )
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     p.add_argument("--split", choices=("train", "eval"), default="train", help="seed space")
