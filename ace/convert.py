@@ -11,8 +11,9 @@ The released DiT comes in two spellings:
 ``official_dit_to_ace`` maps either to the keys of ``ace.models.ACETransformer``
 (fused ``attn.qkv`` and ``cross_attn.kv``; ``proj`` for output projections). The
 released code normalises q AND k with ``norm_q`` (its ``norm_k`` weights are never
-used); the converter copies ``norm_q`` into ``norm_k``, so our model, which uses each
-norm for its own input, computes exactly what the released one does.
+used). For a model with ``share_qk_norm`` (the released presets) the converter drops
+``norm_k``: the model does the same, and fine-tuning trains the one weight. For a model
+without it, the converter copies ``norm_q`` into ``norm_k``, which computes the same.
 """
 
 from __future__ import annotations

@@ -174,6 +174,8 @@ class ReferenceDiT(nn.Module):
         share_qk_norm=True,  # the released model's only way: k uses norm_q (norm_k is stored)
     ):
         super().__init__()
+        if not share_qk_norm:
+            raise ValueError("ReferenceDiT is the released model: k always uses norm_q")
         d, p = hidden_size, patch_size
         if d % num_heads or (d // num_heads) % 2:
             raise ValueError(f"hidden_size {d} must split into {num_heads} heads of even size")

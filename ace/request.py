@@ -27,7 +27,8 @@ from ace.lcu import LCU
 T = TypeVar("T")
 
 INPAINTING_TASKS = ("inpainting", "Inpainting", "Try On")
-"""Task tags whose current-turn images are blanked where masked (the released list)."""
+"""Task tags whose turn's images are blanked where masked (the released list): the
+request's for the current turn, ``ConditionUnit.task`` for a history turn."""
 
 
 def unconditional_texts(frame_texts: list[T], empty: T) -> list[T]:

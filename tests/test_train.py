@@ -564,6 +564,11 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(data, tmp_path):
         (out / "metrics.jsonl").write_text('{"step": 1}\n')  # the busy run, before its checkpoint
         with pytest.raises(ValueError, match=busy):  # not "stopped before its first checkpoint"
             Trainer(load_config(CONFIG, args(data, out, 2)))
+        from ace.train.trainer import check_output_dir
+
+        with pytest.MonkeyPatch.context() as env:  # torchrun's other ranks leave it to rank 0
+            env.setenv("RANK", "1")
+            check_output_dir(load_config(CONFIG, args(data, out, 2)))
         (out / "metrics.jsonl").unlink()
     finally:
         holder.kill()

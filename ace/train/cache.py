@@ -63,7 +63,8 @@ from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
 BUILDING_FILE = "building.json"  # the fingerprint and shard size of a build in progress
-FORMAT = 6  # 6: 0/1 PIL masks read as 0/1 (preprocess_mask). Bump when what a shard holds, or the fingerprint means, changes
+FORMAT = 7  # 6: 0/1 PIL masks read as 0/1; 7: history images filled by their own turn's
+# task (prepare_lcu). Bump when what a shard holds, or the fingerprint means, changes
 CHUNK = 32  # LCUs per encoder call while building
 
 

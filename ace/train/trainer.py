@@ -275,8 +275,9 @@ def check_output_dir(cfg: Config) -> None:
     parent = nearest_existing(out)
     if not parent.is_dir():
         raise ValueError(f"train.output_dir {out}: {parent} is a file, not a directory")
-    if os.environ.get("RANK", "0") == "0":  # the main process (torchrun sets RANK)
-        check_free(out)
+    if os.environ.get("RANK", "0") != "0":  # torchrun sets RANK: the main process alone
+        return  # checks what is there (and stops the others by failing)
+    check_free(out)
     if cfg.train.resume is None and out.is_dir():
         held = sorted(p.name for p in out.iterdir() if p.name == "metrics.jsonl" or CHECKPOINT.match(p.name))  # fmt: skip
         if held and not any(CHECKPOINT.match(h) for h in held):  # it stopped before one
