@@ -478,8 +478,8 @@ def test_toy_n_against_an_existing_manifest_of_another_size_is_warned(data):
         assert not [w for w in seen if "toy_n" in str(w.message)]
 
 
-def test_a_resume_on_changed_records_is_warned(data, tmp_path):
-    """The same records resume silently; edited ones warn that the order is not exact."""
+def test_a_resume_on_a_changed_manifest_is_warned(data, tmp_path):
+    """The same manifest resumes silently; an edited one warns that the order is not exact."""
     import warnings
 
     own = tmp_path / "data"
@@ -489,11 +489,11 @@ def test_a_resume_on_changed_records_is_warned(data, tmp_path):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         Trainer(load_config(CONFIG, [*args(own, out, 4), "train.resume=latest"])).train()
-    assert not [w for w in seen if "records differ" in str(w.message)]
+    assert not [w for w in seen if "manifest differs" in str(w.message)]
     manifest = own / "manifest.jsonl"
     lines = manifest.read_text().splitlines()
     manifest.write_text("\n".join(lines[:-1]) + "\n")  # one record fewer
-    with pytest.warns(UserWarning, match=r"records differ .* \(16 records then, 15 now\)"):
+    with pytest.warns(UserWarning, match=r"manifest differs .* \(16 records then, 15 now\)"):
         Trainer(load_config(CONFIG, [*args(own, out, 5), "train.resume=latest"])).train()
 
 

@@ -330,7 +330,8 @@ class Trainer:
             if cfg.data.manifest and not cfg.data.shards
             else None
         )
-        self.data_digest = records_digest(dataset) if dataset is not None else None
+        main = self.accelerator.is_main_process  # the one that writes and checks it
+        self.data_digest = records_digest(dataset) if dataset is not None and main else None
         tokenizer, text_encoder, vae, transformer = build_components(cfg, self.accelerator, dataset)
         self.tokenizer = tokenizer
         device = self.accelerator.device
@@ -702,7 +703,7 @@ class Trainer:
         then = state.get("data")
         if then is not None and self.data_digest is not None and then != self.data_digest:
             warnings.warn(  # extending a dataset is legitimate; only exactness is lost
-                f"train.resume: the manifest's records differ from those {path} was trained "
+                f"train.resume: the manifest differs from the one {path} was trained "
                 f"on ({then.split(':')[0]} records then, {self.data_digest.split(':')[0]} now): "
                 "the resumed run will not see the samples an uninterrupted run would have",
                 stacklevel=2,
