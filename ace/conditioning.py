@@ -88,6 +88,12 @@ def _crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     return round((height - crop_h) / 2), round((width - crop_w) / 2), crop_h, crop_w
 
 
+def vae_factor_of(vae_config) -> int:
+    """Pixels per latent pixel along each side of an ``AutoencoderKL`` with this config (or
+    its ``config.json`` as a dict): 8 for the released (SD) VAE, 4 for the toy one."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def resize_budget(rope_max_len: int, vae_factor: int, patch_size: int) -> int:
     """The ``max_seq_len`` of ``target_size`` (counted in 16 px squares, as the released
     resize counts) that keeps an image within ``rope_max_len`` tokens of
@@ -280,7 +286,7 @@ class ConditionTokenizer:
     @property
     def vae_factor(self) -> int:
         """Pixels per latent pixel along each side: 8 for the released (SD) VAE."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor_of(self.vae.config)
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """One tokenizer call, one encoder call: hidden (B, N, E) and attention mask (B, N)."""

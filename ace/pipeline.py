@@ -39,6 +39,7 @@ from ace.conditioning import (
     postprocess,
     resize_budget,
     to_numpy,
+    vae_factor_of,
 )
 from ace.diffusion import apply_guidance
 from ace.lcu import LCU, ConditionUnit, as_history
@@ -52,6 +53,7 @@ from ace.request import (  # noqa: F401 (public here too)
     PreparedLCU,
     check_inputs,
     check_size,
+    largest_square,
     prepare_lcu,
     unconditional_texts,
 )
@@ -139,13 +141,12 @@ class ACEPipeline(DiffusionPipeline):
         weights load), so a request's size can be checked first."""
         t = json.loads((Path(path) / "transformer" / "config.json").read_text())
         v = json.loads((Path(path) / "vae" / "config.json").read_text())
-        factor = 2 ** (len(v["block_out_channels"]) - 1)
-        return resize_budget(t["rope_max_len"], factor, t["patch_size"])
+        return resize_budget(t["rope_max_len"], vae_factor_of(v), t["patch_size"])
 
     @property
     def default_size(self) -> int:
         """The square text-to-image side that fills the token budget: 512 px for the 512px model."""
-        return int(self.max_seq_len**0.5) * 16
+        return largest_square(self.max_seq_len)
 
     @staticmethod
     def build_lcu(instruction: str, images=None, masks=None, history=None, task: str = "") -> LCU:

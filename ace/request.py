@@ -81,6 +81,12 @@ class PreparedLCU:
     target_mask: Tensor  # (1, H, W)
 
 
+def largest_square(max_seq_len: int) -> int:
+    """The side in pixels of the largest square within a budget of ``max_seq_len`` squares
+    of 16 px: 512 for the 512 px model's 1024."""
+    return int(max_seq_len**0.5) * 16
+
+
 def check_size(height: int | None, width: int | None, max_seq_len: int) -> None:
     """ValueError when a requested target size exceeds the model's budget of
     ``max_seq_len`` squares of 16 px (``ACEPipeline.max_seq_len``): its tokens would not fit
@@ -89,7 +95,7 @@ def check_size(height: int | None, width: int | None, max_seq_len: int) -> None:
         return
     squares = (height // 16) * (width // 16)
     if squares > max_seq_len:
-        side = int(max_seq_len**0.5) * 16
+        side = largest_square(max_seq_len)
         raise ValueError(
             f"height x width = {height} x {width} is {squares} squares of 16 px, more than "
             f"this model's {max_seq_len} (at most {side} x {side} for a square); ask for a "

@@ -28,7 +28,9 @@ except ImportError:  # Windows
 LOCK_NAME = ".lock"
 
 
-def _busy(out: Path, holder: str) -> ValueError:
+def _busy(out: Path, fd: int) -> ValueError:
+    """The refusal, naming the pid the holder wrote into the lock file ``fd``."""
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
     return ValueError(
         f"train.output_dir {out} is in use by another run (pid {holder}); wait for it to "
         "finish, or give another train.output_dir"
@@ -49,9 +51,7 @@ def check_free(out: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
     except BlockingIOError:
-        raise _busy(
-            out, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        ) from None
+        raise _busy(out, fd) from None
     finally:
         os.close(fd)
 
@@ -70,9 +70,7 @@ def run_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _busy(
-                out, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            ) from None
+            raise _busy(out, fd) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
