@@ -670,25 +670,66 @@ def test_skipped_samples_survive_a_resume(tmp_path):
     assert straight == split and straight[-1] == 2  # 1 bad of 4, 2 epochs
 
 
-def test_ema_under_fsdp_is_refused_before_anything_is_made(tmp_path, monkeypatch):
-    """The README said EMA is not supported with FSDP, but nothing refused it, and both
-    released recipes enable EMA. FSDP runs on GPUs only, so its distributed type is faked."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+def test_fsdp_full_shard_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data, tmp_path):
+    """Real FSDP across two CPU ranks (tests/_fsdp_cpu.py: configs/accelerate/fsdp.yaml's
+    FULL_SHARD, one unit per ACEBlock, sharded checkpoints) with EMA, each rank averaging
+    its own shard and saving it to its own file. The reference is DDP, where every rank
+    holds the whole model: 4 FSDP steps, then a resume from the sharded checkpoint to 6,
+    must log DDP's 6 losses and export DDP's EMA weights."""
 
-    import ace.train.trainer as trainer_module
+    def torchrun(script, out, steps, *extra):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29531", str(script), *(["--config"] if script.name == "train.py" else []),
+            str(CONFIG), *args(data, out, steps, "data.batch_size=2", "train.checkpoint_every=2",
+                               "ema.enabled=true", "ema.decay=0.5", *extra),
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
 
-    class FSDPAccelerator(Accelerator):
-        @property
-        def distributed_type(self):
-            return DistributedType.FSDP
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 4)
+    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 6, "train.resume=latest")
+    torchrun(ROOT / "scripts" / "train.py", ddp, 6)
+    checkpoint = fsdp / "checkpoint-6"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # accelerate's sharded layout
+    shards = [load_file(checkpoint / f"ema_shard_{r}.safetensors") for r in (0, 1)]
+    total = sum(t.numel() for t in weights(ddp).values())  # every parameter, once
+    assert [sum(t.numel() for t in s.values()) for s in shards] != [total, 0]  # both hold some
+    assert sum(t.numel() for s in shards for t in s.values()) == total  # and nothing twice
+    assert json.loads((fsdp / "ranks.json").read_text())["in_sync"] is None
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-6)
+    a, b = weights(fsdp), weights(ddp)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    # bf16: FSDP's mixed precision cast the root forward's float inputs to bf16 by default,
+    # which rounded the DDPM timesteps (999 became 1000) where DDP and the sampler keep them
+    torchrun(ROOT / "tests" / "_fsdp_cpu.py", tmp_path / "bf16", 1, "train.mixed_precision=bf16")
+    assert json.loads((tmp_path / "bf16" / "timestep_dtypes.json").read_text()) == ["torch.float32"]
 
-    monkeypatch.setattr(trainer_module, "Accelerator", FSDPAccelerator)
-    out = tmp_path / "out"
-    cfg = load_config(CONFIG, ["ema.enabled=true", f"train.output_dir={out}"])
-    with pytest.raises(ValueError, match=r"ema\.enabled=true is not supported with FSDP"):
-        Trainer(cfg)
-    assert not out.exists()
+
+def test_an_ema_shard_round_trips_and_a_wrong_one_is_named(tmp_path):
+    """ace/train/ema.py: a rank's EMA state (shadow tensors, step counter) comes back
+    exactly; a missing file or a shard of another shape is a ValueError naming the file."""
+    from diffusers.training_utils import EMAModel
+
+    from ace.train.ema import load_ema_shard, save_ema_shard
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.zeros(0))]
+    ema = EMAModel(params, decay=0.9)
+    for _ in range(3):
+        params[0].data.add_(1.0)
+        ema.step(params)
+    save_ema_shard(ema, tmp_path, rank=1)
+    back = EMAModel([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(0))])
+    load_ema_shard(back, tmp_path, 1, "cpu")
+    assert back.optimization_step == 3 and back.decay == 0.9
+    assert all(torch.equal(x, y) for x, y in zip(back.shadow_params, ema.shadow_params))
+    with pytest.raises(ValueError, match=r"ema_shard_0\.safetensors is missing"):
+        load_ema_shard(back, tmp_path, 0, "cpu")
+    other = EMAModel([torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(0))])
+    with pytest.raises(ValueError, match=r"ema_shard_1\.safetensors does not match"):
+        load_ema_shard(other, tmp_path, 1, "cpu")
 
 
 def test_a_preset_that_cannot_read_the_vae_is_named_before_training(data, tmp_path):

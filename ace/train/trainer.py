@@ -41,6 +41,7 @@ from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
 from ace.train.config import Config, to_dict
 from ace.train.data import build_dataset, make_batches, records_digest
+from ace.train.ema import load_ema_shard, save_ema_shard
 from ace.train.lock import check_free, run_lock
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -293,6 +294,18 @@ def check_output_dir(cfg: Config) -> None:
             )
 
 
+def keep_float_inputs(fsdp_plugin) -> None:
+    """FSDP's mixed precision casts the root forward's float inputs to its param_dtype by
+    default: under bf16 the timesteps were rounded (999 became 1000, spacing 4 past 512),
+    which neither DDP's autocast nor the sampler does. The model casts its tokens and
+    texts to its own dtype itself, so the root cast is turned off."""
+    from torch.distributed.fsdp import MixedPrecision  # FSDP1's (FSDP2's is frozen)
+
+    policy = getattr(fsdp_plugin, "mixed_precision_policy", None)
+    if isinstance(policy, MixedPrecision):
+        policy.cast_root_forward_inputs = False
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -314,12 +327,7 @@ class Trainer:
             log_with=list(t.trackers) or None,
             project_dir=str(Path(t.output_dir) / "logs"),
         )
-        if cfg.ema.enabled and self.accelerator.distributed_type == DistributedType.FSDP:
-            # the EMA copy would follow each rank's shard and is never gathered for export
-            raise ValueError(
-                "ema.enabled=true is not supported with FSDP; add ema.enabled=false (the "
-                "released recipes enable EMA)"
-            )
+        self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
         ensure_vae(cfg, self.accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
@@ -375,14 +383,19 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(lr_factor, warmup=warmup, decay=o.decay, total=t.max_steps)
         )
+        if self.fsdp:
+            keep_float_inputs(self.accelerator.state.fsdp_plugin)
         self.model, self.optimizer, self.schedule = self.accelerator.prepare(
             transformer, optimizer, schedule
         )
         self.ema = None
         if cfg.ema.enabled:
-            self.ema = EMAModel(self.unwrapped.parameters(), decay=cfg.ema.decay)
+            # of this rank's shard under FSDP (ace/train/ema.py): self.model's parameters
+            # are every parameter FSDP manages, whatever its use_orig_params
+            self.ema = EMAModel(self.model.parameters(), decay=cfg.ema.decay)
             self.ema.to(device)
-            self.accelerator.register_for_checkpointing(self.ema)
+            if not self.fsdp:  # the main process saves it; under FSDP each rank its shard
+                self.accelerator.register_for_checkpointing(self.ema)
         if hasattr(self.batches, "state_dict"):  # a stream: its position goes into every checkpoint
             self.accelerator.register_for_checkpointing(self.batches)
         self.step = 0
@@ -507,7 +520,7 @@ class Trainer:
                 "every sample failed to load (see the warnings): is the data there?"
             )
         if stepped and self.ema is not None:
-            self.ema.step(self.unwrapped.parameters())
+            self.ema.step(self.model.parameters())
         return loss_sum, tokens, samples, finite and loaded
 
     @property
@@ -603,7 +616,7 @@ class Trainer:
             local = torch.stack([p.double().sum() for p in self.unwrapped.parameters()]).sum()
         sums = acc.gather(local.reshape(1).to(acc.device)).tolist()
         in_sync = len(set(sums)) == 1
-        if acc.distributed_type == DistributedType.FSDP:
+        if self.fsdp:
             in_sync = None
         if acc.is_main_process:
             (self.out / "ranks.json").write_text(
@@ -623,6 +636,8 @@ class Trainer:
         acc.wait_for_everyone()
         skipped = self.skipped_at_position()
         acc.save_state(str(tmp))
+        if self.fsdp and self.ema is not None:
+            save_ema_shard(self.ema, tmp, acc.process_index)
         acc.wait_for_everyone()  # every rank's files (random_states_{rank}) are in tmp
         if acc.is_main_process:
             self.write_config(tmp)  # the checkpoint's own: what a resume is checked against
@@ -708,10 +723,12 @@ class Trainer:
                 "the resumed run will not see the samples an uninterrupted run would have",
                 stacklevel=2,
             )
-        if self.accelerator.distributed_type == DistributedType.FSDP:
+        if self.fsdp:
             self._materialise_optimizer_state()
         self.accelerator.load_state(str(path))
-        if self.ema is not None:  # accelerate loads custom states onto the CPU
+        if self.ema is not None and self.fsdp:
+            load_ema_shard(self.ema, path, self.accelerator.process_index, self.accelerator.device)
+        elif self.ema is not None:  # accelerate loads custom states onto the CPU
             self.ema.to(self.accelerator.device)
         self._follow_schedule()
         self.step, self.nonfinite = state["step"], state["nonfinite"]
@@ -766,9 +783,9 @@ class Trainer:
         acc.wait_for_everyone()
         target = self.out / "pipeline"
         model = self.unwrapped
-        if self.ema is not None:
-            self.ema.store(model.parameters())
-            self.ema.copy_to(model.parameters())
+        if self.ema is not None:  # under FSDP into each rank's shard, gathered below
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
         # every rank takes part: FSDP gathers the shards here
         state = acc.get_state_dict(self.model)
         if acc.is_main_process:
@@ -788,6 +805,6 @@ class Trainer:
             os.replace(tmp, target)
             fsync_dir(self.out)
         if self.ema is not None:  # after saving: the state dict shares the parameters' storage
-            self.ema.restore(model.parameters())
+            self.ema.restore(self.model.parameters())
         acc.wait_for_everyone()
         return target
