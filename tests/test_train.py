@@ -673,9 +673,10 @@ def test_skipped_samples_survive_a_resume(tmp_path):
 def test_fsdp_full_shard_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data, tmp_path):
     """Real FSDP across two CPU ranks (tests/_fsdp_cpu.py: configs/accelerate/fsdp.yaml's
     FULL_SHARD, one unit per ACEBlock, sharded checkpoints) with EMA, each rank averaging
-    its own shard and saving it to its own file. The reference is DDP, where every rank
-    holds the whole model: 4 FSDP steps, then a resume from the sharded checkpoint to 6,
-    must log DDP's 6 losses and export DDP's EMA weights."""
+    its own shard and saving it to its own file, and gradient checkpointing around the
+    FSDP units. The reference is DDP, where every rank holds the whole model (and nothing is
+    recomputed): 4 FSDP steps, then a resume from the sharded checkpoint to 6, must log
+    DDP's 6 losses and export DDP's EMA weights."""
 
     def torchrun(script, out, steps, *extra):
         cmd = [
@@ -688,8 +689,9 @@ def test_fsdp_full_shard_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data,
         assert result.returncode == 0, result.stderr[-3000:]
 
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 4)
-    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 6, "train.resume=latest")
+    recompute = "model.gradient_checkpointing=true"  # as the released 1024 px recipe
+    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 4, recompute)
+    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 6, recompute, "train.resume=latest")
     torchrun(ROOT / "scripts" / "train.py", ddp, 6)
     checkpoint = fsdp / "checkpoint-6"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # accelerate's sharded layout
