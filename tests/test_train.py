@@ -159,6 +159,37 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     ACEPipeline.from_pretrained(out / "pipeline")
 
 
+def test_two_nodes_of_one_process_on_one_machine(tmp_path):
+    """torchrun --nnodes 2 on one machine (the README's multi-node launch, shrunk): the
+    second node's process is its node's local main (LOCAL_RANK 0) but not the main process
+    (RANK 1). On the shared file system the run makes its toy data and embedding cache,
+    trains in step on both nodes, and leaves one set of checkpoints and one pipeline."""
+    out, made = tmp_path / "out", tmp_path / "data"
+
+    def launch(rank):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29533",
+            str(ROOT / "scripts" / "train.py"), "--config", str(CONFIG),
+            *args(made, out, 4, "data.toy_n=16", f"data.cache={tmp_path / 'cache'}",
+                  "data.batch_size=2", "train.checkpoint_every=2"),
+        ]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [launch(0), launch(1)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    assert len((made / "manifest.jsonl").read_text().splitlines()) == 16
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint-2", "checkpoint-4",
+    ]  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["world_size"] for r in rows} == {2}
+    assert json.loads((out / "ranks.json").read_text())["in_sync"]
+    ACEPipeline.from_pretrained(out / "pipeline")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP on GPUs only")
 def test_fsdp_config_trains_resumes_and_exports_on_one_gpu(data, tmp_path):
     """configs/accelerate/fsdp.yaml as shipped (FSDP1, one unit per ACEBlock, sharded state
