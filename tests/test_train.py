@@ -194,8 +194,9 @@ def test_two_nodes_of_one_process_on_one_machine(tmp_path):
 def test_fsdp_config_trains_resumes_and_exports_on_one_gpu(data, tmp_path):
     """configs/accelerate/fsdp.yaml as shipped (FSDP1, one unit per ACEBlock, sharded state
     dicts), on one process: a run, a resume from its FSDP checkpoint that must continue the
-    uninterrupted run, and an export gathered from FSDP. With one process FSDP runs
-    unsharded (NO_SHARD), so this checks FSDP's code paths, not sharding across ranks; the
+    uninterrupted run, and an export gathered from FSDP, with EMA. With one process FSDP
+    runs unsharded (NO_SHARD): sharding across ranks is tested on CPU processes (the test
+    below); this one runs the shipped file through accelerate itself on a GPU. The
     trainer's train.mixed_precision ("no" here) overrides the file's bf16. accelerate turns
     FSDP on only for GPU processes (MULTI_CPU ignores it), so CPU CI cannot run this; the
     GPU suite does."""
@@ -206,16 +207,18 @@ def test_fsdp_config_trains_resumes_and_exports_on_one_gpu(data, tmp_path):
         "--main_process_port", "29519", str(ROOT / "scripts" / "train.py"), "--config", str(TOY),
     ]  # fmt: skip
     straight = tmp_path / "straight"
+    ema = "ema.enabled=true"  # each rank's shard of it in its own file (ace/train/ema.py)
     runs = [
-        args(data, out, 4, "data.batch_size=2", "train.checkpoint_every=2", *TINY_TOY),
-        args(data, out, 6, "data.batch_size=2", "train.resume=latest", *TINY_TOY),
-        args(data, straight, 6, "data.batch_size=2", "train.checkpoint_every=2", *TINY_TOY),
+        args(data, out, 4, "data.batch_size=2", "train.checkpoint_every=2", ema, *TINY_TOY),
+        args(data, out, 6, "data.batch_size=2", "train.resume=latest", ema, *TINY_TOY),
+        args(data, straight, 6, "data.batch_size=2", "train.checkpoint_every=2", ema, *TINY_TOY),
     ]
     for run_args in runs:
         result = subprocess.run([*launch, *run_args], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     sharded = list(out.glob("checkpoint-*/pytorch_model_fsdp*"))  # accelerate's FSDP layout
     assert sharded, sorted(p.name for p in out.glob("checkpoint-*/*"))
+    assert (out / "checkpoint-6" / "ema_shard_0.safetensors").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) for r in rows)
@@ -225,6 +228,70 @@ def test_fsdp_config_trains_resumes_and_exports_on_one_gpu(data, tmp_path):
     a, b = weights(straight), weights(out)
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
     assert json.loads((out / "ranks.json").read_text())["in_sync"] is None  # shards differ
+
+
+def test_fsdp_full_shard_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data, tmp_path):
+    """Real FSDP across two CPU ranks (tests/_fsdp_cpu.py: configs/accelerate/fsdp.yaml's
+    FULL_SHARD, one unit per ACEBlock, sharded checkpoints) with EMA, each rank averaging
+    its own shard and saving it to its own file, and gradient checkpointing around the
+    FSDP units. The reference is DDP, where every rank holds the whole model (and nothing is
+    recomputed): 4 FSDP steps, then a resume from the sharded checkpoint to 6, must log
+    DDP's 6 losses and export DDP's EMA weights."""
+
+    def torchrun(script, out, steps, *extra):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29531", str(script), *(["--config"] if script.name == "train.py" else []),
+            str(CONFIG), *args(data, out, steps, "data.batch_size=2", "train.checkpoint_every=2",
+                               "ema.enabled=true", "ema.decay=0.5", *extra),
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    recompute = "model.gradient_checkpointing=true"  # as the released 1024 px recipe
+    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 4, recompute)
+    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 6, recompute, "train.resume=latest")
+    torchrun(ROOT / "scripts" / "train.py", ddp, 6)
+    checkpoint = fsdp / "checkpoint-6"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # accelerate's sharded layout
+    shards = [load_file(checkpoint / f"ema_shard_{r}.safetensors") for r in (0, 1)]
+    total = sum(t.numel() for t in weights(ddp).values())  # every parameter, once
+    assert [sum(t.numel() for t in s.values()) for s in shards] != [total, 0]  # both hold some
+    assert sum(t.numel() for s in shards for t in s.values()) == total  # and nothing twice
+    assert json.loads((fsdp / "ranks.json").read_text())["in_sync"] is None
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-6)
+    a, b = weights(fsdp), weights(ddp)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    # bf16: FSDP's mixed precision cast the root forward's float inputs to bf16 by default,
+    # which rounded the DDPM timesteps (999 became 1000) where DDP and the sampler keep them
+    torchrun(ROOT / "tests" / "_fsdp_cpu.py", tmp_path / "bf16", 1, "train.mixed_precision=bf16")
+    assert json.loads((tmp_path / "bf16" / "timestep_dtypes.json").read_text()) == ["torch.float32"]
+
+
+def test_an_ema_shard_round_trips_and_a_wrong_one_is_named(tmp_path):
+    """ace/train/ema.py: a rank's EMA state (shadow tensors, step counter) comes back
+    exactly; a missing file or a shard of another shape is a ValueError naming the file."""
+    from diffusers.training_utils import EMAModel
+
+    from ace.train.ema import load_ema_shard, save_ema_shard
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.zeros(0))]
+    ema = EMAModel(params, decay=0.9)
+    for _ in range(3):
+        params[0].data.add_(1.0)
+        ema.step(params)
+    save_ema_shard(ema, tmp_path, rank=1)
+    back = EMAModel([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(0))])
+    load_ema_shard(back, tmp_path, 1, "cpu")
+    assert back.optimization_step == 3 and back.decay == 0.9
+    assert all(torch.equal(x, y) for x, y in zip(back.shadow_params, ema.shadow_params))
+    with pytest.raises(ValueError, match=r"ema_shard_0\.safetensors is missing"):
+        load_ema_shard(back, tmp_path, 0, "cpu")
+    other = EMAModel([torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(0))])
+    with pytest.raises(ValueError, match=r"ema_shard_1\.safetensors does not match"):
+        load_ema_shard(other, tmp_path, 1, "cpu")
 
 
 def test_optimizer_state_is_materialised_without_changing_a_weight(data, tmp_path):
@@ -699,70 +766,6 @@ def test_skipped_samples_survive_a_resume(tmp_path):
 
     straight, split = skipped("straight"), skipped("split")
     assert straight == split and straight[-1] == 2  # 1 bad of 4, 2 epochs
-
-
-def test_fsdp_full_shard_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data, tmp_path):
-    """Real FSDP across two CPU ranks (tests/_fsdp_cpu.py: configs/accelerate/fsdp.yaml's
-    FULL_SHARD, one unit per ACEBlock, sharded checkpoints) with EMA, each rank averaging
-    its own shard and saving it to its own file, and gradient checkpointing around the
-    FSDP units. The reference is DDP, where every rank holds the whole model (and nothing is
-    recomputed): 4 FSDP steps, then a resume from the sharded checkpoint to 6, must log
-    DDP's 6 losses and export DDP's EMA weights."""
-
-    def torchrun(script, out, steps, *extra):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29531", str(script), *(["--config"] if script.name == "train.py" else []),
-            str(CONFIG), *args(data, out, steps, "data.batch_size=2", "train.checkpoint_every=2",
-                               "ema.enabled=true", "ema.decay=0.5", *extra),
-        ]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    recompute = "model.gradient_checkpointing=true"  # as the released 1024 px recipe
-    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 4, recompute)
-    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 6, recompute, "train.resume=latest")
-    torchrun(ROOT / "scripts" / "train.py", ddp, 6)
-    checkpoint = fsdp / "checkpoint-6"
-    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # accelerate's sharded layout
-    shards = [load_file(checkpoint / f"ema_shard_{r}.safetensors") for r in (0, 1)]
-    total = sum(t.numel() for t in weights(ddp).values())  # every parameter, once
-    assert [sum(t.numel() for t in s.values()) for s in shards] != [total, 0]  # both hold some
-    assert sum(t.numel() for s in shards for t in s.values()) == total  # and nothing twice
-    assert json.loads((fsdp / "ranks.json").read_text())["in_sync"] is None
-    assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-6)
-    a, b = weights(fsdp), weights(ddp)
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
-    # bf16: FSDP's mixed precision cast the root forward's float inputs to bf16 by default,
-    # which rounded the DDPM timesteps (999 became 1000) where DDP and the sampler keep them
-    torchrun(ROOT / "tests" / "_fsdp_cpu.py", tmp_path / "bf16", 1, "train.mixed_precision=bf16")
-    assert json.loads((tmp_path / "bf16" / "timestep_dtypes.json").read_text()) == ["torch.float32"]
-
-
-def test_an_ema_shard_round_trips_and_a_wrong_one_is_named(tmp_path):
-    """ace/train/ema.py: a rank's EMA state (shadow tensors, step counter) comes back
-    exactly; a missing file or a shard of another shape is a ValueError naming the file."""
-    from diffusers.training_utils import EMAModel
-
-    from ace.train.ema import load_ema_shard, save_ema_shard
-
-    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.zeros(0))]
-    ema = EMAModel(params, decay=0.9)
-    for _ in range(3):
-        params[0].data.add_(1.0)
-        ema.step(params)
-    save_ema_shard(ema, tmp_path, rank=1)
-    back = EMAModel([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(0))])
-    load_ema_shard(back, tmp_path, 1, "cpu")
-    assert back.optimization_step == 3 and back.decay == 0.9
-    assert all(torch.equal(x, y) for x, y in zip(back.shadow_params, ema.shadow_params))
-    with pytest.raises(ValueError, match=r"ema_shard_0\.safetensors is missing"):
-        load_ema_shard(back, tmp_path, 0, "cpu")
-    other = EMAModel([torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(0))])
-    with pytest.raises(ValueError, match=r"ema_shard_1\.safetensors does not match"):
-        load_ema_shard(other, tmp_path, 1, "cpu")
 
 
 def test_a_preset_that_cannot_read_the_vae_is_named_before_training(data, tmp_path):
