@@ -2,40 +2,55 @@
 
 accelerate turns FSDP on for GPU processes only (MULTI_CPU ignores it), yet torch's FSDP1
 runs on CPU over gloo. Under ``torchrun --nproc_per_node 2`` this makes the Accelerator as
-usual and then switches it to FSDP with configs/accelerate/fsdp.yaml's settings (FULL_SHARD,
-one unit per ACEBlock, sharded state dicts, use_orig_params), so the trainer's FSDP paths
-run with each rank holding half of every unit. Three things differ from a GPU run, each
-forced by the CPU: no ``sync_module_states`` (accelerate asks a GPU for it; every rank
-builds the same weights from the seed anyway), the device ``cpu`` (accelerate's ``cpu:0``
-fails FSDP's device check), and the export's gather without ``offload_to_cpu`` (on CPU
-tensors it hands back freed memory: a segfault).
+usual and then switches it to FSDP with the ``fsdp_config`` of configs/accelerate/fsdp.yaml
+(read from the file: FULL_SHARD, one unit per ACEBlock, sharded state dicts,
+use_orig_params), so the trainer's FSDP paths run with each rank holding half of every
+unit. What differs from a GPU run, each forced by the CPU:
 
-    torchrun --nproc_per_node 2 tests/_fsdp_cpu.py CONFIG key=value ...
+- ``sync_module_states`` and ``cpu_ram_efficient_loading`` are off: accelerate asks a GPU
+  for them, and every rank builds the same weights from the seed anyway;
+- the device is ``cpu`` (accelerate's ``cpu:0`` fails FSDP's device check);
+- the export gathers without ``offload_to_cpu`` (on CPU tensors it hands back freed
+  memory: a segfault) and on every rank (accelerate's gives the main process alone the
+  weights, which is all the export reads).
+
+    CUDA_VISIBLE_DEVICES= torchrun --nproc_per_node 2 tests/_fsdp_cpu.py CONFIG key=value ...
 
 It also writes OUTPUT/timestep_dtypes.json: the dtypes the timesteps reached the model in.
 """
 
 import sys
+from pathlib import Path
 
 import accelerate
 import torch
+import yaml
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+CPU_OFF = {"fsdp_sync_module_states": False, "fsdp_cpu_ram_efficient_loading": False}
+
+
+def plugin_from_file(path: Path = SHIPPED) -> FullyShardedDataParallelPlugin:
+    """The accelerate file's fsdp_config as a plugin (accelerate launch passes it to the
+    processes as FSDP_* variables; the plugin's fields are the keys without ``fsdp_``)."""
+    settings = {**yaml.safe_load(path.read_text())["fsdp_config"], **CPU_OFF}
+    fields = {
+        "fsdp_transformer_layer_cls_to_wrap": "transformer_cls_names_to_wrap",
+        "fsdp_offload_params": "cpu_offload",
+        "fsdp_version": "fsdp_version",
+    }
+    kwargs = {fields.get(k, k.removeprefix("fsdp_")): v for k, v in settings.items()}
+    if isinstance(kwargs.get("transformer_cls_names_to_wrap"), str):
+        kwargs["transformer_cls_names_to_wrap"] = [kwargs["transformer_cls_names_to_wrap"]]
+    kwargs["auto_wrap_policy"] = kwargs["auto_wrap_policy"].lower()
+    return FullyShardedDataParallelPlugin(**kwargs)
 
 
 class CPUFSDPAccelerator(accelerate.Accelerator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=1,
-            auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["ACEBlock"],
-            sharding_strategy="FULL_SHARD",
-            state_dict_type="SHARDED_STATE_DICT",
-            backward_prefetch="BACKWARD_PRE",
-            use_orig_params=True,
-            sync_module_states=False,
-            cpu_ram_efficient_loading=False,
-        )
+        self.state.fsdp_plugin = plugin_from_file()
         if self.state.mixed_precision != "no":  # as accelerate does for an FSDP state
             self.state.fsdp_plugin.set_mixed_precision(self.state.mixed_precision)
 

@@ -27,6 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"  # the plumbing config: seconds per run
 TOY = ROOT / "configs" / "toy.yaml"  # the demo's config, made tiny by overrides
 TINY_TOY = ["model.preset=tiny", "model.vae=tiny", "data.cache=", "train.log_every=1"]
+
+
+# torchrun's CPU runs hide any GPU: on a CUDA machine accelerate would pick NCCL and put
+# both ranks on cuda:0
+def cpu_only() -> dict:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 
 
@@ -146,7 +154,7 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
         str(ROOT / "scripts" / "train.py"), "--config", str(TOY), *args(data, out, 4, "data.batch_size=2", *TINY_TOY),
     ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_only())
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["world_size"] == 2 for r in rows)
@@ -174,7 +182,9 @@ def test_two_nodes_of_one_process_on_one_machine(tmp_path):
             *args(made, out, 4, "data.toy_n=16", f"data.cache={tmp_path / 'cache'}",
                   "data.batch_size=2", "train.checkpoint_every=2"),
         ]  # fmt: skip
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_only()
+        )
 
     procs = [launch(0), launch(1)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -245,7 +255,7 @@ def test_fsdp_full_shard_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data,
             str(CONFIG), *args(data, out, steps, "data.batch_size=2", "train.checkpoint_every=2",
                                "ema.enabled=true", "ema.decay=0.5", *extra),
         ]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_only())
         assert result.returncode == 0, result.stderr[-3000:]
 
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
@@ -478,7 +488,7 @@ def test_two_process_shard_stream_resumes_exactly(data, tmp_path):
             str(ROOT / "scripts" / "train.py"), "--config", str(CONFIG),
             *args(data, out, steps, shards, "data.batch_size=2", "train.checkpoint_every=2", *extra),
         ]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_only())
         assert result.returncode == 0, result.stderr[-3000:]
 
     torchrun(tmp_path / "straight", 4)

@@ -19,6 +19,8 @@ from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ace.atomic import fsync_tree
+
 
 def shard_path(directory: str | Path, rank: int) -> Path:
     return Path(directory) / f"ema_shard_{rank}.safetensors"
@@ -34,7 +36,8 @@ def save_ema_shard(ema: EMAModel, directory: str | Path, rank: int) -> Path:
         str(path),
         metadata={"ema": json.dumps(state), "count": str(len(shadow))},
     )
-    return path
+    fsync_tree(path)  # by its writer: the main process's fsync of the checkpoint may run
+    return path  # on another node, whose flush does not reach this node's cache
 
 
 def load_ema_shard(ema: EMAModel, directory: str | Path, rank: int, device) -> None:

@@ -804,7 +804,7 @@ class Trainer:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
             fsync_dir(self.out)
-        if self.ema is not None:  # after saving: the state dict shares the parameters' storage
+        if self.ema is not None:  # after saving: the state dict may share their storage
             self.ema.restore(self.model.parameters())
         acc.wait_for_everyone()
         return target
