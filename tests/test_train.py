@@ -240,29 +240,42 @@ def test_fsdp_config_trains_resumes_and_exports_on_one_gpu(data, tmp_path):
     assert json.loads((out / "ranks.json").read_text())["in_sync"] is None  # shards differ
 
 
-def test_fsdp_full_shard_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data, tmp_path):
-    """Real FSDP across two CPU ranks (tests/_fsdp_cpu.py: configs/accelerate/fsdp.yaml's
-    FULL_SHARD, one unit per ACEBlock, sharded checkpoints) with EMA, each rank averaging
-    its own shard and saving it to its own file, and gradient checkpointing around the
-    FSDP units. The reference is DDP, where every rank holds the whole model (and nothing is
-    recomputed): 4 FSDP steps, then a resume from the sharded checkpoint to 6, must log
-    DDP's 6 losses and export DDP's EMA weights."""
+def torchrun_ema(data, script, out, steps, *extra, port=29531):
+    """Two CPU processes of ``script`` (scripts/train.py, or tests/_fsdp_cpu.py [--file F])
+    on configs/tiny.yaml with EMA."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(port), *map(str, script),
+        *(["--config"] if script[0].name == "train.py" else []),
+        str(CONFIG), *args(data, out, steps, "data.batch_size=2", "train.checkpoint_every=2",
+                           "ema.enabled=true", "ema.decay=0.5", *extra),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_only())
+    assert result.returncode == 0, result.stderr[-3000:]
 
-    def torchrun(script, out, steps, *extra):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29531", str(script), *(["--config"] if script.name == "train.py" else []),
-            str(CONFIG), *args(data, out, steps, "data.batch_size=2", "train.checkpoint_every=2",
-                               "ema.enabled=true", "ema.decay=0.5", *extra),
-        ]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_only())
-        assert result.returncode == 0, result.stderr[-3000:]
 
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def ddp_ema(data, tmp_path_factory):
+    """The reference of the FSDP tests: 6 DDP steps with EMA on two CPU processes."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    torchrun_ema(data, [ROOT / "scripts" / "train.py"], out, 6)
+    return out
+
+
+@pytest.mark.parametrize("file", ["fsdp.yaml", "fsdp2.yaml"])
+def test_fsdp_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data, ddp_ema, tmp_path, file):
+    """Real FSDP across two CPU ranks (tests/_fsdp_cpu.py with the fsdp_config of
+    configs/accelerate/FILE: FSDP1's FULL_SHARD or FSDP2's fully_shard, one unit per
+    ACEBlock, sharded checkpoints) with EMA, each rank averaging its own shard and saving it
+    to its own file, and gradient checkpointing around the FSDP units. The reference is
+    DDP, where every rank holds the whole model (and nothing is recomputed): 4 FSDP steps,
+    then a resume from the sharded checkpoint to 6, must log DDP's 6 losses and export
+    DDP's EMA weights."""
+    shim = [ROOT / "tests" / "_fsdp_cpu.py", "--file", ROOT / "configs" / "accelerate" / file]
+    fsdp, ddp = tmp_path / "fsdp", ddp_ema
     recompute = "model.gradient_checkpointing=true"  # as the released 1024 px recipe
-    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 4, recompute)
-    torchrun(ROOT / "tests" / "_fsdp_cpu.py", fsdp, 6, recompute, "train.resume=latest")
-    torchrun(ROOT / "scripts" / "train.py", ddp, 6)
+    torchrun_ema(data, shim, fsdp, 4, recompute)
+    torchrun_ema(data, shim, fsdp, 6, recompute, "train.resume=latest")
     checkpoint = fsdp / "checkpoint-6"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # accelerate's sharded layout
     shards = [load_file(checkpoint / f"ema_shard_{r}.safetensors") for r in (0, 1)]
@@ -274,9 +287,9 @@ def test_fsdp_full_shard_on_two_cpu_ranks_with_ema_matches_ddp_and_resumes(data,
     a, b = weights(fsdp), weights(ddp)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
-    # bf16: FSDP's mixed precision cast the root forward's float inputs to bf16 by default,
-    # which rounded the DDPM timesteps (999 became 1000) where DDP and the sampler keep them
-    torchrun(ROOT / "tests" / "_fsdp_cpu.py", tmp_path / "bf16", 1, "train.mixed_precision=bf16")
+    # bf16: FSDP's mixed precision cast the forward's float inputs to bf16 by default, which
+    # rounded the DDPM timesteps (999 became 1000) where DDP and the sampler keep them
+    torchrun_ema(data, shim, tmp_path / "bf16", 1, "train.mixed_precision=bf16")
     assert json.loads((tmp_path / "bf16" / "timestep_dtypes.json").read_text()) == ["torch.float32"]
 
 
@@ -294,14 +307,14 @@ def test_an_ema_shard_round_trips_and_a_wrong_one_is_named(tmp_path):
         ema.step(params)
     save_ema_shard(ema, tmp_path, rank=1)
     back = EMAModel([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(0))])
-    load_ema_shard(back, tmp_path, 1, "cpu")
+    load_ema_shard(back, tmp_path, 1)
     assert back.optimization_step == 3 and back.decay == 0.9
     assert all(torch.equal(x, y) for x, y in zip(back.shadow_params, ema.shadow_params))
     with pytest.raises(ValueError, match=r"ema_shard_0\.safetensors is missing"):
-        load_ema_shard(back, tmp_path, 0, "cpu")
+        load_ema_shard(back, tmp_path, 0)
     other = EMAModel([torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(0))])
     with pytest.raises(ValueError, match=r"ema_shard_1\.safetensors does not match"):
-        load_ema_shard(other, tmp_path, 1, "cpu")
+        load_ema_shard(other, tmp_path, 1)
 
 
 def test_optimizer_state_is_materialised_without_changing_a_weight(data, tmp_path):

@@ -16,6 +16,7 @@ end, OUTPUT/pipeline/ (an ACEPipeline; EMA weights when EMA is on).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
 from ace.train.config import Config, to_dict
 from ace.train.data import build_dataset, make_batches, records_digest
-from ace.train.ema import load_ema_shard, save_ema_shard
+from ace.train.ema import load_ema_shard, local_part, save_ema_shard
 from ace.train.lock import check_free, run_lock
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -295,15 +296,18 @@ def check_output_dir(cfg: Config) -> None:
 
 
 def keep_float_inputs(fsdp_plugin) -> None:
-    """FSDP's mixed precision casts the root forward's float inputs to its param_dtype by
-    default: under bf16 the timesteps were rounded (999 became 1000, spacing 4 past 512),
-    which neither DDP's autocast nor the sampler does. The model casts its tokens and
-    texts to its own dtype itself, so the root cast is turned off."""
-    from torch.distributed.fsdp import MixedPrecision  # FSDP1's (FSDP2's is frozen)
+    """FSDP's mixed precision casts the forward's float inputs to its param_dtype by
+    default (FSDP1: the root's; FSDP2: every sharded module's): under bf16 the timesteps
+    were rounded (999 became 1000, spacing 4 past 512), which neither DDP's autocast nor
+    the sampler does. The model casts its tokens and texts to its own dtype itself, so the
+    cast is turned off."""
+    from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
 
     policy = getattr(fsdp_plugin, "mixed_precision_policy", None)
-    if isinstance(policy, MixedPrecision):
+    if isinstance(policy, MixedPrecision):  # FSDP1
         policy.cast_root_forward_inputs = False
+    elif isinstance(policy, MixedPrecisionPolicy):  # FSDP2's is frozen
+        fsdp_plugin.mixed_precision_policy = dataclasses.replace(policy, cast_forward_inputs=False)
 
 
 class Trainer:
@@ -613,7 +617,8 @@ class Trainer:
         then null (None), not false."""
         acc = self.accelerator
         with torch.no_grad():
-            local = torch.stack([p.double().sum() for p in self.unwrapped.parameters()]).sum()
+            local = torch.stack([local_part(p).double().sum() for p in self.model.parameters()])
+            local = local.sum()
         sums = acc.gather(local.reshape(1).to(acc.device)).tolist()
         in_sync = len(set(sums)) == 1
         if self.fsdp:
@@ -727,7 +732,7 @@ class Trainer:
             self._materialise_optimizer_state()
         self.accelerator.load_state(str(path))
         if self.ema is not None and self.fsdp:
-            load_ema_shard(self.ema, path, self.accelerator.process_index, self.accelerator.device)
+            load_ema_shard(self.ema, path, self.accelerator.process_index)
         elif self.ema is not None:  # accelerate loads custom states onto the CPU
             self.ema.to(self.accelerator.device)
         self._follow_schedule()
