@@ -1,18 +1,20 @@
 """scripts/train.py's Trainer under real FSDP on CPU processes, for the tests.
 
 accelerate turns FSDP on for GPU processes only (MULTI_CPU ignores it), yet torch's FSDP1
-runs on CPU over gloo. Under ``torchrun --nproc_per_node 2`` this makes the Accelerator as
-usual and then switches it to FSDP with the ``fsdp_config`` of configs/accelerate/fsdp.yaml
-(read from the file: FULL_SHARD, one unit per ACEBlock, sharded state dicts,
-use_orig_params) or of another file (``--file``: fsdp2.yaml), so the trainer's FSDP paths
-run with each rank holding half of every unit. What differs from a GPU run, each forced by the CPU:
+and FSDP2 run on CPU over gloo. Under ``torchrun --nproc_per_node 2`` this makes the
+Accelerator as usual and then switches it to FSDP with the ``fsdp_config`` of
+configs/accelerate/fsdp.yaml (read from the file: FULL_SHARD, one unit per ACEBlock,
+sharded state dicts, use_orig_params) or of another file (``--file``: fsdp2.yaml), so the
+trainer's FSDP paths run with each rank holding half of every unit. Preparing the model,
+saving and loading state and clipping are accelerate's own code. What differs from a GPU
+run, each forced by the CPU:
 
-- ``sync_module_states`` (FSDP1) and ``cpu_ram_efficient_loading`` are off: accelerate
-  asks a GPU for them, and every rank builds the same weights from the seed anyway;
 - the device is ``cpu`` (accelerate's ``cpu:0`` fails FSDP's device check);
-- the export gathers without ``offload_to_cpu`` (FSDP1: on CPU tensors it hands back
-  freed memory, a segfault) and on every rank (accelerate's gives the main process alone the
-  weights, which is all the export reads).
+- FSDP1 only: ``sync_module_states`` and ``cpu_ram_efficient_loading`` are off (accelerate
+  asks a GPU for them; every rank builds the same weights from the seed anyway), and the
+  export gathers without ``offload_to_cpu`` (on CPU tensors it hands back freed memory, a
+  segfault) and on every rank (accelerate's gives the main process alone the weights,
+  which is all the export reads).
 
     CUDA_VISIBLE_DEVICES= torchrun --nproc_per_node 2 tests/_fsdp_cpu.py [--file ACCELERATE_FILE] CONFIG key=value ...
 
@@ -34,9 +36,9 @@ CPU_OFF = {"fsdp_sync_module_states": False, "fsdp_cpu_ram_efficient_loading": F
 def plugin_from_file(path: Path) -> FullyShardedDataParallelPlugin:
     """The accelerate file's fsdp_config as a plugin (accelerate launch passes it to the
     processes as FSDP_* variables; the plugin's fields are the keys without ``fsdp_``)."""
-    settings = {**yaml.safe_load(path.read_text())["fsdp_config"], **CPU_OFF}
-    if settings.get("fsdp_version") == 2:
-        del settings["fsdp_sync_module_states"]  # FSDP1's only
+    settings = yaml.safe_load(path.read_text())["fsdp_config"]
+    if settings.get("fsdp_version", 1) == 1:  # FSDP2's loading runs on CPU as it is
+        settings.update(CPU_OFF)
     fields = {
         "fsdp_transformer_layer_cls_to_wrap": "transformer_cls_names_to_wrap",
         "fsdp_offload_params": "cpu_offload",
@@ -71,12 +73,11 @@ class CPUFSDPAccelerator(accelerate.Accelerator):
         return self.state.fsdp_plugin.fsdp_version == 2
 
     def get_state_dict(self, model, unwrap=True):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        if self.is_fsdp2:
-            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        if self.is_fsdp2:  # accelerate's own runs on CPU
+            return super().get_state_dict(model, unwrap)
         config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
         with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
             return model.state_dict()

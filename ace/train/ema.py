@@ -1,9 +1,9 @@
 """The EMA of a sharded (FSDP) model, one file per rank in each checkpoint.
 
 Under FSDP each rank holds only its shard of every parameter (FSDP1: a flat slice, empty
-where the parameter lies in another rank's shard; FSDP2: a DTensor's rows), and diffusers'
-``EMAModel`` over those parameters averages that shard: elementwise, so the shards together
-are the EMA of the whole model.
+where the parameter lies in another rank's shard; FSDP2: a DTensor's local part, possibly
+empty), and diffusers' ``EMAModel`` over those parameters averages that shard:
+elementwise, so the shards together are the EMA of the whole model.
 accelerate saves registered objects from the main process only, which would keep rank 0's
 shard and lose the others; so each rank writes its own ``ema_shard_{rank}.safetensors``
 into the checkpoint and reads its own back (a resume keeps the world size, so the shards
