@@ -67,10 +67,11 @@ B=scripts/benchmark.py
 if ((GPU)); then
   # 1. correctness on the device: the CUDA-only tests (varlen against the naive oracle; the
   #    shipped FSDP config trains, resumes and exports on one GPU; CUDA-graph sampling makes
-  #    the same images as plain calls; not the FSDP tests on CPU ranks, which CI runs)
+  #    the same images as plain calls; with a cache, T5 and the VAE leave the GPU; not the
+  #    FSDP tests on CPU ranks, which CI runs)
   step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py \
     tests/test_transformer.py tests/test_train.py tests/test_pipeline.py \
-    -k "(cuda or backend or fsdp or varlen) and not cpu_ranks"
+    -k "(cuda or backend or fsdp or varlen or encoders_leave) and not cpu_ranks"
   # 2. the goal rows: 8 x 512 px edits (training batch), one 512 px CFG step (also
   #    replayed as a CUDA graph)
   step dit_512 120 $PY $B "${DEV[@]}" --configs ace-0.6b-512 --size 512 --batch 8 --frames 2 --cuda-graph \

@@ -986,3 +986,28 @@ def test_embedding_cache_trains_like_the_encoders(data, tmp_path):
     np.testing.assert_allclose(losses(cached), losses(live), rtol=1e-4)
     with pytest.raises(ValueError, match=r"data\.shards"):
         load_config(CONFIG, [*args(data, cached, 4), f"data.cache={cache}", "data.shards=x.tar"])
+
+
+def test_with_a_cache_the_encoders_leave_the_accelerator_and_train_no_step(data, tmp_path):
+    """Once data.cache is built a training step needs neither T5 nor the VAE (the export
+    saves them, and the pipeline it makes encodes its indicator table): they go to the CPU
+    (on a GPU the released T5-XXL would hold 19 GB), and a step that ran either fails."""
+    trainer = Trainer(
+        load_config(CONFIG, [*args(data, tmp_path / "run", 3), f"data.cache={tmp_path / 'c'}"])
+    )
+    conditioner = trainer.conditioner
+    encoders = (conditioner.text_encoder, conditioner.vae)
+    assert {p.device.type for m in encoders for p in m.parameters()} == {"cpu"}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder ran in a training step with a cache")
+
+    patched = [(m, name) for m in encoders for name in ("forward", "encode", "decode")]
+    for m, name in patched:
+        setattr(m, name, refuse)
+    rows = [trainer.train_step() for _ in range(3)]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    for m, name in patched:
+        if name in vars(m):
+            delattr(m, name)
+    ACEPipeline.from_pretrained(trainer.export())

@@ -371,6 +371,12 @@ class Trainer:
                 cfg.data.cache_shard_size,
                 self.accelerator,
             )
+            # their work is in the cache now (and the indicator table above): off the
+            # accelerator, where the released T5-XXL would hold 19 GB for nothing
+            self.conditioner.text_encoder.to("cpu")
+            self.conditioner.vae.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         transformer.set_attention_backend(cfg.model.attention_backend)
         if cfg.model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
