@@ -42,8 +42,9 @@ CONFIG = ROOT / "configs" / "toy.yaml"
 
 # The baselines each family must beat on the pixels that should change. Text-to-image
 # and analysis (image -> map) make a whole new image, so copying the input is no baseline
-# at all: they face the mean of the other targets. Controllable generation (map -> image)
-# faces both. Every other family edits, and faces copy.
+# at all: they face the mean target (the mean of 256 training targets of the family).
+# Controllable generation (map -> image) faces both. Every other family edits, and faces
+# copy.
 JUDGED_BY = {
     "text_to_image": ("mean",),
     "edge_map": ("mean",),
@@ -134,8 +135,9 @@ def verdicts(report: dict) -> list[dict]:
     noise at 8 samples), and the VAE's ceiling there (the best any transformer on this VAE
     can score).
 
-    A metric the report leaves out (null: NaN, e.g. the mean baseline of a task with one
-    sample) is skipped; with no baseline left the verdict is None (n/a)."""
+    A metric the report leaves out (null: NaN, e.g. a change region that is empty, or a
+    mean baseline without training targets) is skipped; with no baseline left the verdict
+    is None (n/a)."""
     rows = []
     for task, m in report["tasks"].items():
         ours = _number(m["psnr_change"])

@@ -35,7 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=64, help="number of held-out samples")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the eval set and of the noise")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated task names (default: all); a subset draws other LCUs for a "
+        "family than the full set does",
+    )
     p.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")

@@ -15,7 +15,7 @@ from _scripts import run_script
 from PIL import Image
 
 from ace.eval import METRICS, PSNR_CAP, EvalReport, contact_sheet, evaluate, psnr
-from ace.eval.harness import SEPARATOR
+from ace.eval.harness import MEAN_SET, SEPARATOR
 from ace.lcu import LCU, ConditionUnit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,17 +133,21 @@ def fake_toy(monkeypatch):
     samples = constructed_samples()
     module = types.ModuleType("ace.data.toy")
     module.TASKS = ("t2i", "keep", "full", "empty")
-    seen = {}
+    seen, mean_sets = {}, []
 
     def sample_stream(n, seed, split="train", tasks=None, weights=None, size=64, balanced=False):
-        seen.update(n=n, seed=seed, split=split, tasks=tasks, size=size, balanced=balanced)
+        # the evaluated set; the mean baseline's training targets are the same samples here
+        if split == "eval":
+            seen.update(n=n, seed=seed, split=split, tasks=tasks, size=size, balanced=balanced)
+        else:
+            mean_sets.append({"n": n, "seed": seed, "split": split, "tasks": tasks, "size": size})
         picked = [s for s in samples if tasks is None or s.lcu.task in tasks]
         return iter(picked[:n])
 
     module.sample_stream = sample_stream
     module.check_size = lambda size: None  # the constructed images are 16 px
     monkeypatch.setitem(sys.modules, "ace.data.toy", module)
-    return types.SimpleNamespace(samples=samples, seen=seen)
+    return types.SimpleNamespace(samples=samples, seen=seen, mean_sets=mean_sets)
 
 
 def test_baselines_on_constructed_cases(fake_toy):
@@ -170,19 +174,20 @@ def test_baselines_on_constructed_cases(fake_toy):
     targets = [np.asarray(s.lcu.target) / 255 for s in fake_toy.samples[4:7]]
     grey = np.full_like(targets[0], 128 / 255)
     assert t2i["copy_change"] == pytest.approx(np.mean([psnr(grey, t) for t in targets]))
-    # the mean baseline: each target against the per-pixel mean of the task's OTHER targets
-    loo = [
-        np.mean([u for j, u in enumerate(targets) if j != i], axis=0) for i in range(len(targets))
+    # the mean baseline: each target against the per-pixel mean of MEAN_SET training targets
+    # of its task, asked for each task in order (the fake's training targets: the same ones)
+    assert fake_toy.mean_sets == [
+        {"n": MEAN_SET, "seed": 7, "split": "train", "tasks": [t], "size": 16}
+        for t in ("t2i", "keep", "full", "empty")
     ]
-    assert t2i["mean_change"] == pytest.approx(np.mean([psnr(m, t) for m, t in zip(loo, targets)]))
+    mean = np.mean(targets, axis=0)
+    assert t2i["mean_change"] == pytest.approx(np.mean([psnr(mean, t) for t in targets]))
     assert t2i["mean_keep"] == t2i["mean_change"]
     assert np.isfinite(t2i["mean_change"]) and t2i["mean_change"] < 100.0
     a, b = (np.asarray(s.lcu.target) / 255 for s in fake_toy.samples[2:4])
-    assert full["mean_change"] == pytest.approx(
-        (psnr(b, a) + psnr(a, b)) / 2
-    )  # each against the other
-    # a task with one sample has no other target to average: no mean baseline
-    assert math.isnan(empty["mean_keep"])
+    assert full["mean_change"] == pytest.approx((psnr((a + b) / 2, a) + psnr((a + b) / 2, b)) / 2)
+    # a task with one sample has its mean baseline too (here its own target: a perfect score)
+    assert empty["mean_keep"] == 100.0
     # copy is what a model that changes nothing returns: the current turn's image, as the echo
     # does, not the history's (which is the target here)
     assert empty["copy_keep"] == empty["psnr_keep"] < 100.0
@@ -294,11 +299,17 @@ def test_bad_size_is_refused_before_any_sample():
     assert pipe.calls == []
 
 
-def test_overall_averages_the_model_and_baselines_over_the_same_tasks(fake_toy):
-    """The constructed set: empty has one sample and so no mean baseline; the overall row
-    averages the other three tasks, for the model and both baselines alike (it averaged
-    the model over four tasks and the mean baseline over three). With one sample in all,
-    there is no mean baseline anywhere, and the row falls back to every task."""
+def test_overall_averages_the_model_and_baselines_over_the_same_tasks(fake_toy, monkeypatch):
+    """The constructed set, with empty's training targets missing: it has no mean
+    baseline, and the overall row averages the other three tasks, for the model and both
+    baselines alike (it averaged the model over four tasks and the mean baseline over
+    three). With no mean baseline anywhere the row falls back to every task."""
+    import ace.eval.harness as harness
+
+    real = harness.mean_targets
+    monkeypatch.setattr(
+        harness, "mean_targets", lambda tasks, *a: {**real(tasks, *a), "empty": None}
+    )
     report = evaluate(EchoPipe(), n=8, size=16, progress=False)
     complete = [t for t, m in report.tasks.items() if not math.isnan(m["mean_change"])]
     assert sorted(complete) == ["full", "keep", "t2i"] and report.overall["tasks"] == 3
@@ -306,7 +317,7 @@ def test_overall_averages_the_model_and_baselines_over_the_same_tasks(fake_toy):
         vals = [report.tasks[t][k] for t in complete if not math.isnan(report.tasks[t][k])]
         want = np.mean(vals) if vals else math.nan
         assert report.overall[k] == pytest.approx(want, nan_ok=True), k
-    one = evaluate(EchoPipe(), n=1, size=16, tasks="keep", progress=False)
+    one = evaluate(EchoPipe(), n=1, size=16, tasks="empty", progress=False)
     assert one.overall["tasks"] == 1 and math.isnan(one.overall["mean_change"])
 
 
@@ -433,3 +444,26 @@ def test_leave_one_out_means_by_hand():
     np.testing.assert_array_equal(mixed[0], np.full((2, 2), 2.5))  # (4 + 1) / 2
     np.testing.assert_array_equal(mixed[2], np.full((2, 2), 0.5))  # (0 + 1) / 2
     np.testing.assert_array_equal(mixed[3], np.full((2, 2), 2.0))  # (0 + 4) / 2
+
+
+def test_a_samples_mean_baseline_does_not_depend_on_how_many_are_scored():
+    """The mean baseline is the mean of MEAN_SET training targets of the task, so sample i
+    faces the same one at --n 16 (one sample a family) as at --n 32. It was the mean of
+    the family's other evaluated targets: none at 16 (NaN), one other image at 32. And it
+    is that mean: recomputed here from the toy world's training split by hand."""
+    from ace.data.toy import sample_stream
+
+    small = evaluate(EchoPipe(), n=16, size=32, progress=False).samples
+    large = evaluate(EchoPipe(), n=32, size=32, progress=False).samples
+    for a, b in zip(small, large):
+        assert a["mean_change"] == b["mean_change"] and np.isfinite(a["mean_change"])
+    targets = [
+        np.asarray(s.lcu.target, dtype=np.float64) / 255
+        for s in sample_stream(MEAN_SET, 0, split="train", tasks=["text_to_image"], size=32)
+    ]
+    mean = sum(targets) / len(targets)
+    first = next(r for r in small if r["task"] == "text_to_image")
+    truth = next(iter(sample_stream(16, 0, split="eval", size=32, balanced=True)))
+    assert truth.lcu.task == "text_to_image"
+    want = 10 * np.log10(1 / np.mean((mean - np.asarray(truth.lcu.target) / 255) ** 2))
+    assert first["mean_change"] == pytest.approx(min(want, PSNR_CAP), abs=1e-9)
