@@ -202,7 +202,9 @@ class ACEPipeline(DiffusionPipeline):
         # a graph holds addresses, not tensors: a moved, replaced or re-typed model, or
         # another attention backend, must record anew
         model_key = (id(model), weight.data_ptr(), weight.dtype, model.attention_backend)
-        key = (layout_key(packed), tokens.dtype, tokens.device, model_key)
+        # the timesteps' dtype too: DDIM's are int64, flow's float32, and a graph recorded
+        # for one would copy the other into its buffer truncated
+        key = (layout_key(packed), tokens.dtype, timesteps.dtype, tokens.device, model_key)
         return self._cuda_graphs.get(
             key, lambda: GraphedForward(model, tokens, text, timesteps, packed, indicators)
         )
@@ -371,10 +373,11 @@ class ACEPipeline(DiffusionPipeline):
             latents = self.scheduler.step(pred, t, latents, generator=generator).prev_sample
 
         # 7. decode
-        self.maybe_free_model_hooks()
         if output_type == "latent":
+            self.maybe_free_model_hooks()
             return ImagePipelineOutput(images=latents)
         pixels = conditioner.decode(latents.to(self.vae.dtype))  # (1, 3, H, W) in [-1, 1]
+        self.maybe_free_model_hooks()  # after the decode: the VAE goes back to the CPU too
         return ImagePipelineOutput(
             images=postprocess(pixels) if output_type == "pil" else to_numpy(pixels)
         )

@@ -96,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
-        help="weights' dtype; auto: bf16 on CUDA, fp32 elsewhere",
+        help="weights' dtype; auto: bf16 on a CUDA GPU that runs it natively (Ampere or "
+        "newer), fp32 elsewhere",
     )
     p.add_argument(
         "--offload",
@@ -189,6 +190,20 @@ def load_history(path: str) -> list:
     return out
 
 
+def auto_dtype(device) -> str:
+    """``--dtype auto``: bf16 on a CUDA GPU with native bf16 (compute capability 8.0+; a
+    T4 or V100 would emulate it slowly), fp32 elsewhere."""
+    import torch
+
+    if device.type != "cuda":
+        return "fp32"
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch without the argument
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+    return "bf16" if native else "fp32"
+
+
 def run(args: argparse.Namespace) -> Path:
     import torch
 
@@ -237,7 +252,7 @@ def run(args: argparse.Namespace) -> Path:
 
     if args.offload and device.type == "cpu":
         raise UserError("--offload moves components to an accelerator as they run; there is none")
-    name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    name = args.dtype if args.dtype != "auto" else auto_dtype(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     try:
         pipe = ACEPipeline.from_pretrained(args.pipeline, dtype=dtype)

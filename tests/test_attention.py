@@ -76,6 +76,9 @@ def test_varlen_needs_an_ampere_gpu(monkeypatch):
         assert select_backend(layout, cuda, torch.float16) == expected
         assert select_backend(layout, cuda, torch.float32) == "sdpa"
         assert select_backend(layout, cuda, torch.bfloat16, head_dim=512) == "sdpa"
+        # mha_varlen_fwd needs a head size that is a multiple of 8 (the tiny preset's is 12)
+        assert select_backend(layout, cuda, torch.bfloat16, head_dim=12) == "sdpa"
+        assert select_backend(layout, cuda, torch.bfloat16, head_dim=72) == expected
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert select_backend(layout, cuda, torch.bfloat16) == "sdpa"
 
@@ -136,3 +139,18 @@ def test_layout_offsets_are_int32_and_groups_cover_every_query():
     assert (layout.max_q, layout.max_k) == (10, 4)
     assert sum(g.n * g.lq for g in layout.groups) == 25
     assert sorted(g.lq for g in layout.groups) == [3, 6, 10]
+
+
+def test_compiled_flex_matches_the_dense_oracle():
+    """flex_attention under torch.compile (its fast path; eager flex is for checking):
+    Inductor failed to lower the (1, H, T, D) views made inside the compiled region on CPU
+    until they were made contiguous."""
+    q_lens, k_lens = [40, 24], [30, 10]
+    layout = SegmentLayout.build(q_lens, k_lens, "cpu")
+    q = torch.randn(sum(q_lens), 2, 16)
+    k, v = torch.randn(2, sum(k_lens), 2, 16)
+    compiled = torch.compile(lambda q, k, v: segment_attention(q, k, v, layout, "flex"))
+    with torch.no_grad():
+        out = compiled(q, k, v)
+    ref = naive(q.double(), k.double(), v.double(), q_lens, k_lens)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5

@@ -202,6 +202,18 @@ def test_infer_task_choices_are_the_released_inpainting_tags():
     assert infer.TASKS == INPAINTING_TASKS
 
 
+def test_infer_dtype_auto_is_bf16_only_where_the_gpu_runs_it(monkeypatch):
+    """--dtype auto: bf16 on an Ampere or newer GPU; fp32 on a T4 or V100 (which would
+    emulate bf16) and on the CPU."""
+    spec = importlib.util.spec_from_file_location("infer", SCRIPTS / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    assert infer.auto_dtype(torch.device("cpu")) == "fp32"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)  # fmt: skip
+        assert infer.auto_dtype(torch.device("cuda")) == want
+
+
 def test_infer_dtype_loads_the_weights_in_it(pipe_dir, tmp_path, capsys):
     """--dtype bf16 is the pipeline loaded with dtype=bfloat16 (the same image, bit for
     bit); --offload without an accelerator is refused."""

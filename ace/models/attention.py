@@ -179,10 +179,10 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout) -> Te
         layout._cache[key] = create_block_mask(
             same_segment, None, None, layout.num_q, layout.num_k, device=q.device
         )
-    out = flex(
-        q.transpose(0, 1)[None],  # (1, H, Tq, D)
-        k.transpose(0, 1)[None],
-        v.transpose(0, 1)[None],
+    out = flex(  # contiguous: compiled on CPU, Inductor failed to lower these views
+        q.transpose(0, 1)[None].contiguous(),  # (1, H, Tq, D)
+        k.transpose(0, 1)[None].contiguous(),
+        v.transpose(0, 1)[None].contiguous(),
         block_mask=layout._cache[key],
     )
     return out[0].transpose(0, 1)  # (Tq, H, D)
@@ -200,10 +200,12 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout) -> T
 def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> bool:
     """True where ``varlen_attn`` can run: a CUDA GPU of compute capability 8.0 or newer
     (FlashAttention-2 refuses a T4 or V100), fp16/bf16, PyTorch >= 2.10, and head
-    dimensions up to 256 (when ``head_dim`` is given)."""
+    dimensions that are multiples of 8 up to 256 (when ``head_dim`` is given:
+    ``mha_varlen_fwd`` checks ``head_size % 8 == 0`` and ``varlen_attn`` does not pad; the
+    tiny preset's 12 would raise)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    if head_dim is not None and head_dim > 256:
+    if head_dim is not None and (head_dim > 256 or head_dim % 8):
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
