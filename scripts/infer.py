@@ -197,11 +197,7 @@ def auto_dtype(device) -> str:
 
     if device.type != "cuda":
         return "fp32"
-    try:
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # an older torch without the argument
-        native = torch.cuda.get_device_capability(device) >= (8, 0)
-    return "bf16" if native else "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
 
 
 def run(args: argparse.Namespace) -> Path:

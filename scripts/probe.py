@@ -115,7 +115,15 @@ def run(args: argparse.Namespace):
     pipe = (
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
-    report = probe(pipe.to(device), items, levels, seed=args.seed, progress=not args.quiet)
+    means = None
+    if args.data is None:  # toy LCUs: the evaluation's mean baseline (256 training targets)
+        from ace.data.toy import TASKS
+        from ace.eval.harness import mean_targets
+
+        means = mean_targets(TASKS, 64, args.seed)
+    report = probe(
+        pipe.to(device), items, levels, seed=args.seed, progress=not args.quiet, means=means
+    )
     report.config = {"pipeline": str(args.pipeline), "data": args.data or "toy", **report.config}
     return report
 

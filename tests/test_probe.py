@@ -131,7 +131,8 @@ def test_script_prints_and_writes_a_report(tmp_path, capsys):
     assert list(report["tasks"]) == list(TASKS[:4])  # balanced: one of each of the first four
     for task, m in report["tasks"].items():
         assert {"copy_mse", "x0_mse@0.5", "x0_mse@1", "text_effect@1", "x0_psnr@1"} <= set(m)
-        assert m["mean_psnr"] is None  # one LCU per family: no other target to average
+        # one LCU per family, yet a mean target: the evaluation's (256 training targets)
+        assert m["mean_psnr"] is not None and m["mean_psnr"] < 100
         if task == "text_to_image":  # no input image: nothing to copy
             assert m["copy_mse"] is None and m["copy_attention"] == []
             continue
@@ -199,3 +200,19 @@ def test_probe_rejects_lcus_it_cannot_probe():
         probe(pipe, edit_lcus(1), levels=(), progress=False)
     with pytest.raises(ValueError, match="levels must be distinct"):
         probe(pipe, edit_lcus(1), levels=(0.5, 0.50), progress=False)
+
+
+def test_a_given_mean_target_is_the_probes_baseline():
+    """means: per family a mean-target image (the evaluation's, for toy LCUs) replaces the
+    mean of the other probed targets; one of another size is not used."""
+    pipe = tiny_pipeline()
+    lcus = [s.lcu for s in sample_stream(32, 0, split="eval", tasks=["recolor"])][:2]
+    grey = np.full((64, 64, 3), 0.5)
+    report = probe(pipe, lcus, levels=(0.5,), progress=False, means={"recolor": grey})
+    targets = [np.asarray(lcu.target, dtype=np.float64) / 255 for lcu in lcus]
+    want = np.mean([10 * np.log10(1 / np.mean((grey - t) ** 2)) for t in targets])
+    assert report.per_task["recolor"]["mean_psnr"] == pytest.approx(want, abs=1e-9)
+    other = probe(pipe, lcus, levels=(0.5,), progress=False, means={"recolor": grey[:32]})
+    a, b = targets
+    loo = np.mean([10 * np.log10(1 / np.mean((x - y) ** 2)) for x, y in ((b, a), (a, b))])
+    assert other.per_task["recolor"]["mean_psnr"] == pytest.approx(loo, abs=1e-9)

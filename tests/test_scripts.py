@@ -209,9 +209,9 @@ def test_infer_dtype_auto_is_bf16_only_where_the_gpu_runs_it(monkeypatch):
     infer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(infer)
     assert infer.auto_dtype(torch.device("cpu")) == "fp32"
-    for native, want in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)  # fmt: skip
-        assert infer.auto_dtype(torch.device("cuda")) == want
+    for capability, want in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert infer.auto_dtype(torch.device("cuda:1")) == want
 
 
 def test_infer_dtype_loads_the_weights_in_it(pipe_dir, tmp_path, capsys):

@@ -22,8 +22,8 @@ pipeline on its LCU's current turn with its history. Against the exact target, p
 for the model (``psnr_*``) and two baselines on the same samples: ``copy_*`` (the output is
 the image the request would leave unchanged: the current turn's first image, else the
 latest history image; mid-grey where there is none) and ``mean_*`` (the output is the
-pixel mean of ``MEAN_SET`` targets of the task drawn from the training split: close to the
-best a model that ignores its inputs can do, and the same whatever ``n``; see
+pixel mean of ``MEAN_SET`` targets of the task drawn from the training split: the
+constant image of least mean squared error, the same whatever ``n``; see
 ``mean_targets``). The ``overall`` row averages the tasks that have a mean baseline, when
 some do, so that the model and both baselines are averaged over the same tasks
 (``overall["tasks"]`` counts them, ``overall["n"]`` their samples). A model that
@@ -284,8 +284,9 @@ def mean_targets(
 ) -> dict[str, np.ndarray | None]:
     """Per task, the pixel mean (H, W, 3) in [0, 1] of the targets of ``n`` toy samples of
     the training split (``sample_stream(n, seed, split="train", tasks=[task])``; None when
-    there are none): the mean-target baseline, near the best PSNR a model that ignores its
-    inputs can reach. The harness used the mean of the task's other evaluated targets
+    there are none): the mean-target baseline, the constant image of least mean squared
+    error (per-sample PSNR can favour another guess on some families: a single other
+    target beats it on remove, repaint and merge). The harness used the mean of the task's other evaluated targets
     before; with ``n`` samples over 16 tasks that averages n/16 - 1 images, a baseline
     weaker the smaller ``n`` is (about 0.5 dB at 128 samples, 3 dB at 32, where it is one
     other image), so verdicts moved with ``--n``."""

@@ -117,8 +117,12 @@ def probe(
     levels: Sequence[float] = (0.5, 0.8, 0.95),
     seed: int = 0,
     progress: bool = True,
+    means: dict[str, np.ndarray | None] | None = None,
 ) -> ProbeReport:
-    """Probe ``pipe`` (an ``ACEPipeline``) on ``lcus`` that have a target."""
+    """Probe ``pipe`` (an ``ACEPipeline``) on ``lcus`` that have a target. ``means``: per
+    task a mean-target image (toy LCUs: ``ace.eval.harness.mean_targets``, the evaluation's
+    baseline); a task without one, or of another size, faces the mean of its other probed
+    targets instead."""
     from ace.train.batch import prepare_training_lcu
 
     levels = _check_levels(levels)
@@ -173,8 +177,11 @@ def probe(
             if tap is not None and tap.maps:  # the best head of each layer
                 row["copy_attention"] = [heads.max().item() for heads in tap.maps]
         rows.setdefault(lcu.task, []).append(row)
-    for task, rs in rows.items():  # the mean baseline: each target against the others' mean
+    for task, rs in rows.items():  # the mean baseline: given, else the others' mean
+        fixed = (means or {}).get(task)
         for row, target, mean in zip(rs, targets[task], leave_one_out_means(targets[task])):
+            if fixed is not None and fixed.shape == target.shape:
+                mean = fixed
             row["mean_psnr"] = math.nan if mean is None else psnr(mean, target)
     per_task = {task: _mean(rs) for task, rs in rows.items()}
     config = {"levels": list(levels), "seed": seed, "objective": objective.name}

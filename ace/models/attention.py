@@ -250,7 +250,8 @@ def segment_attention(
     if backend == "varlen" and not varlen_available(q.device, q.dtype, q.shape[-1]):
         raise ValueError(
             f"attention backend 'varlen' needs a CUDA GPU of compute capability >= 8.0, "
-            f"fp16/bf16, head dim <= 256 and PyTorch >= 2.10; got device {q.device}, "
+            f"fp16/bf16, a head dim that is a multiple of 8 up to 256 and PyTorch >= 2.10; "
+            f"got device {q.device}, "
             f"dtype {q.dtype}, head dim {q.shape[-1]}"
         )
     return _IMPLS[backend](q, k, v, layout)

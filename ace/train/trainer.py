@@ -301,12 +301,13 @@ def keep_float_inputs(fsdp_plugin) -> None:
     were rounded (999 became 1000, spacing 4 past 512), which neither DDP's autocast nor
     the sampler does. The model casts its tokens and texts to its own dtype itself, so the
     cast is turned off."""
-    from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
+    from torch.distributed.fsdp import MixedPrecision  # FSDP2's class moved in torch 2.6
 
     policy = getattr(fsdp_plugin, "mixed_precision_policy", None)
     if isinstance(policy, MixedPrecision):  # FSDP1
         policy.cast_root_forward_inputs = False
-    elif isinstance(policy, MixedPrecisionPolicy):  # FSDP2's is frozen
+    elif dataclasses.is_dataclass(policy) and hasattr(policy, "cast_forward_inputs"):
+        # FSDP2's MixedPrecisionPolicy, which is frozen
         fsdp_plugin.mixed_precision_policy = dataclasses.replace(policy, cast_forward_inputs=False)
 
 
