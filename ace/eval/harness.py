@@ -286,10 +286,10 @@ def mean_targets(
     the training split (``sample_stream(n, seed, split="train", tasks=[task])``; None when
     there are none): the mean-target baseline, the constant image of least mean squared
     error (per-sample PSNR can favour another guess on some families: a single other
-    target beats it on remove, repaint and merge). The harness used the mean of the task's other evaluated targets
-    before; with ``n`` samples over 16 tasks that averages n/16 - 1 images, a baseline
-    weaker the smaller ``n`` is (about 0.5 dB at 128 samples, 3 dB at 32, where it is one
-    other image), so verdicts moved with ``--n``."""
+    target beats it on remove, repaint and merge). The harness used the mean of the task's
+    other evaluated targets before; with ``n`` samples over 16 tasks that averages
+    n/16 - 1 images, a baseline weaker the smaller ``n`` is (about 0.5 dB at 128 samples,
+    3 dB at 32, where it is one other image), so verdicts moved with ``--n``."""
     from ace.data.toy import sample_stream
 
     means: dict[str, np.ndarray | None] = {}
