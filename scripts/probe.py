@@ -117,10 +117,10 @@ def run(args: argparse.Namespace):
     )
     means = None
     if args.data is None:  # toy LCUs: the evaluation's mean baseline (256 training targets)
-        from ace.data.toy import TASKS
         from ace.eval.harness import mean_targets
 
-        means = mean_targets(TASKS, 64, args.seed)
+        probed = list(dict.fromkeys(lcu.task for lcu in items))  # the families probed only
+        means = mean_targets(probed, items[0].target.height, args.seed)
     report = probe(
         pipe.to(device), items, levels, seed=args.seed, progress=not args.quiet, means=means
     )
