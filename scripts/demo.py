@@ -6,10 +6,10 @@
 
 It runs the user-facing commands one after the other, each as its own process:
 
-1. ``scripts/train.py --config configs/toy.yaml``: makes 2048 toy LCUs, trains the toy
-   VAE, builds the embedding cache, trains the DiT, exports ``OUT/train/pipeline``;
-2. ``scripts/evaluate.py --suite toy``: scores the pipeline on held-out toy LCUs
-   against the copy and mean baselines (``OUT/report.json``, ``OUT/report.png``);
+1. ``scripts/train.py --config configs/toy.yaml``: makes 8192 toy LCUs of 32 px, trains
+   the toy VAE, builds the embedding cache, trains the DiT, exports ``OUT/train/pipeline``;
+2. ``scripts/evaluate.py --suite toy``: scores the pipeline on held-out toy LCUs of the
+   same size against the copy and mean baselines (``OUT/report.json``, ``OUT/report.png``);
 3. ``scripts/infer.py``: a few edits of held-out toy images (``OUT/edits/``);
 
 then writes ``OUT/summary.md``: the per-task table, whether each task family beats its
@@ -64,9 +64,10 @@ EDITS = (
     ("edge-map", "edge_map", 0),
 )
 
-MADE_VERSION = 2
+MADE_VERSION = 3
 """Of what a run makes and keeps (data, VAE, cache): a change remakes them on the next
-run (2: the toy model's resize budget, part of the cache's fingerprint, became 64)."""
+run (2: the toy model's resize budget, part of the cache's fingerprint, became 64; 3: the
+toy world at 32 px, 8192 LCUs)."""
 
 MADE = {"data", "vae", "cache", "train", "edits", "report.json", "report.png", "summary.md",
         "summary.json", "made.json"}  # fmt: skip
@@ -106,14 +107,23 @@ def run(name: str, cmd: list[str], timings: dict) -> None:
         sys.exit(code)
 
 
-def write_edit_inputs(out: Path) -> list[dict]:
-    """The held-out toy LCUs of ``EDITS``: their input images on disk, for infer.py."""
+def toy_size(overrides: list[str]) -> int:
+    """``data.toy_size`` of CONFIG with ``overrides``: the side of the toy images the demo
+    trains on, and so scores and edits."""
+    from ace.train.config import load_config
+
+    return load_config(CONFIG, overrides).data.toy_size
+
+
+def write_edit_inputs(out: Path, size: int) -> list[dict]:
+    """The held-out toy LCUs of ``EDITS`` at ``size`` px: their input images on disk, for
+    infer.py."""
     from ace.data.toy import sample_stream
 
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for name, task, seed in EDITS:
-        lcu = next(sample_stream(1, seed, split="eval", tasks=task)).lcu
+        lcu = next(sample_stream(1, seed, split="eval", tasks=task, size=size)).lcu
         job = {
             "name": name,
             "instruction": lcu.current.instruction,
@@ -226,6 +236,7 @@ def main(argv=None) -> int:
         *(QUICK if args.quick else []),
     ]
     n, steps = (4, 2) if args.quick else (args.n, args.steps)
+    size = toy_size(overrides)
 
     # 1. train (toy data, toy VAE, embedding cache, DiT; each made only if absent)
     run("train", ["scripts/train.py", "--config", CONFIG, *overrides], timings)
@@ -236,13 +247,13 @@ def main(argv=None) -> int:
     run(
         "evaluate",
         ["scripts/evaluate.py", "--pipeline", pipeline, "--suite", "toy", "--n", n,
-         "--steps", steps, "--out", report_path],
+         "--steps", steps, "--size", size, "--out", report_path],
         timings,
     )  # fmt: skip
 
     # 3. a few edits through infer.py
     start = time.perf_counter()
-    jobs = write_edit_inputs(out / "edits")
+    jobs = write_edit_inputs(out / "edits", size)
     timings["edit inputs"] = round(time.perf_counter() - start, 1)
     for job in jobs:
         cmd = ["scripts/infer.py", "--pipeline", pipeline, "--instruction", job["instruction"],
@@ -250,7 +261,7 @@ def main(argv=None) -> int:
         for image in job["images"]:
             cmd += ["--image", image]
         if not job["images"]:
-            cmd += ["--height", 64, "--width", 64]
+            cmd += ["--height", size, "--width", size]
         run(f"edit {job['name']}", cmd, timings)
 
     # 4. the summary

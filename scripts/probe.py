@@ -39,6 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="an LCU manifest (default: held-out toy LCUs)")
     p.add_argument("--n", type=int, default=64, help="LCUs to probe (default 64)")
     p.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="toy image side in pixels (default 64; the demo's is 32, data.toy_size); "
+        "not with --data",
+    )
+    p.add_argument(
         "--levels", default="0.5,0.8,0.95", help="noise levels in (0, 1], comma-separated"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the toy set and of the noise")
@@ -54,6 +61,10 @@ def check(args: argparse.Namespace) -> list[float]:
     """Every check that needs no model; returns the levels."""
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.size < 32 or args.size % 16:
+        raise UserError(f"--size must be a multiple of 16, at least 32, got {args.size}")
+    if args.data is not None and args.size != 64:
+        raise UserError("--size sets the toy LCUs' size; a --data manifest keeps its own")
     if not 0 <= args.seed < 2**64:
         raise UserError(f"--seed must lie in [0, 2**64), got {args.seed}")
     try:
@@ -83,7 +94,8 @@ def lcus(args: argparse.Namespace) -> list:
     if args.data is None:
         from ace.data.toy import sample_stream
 
-        stream = (s.lcu for s in sample_stream(args.n, args.seed, split="eval", balanced=True))
+        stream = sample_stream(args.n, args.seed, split="eval", balanced=True, size=args.size)
+        stream = (s.lcu for s in stream)
     else:
         from ace.data.manifest import LCUManifest
 
@@ -124,7 +136,13 @@ def run(args: argparse.Namespace):
     report = probe(
         pipe.to(device), items, levels, seed=args.seed, progress=not args.quiet, means=means
     )
-    report.config = {"pipeline": str(args.pipeline), "data": args.data or "toy", **report.config}
+    toy = {"size": args.size} if args.data is None else {}
+    report.config = {
+        "pipeline": str(args.pipeline),
+        "data": args.data or "toy",
+        **toy,
+        **report.config,
+    }
     return report
 
 

@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-channels", type=int, default=8, help="latent channels (default 8)")
     p.add_argument("--eval-images", type=int, default=256, help="held-out toy images to score")
     p.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="toy image side in pixels, for training and the held-out score (default 64; "
+        "a multiple of 16, at least 32: what the DiT's toy data uses, data.toy_size)",
+    )
+    p.add_argument(
         "--device",
         default=None,
         help="cpu, cuda, mps ... (default: cuda, xpu or mps when available)",
@@ -77,6 +84,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.size < 32 or args.size % 16:
+        raise ValueError(f"--size must be a multiple of 16, at least 32, got {args.size}")
     if args.data is not None and not (args.data.is_dir() or args.data.is_file()):
         raise ValueError(f"--data {args.data} does not exist")
     if args.data is not None and args.mix is not None:
@@ -126,9 +135,10 @@ def train(args: argparse.Namespace) -> dict:
             swatch_fraction=TOY_VAE_SWATCHES if args.swatches is None else args.swatches,
             progress=not args.quiet,
             device=device,
+            size=args.size,
         )
     images = load_images(args.data, limit=args.n_images)
-    held_out = toy_images(args.eval_images, seed=args.seed, split="eval")
+    held_out = toy_images(args.eval_images, seed=args.seed, split="eval", size=args.size)
     start = time.perf_counter()
     vae = train_vae(
         images,
@@ -136,7 +146,7 @@ def train(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        config=toy_vae_config(args.latent_channels),
+        config=toy_vae_config(args.latent_channels, images.shape[-1]),
         progress=not args.quiet,
         device=device,
     )

@@ -37,10 +37,12 @@ def test_quick_demo_runs_every_step(tmp_path):
     index = json.loads((out / "train" / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == "ACEPipeline"
     # 2. the evaluation, 3. the edits, 4. the summary
-    assert set(json.loads((out / "report.json").read_text())["tasks"])
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["tasks"]) and report["config"]["size"] == 32  # scored at data.toy_size
+    assert vae["size"] == 32  # the VAE trained on images of that size too
     assert (out / "report.png").is_file()
     for name in ("recolor", "remove", "add", "edge-map"):
-        assert Image.open(out / "edits" / f"{name}.png").size == (64, 64)
+        assert Image.open(out / "edits" / f"{name}.png").size == (32, 32)  # data.toy_size
         assert (out / "edits" / f"{name}-target.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert {"train", "evaluate", "edit recolor"} <= summary["seconds"].keys()

@@ -138,6 +138,26 @@ def test_script_prints_and_writes_a_report(tmp_path, capsys):
             continue
         assert len(m["copy_attention"]) == 2  # the tiny model's two layers
         assert all(0 < a <= 1 for a in m["copy_attention"])
+    assert report["config"]["size"] == 64
+
+
+def test_script_probes_toy_lcus_at_the_size_asked(tmp_path, capsys, monkeypatch):
+    import ace.eval.probe
+
+    seen = []
+    real = ace.eval.probe.probe
+
+    def spy(pipe, items, *args, **kwargs):
+        seen.append(([lcu.target.size for lcu in items], kwargs["means"]))
+        return real(pipe, items, *args, **kwargs)
+
+    monkeypatch.setattr(ace.eval.probe, "probe", spy)
+    out = tmp_path / "probe.json"
+    args = ["--pipeline", "tiny", "--n", "2", "--levels", "1", "--size", "32", "--quiet", "--out", out]  # fmt: skip
+    assert run_script(SCRIPT, args, capsys)[0] == 0
+    sizes, means = seen[0]
+    assert sizes == [(32, 32)] * 2 and {m.shape for m in means.values()} == {(32, 32, 3)}
+    assert json.loads(out.read_text())["config"]["size"] == 32
 
 
 @pytest.mark.parametrize(
@@ -149,6 +169,8 @@ def test_script_prints_and_writes_a_report(tmp_path, capsys):
         (["--out", "x.txt"], "--out must end with .json"),
         (["--data", "nowhere"], "no LCU manifest"),
         (["--levels", "0.5,0.50"], "--levels must be distinct"),
+        (["--size", "40"], "--size must be a multiple of 16"),
+        (["--size", "32", "--data", "d"], "--size sets the toy LCUs' size"),
         (["--seed", str(2**64)], r"--seed must lie in \[0, 2\*\*64\)"),
         (["--out", "a_file/p.json"], "a_file is a file, not a directory"),
     ],

@@ -207,6 +207,23 @@ def test_train_toy_vae_mixes_in_swatches_after_the_toy_images(tmp_path, monkeypa
     assert not (tmp_path / "bad").exists()
 
 
+def test_train_toy_vae_trains_and_scores_at_the_size_asked(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(images, **kwargs):
+        seen.append((images, kwargs["config"]))
+        return train_vae(images, **kwargs)
+
+    monkeypatch.setattr(vae_module, "train_vae", spy)
+    info = train_toy_vae(tmp_path / "vae", steps=1, n_images=4, eval_images=2, batch_size=4, progress=False, size=32)  # fmt: skip
+    assert torch.equal(seen[0][0], toy_images(4, seed=0, size=32, weights=TOY_VAE_WEIGHTS))
+    assert seen[0][1]["sample_size"] == 32 and info["size"] == 32
+    assert AutoencoderKL.load_config(tmp_path / "vae")["sample_size"] == 32
+    with pytest.raises(ValueError, match="size must be"):
+        train_toy_vae(tmp_path / "bad", steps=1, size=20, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_save_load_round_trip_decodes_identically(trained, tmp_path):
     vae, _ = trained
     vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
@@ -274,6 +291,8 @@ def test_load_images_rejects_bad_sources(source, match):
 def test_bad_config_values_raise():
     with pytest.raises(ValueError, match="latent_channels"):
         toy_vae_config(0)
+    with pytest.raises(ValueError, match="size must be"):
+        toy_vae_config(8, 12)
     with pytest.raises(FileNotFoundError):
         load_images("/nonexistent/manifest")
 
@@ -311,9 +330,10 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
 
     code, _, err = script(argv, capsys)  # --out is not empty now
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1
-    code, _, _ = script([*argv, "--overwrite", "--mix", "dit", "--swatches", "0.5"], capsys)
+    code, _, _ = script([*argv, "--overwrite", "--mix", "dit", "--swatches", "0.5", "--size", 32], capsys)  # fmt: skip
     info = json.loads((out / "training.json").read_text())
     assert code == 0 and info["weights"] == {} and info["swatch_fraction"] == 0.5
+    assert info["size"] == 32 and AutoencoderKL.load_config(out)["sample_size"] == 32
     code, _, _ = script([*argv, "--overwrite", "--device", "cpu", "--data", _manifest(tmp_path)], capsys)  # fmt: skip
     info = json.loads((out / "training.json").read_text())
     assert code == 0 and info["data"] and info["device"] == "cpu"
@@ -328,6 +348,7 @@ def _manifest(tmp_path: Path) -> Path:
     "extra, match",
     [
         (["--steps", 0], "--steps must be at least 1"),
+        (["--size", 40], "--size must be a multiple of 16"),
         (["--batch-size", -2], "--batch-size"),
         (["--lr", "0"], "--lr"),
         (["--n-images", 0], "--n-images"),

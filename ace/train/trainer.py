@@ -79,8 +79,12 @@ def ensure_vae(cfg: Config, accelerator) -> None:
         from ace.train.vae import train_toy_vae
 
         with torch.random.fork_rng(devices=[]):
-            train_toy_vae(
-                m.vae, steps=m.vae_toy_steps, seed=cfg.train.seed, device=accelerator.device
+            train_toy_vae(  # on images of the toy data's size
+                m.vae,
+                steps=m.vae_toy_steps,
+                seed=cfg.train.seed,
+                device=accelerator.device,
+                size=cfg.data.toy_size,
             )
     accelerator.wait_for_everyone()
 

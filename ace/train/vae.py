@@ -60,8 +60,9 @@ evaluates it must put it back."""
 # ---------------------------------------------------------------------------
 
 
-def toy_vae_config(latent_channels: int = 8) -> dict[str, Any]:
-    """``AutoencoderKL`` config of the demo VAE: 3 levels (factor 4), 64 px images.
+def toy_vae_config(latent_channels: int = 8, size: int = 64) -> dict[str, Any]:
+    """``AutoencoderKL`` config of the demo VAE: 3 levels (factor 4), for ``size`` px images
+    (``sample_size``; the VAE is convolutional and takes any multiple of 4).
 
     The factor is chosen for the DiT, not for reconstruction. A factor-2 VAE with 8
     channels reconstructs toy scenes better (about 25 dB against about 19.5 dB after 1000
@@ -78,6 +79,8 @@ def toy_vae_config(latent_channels: int = 8) -> dict[str, Any]:
         raise ValueError(f"latent_channels must be an int, got {latent_channels!r}")
     if latent_channels < 1:
         raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8:
+        raise ValueError(f"size must be a multiple of 8, at least 8, got {size!r}")
     return dict(
         in_channels=3,
         out_channels=3,
@@ -88,7 +91,7 @@ def toy_vae_config(latent_channels: int = 8) -> dict[str, Any]:
         latent_channels=latent_channels,
         norm_num_groups=8,
         mid_block_add_attention=False,
-        sample_size=64,
+        sample_size=size,
         scaling_factor=1.0,  # set from the latents' std after training
     )
 
@@ -527,12 +530,15 @@ def palette_error(vae: AutoencoderKL, size: int = 64) -> dict[str, float]:
 
 def measurements(vae: AutoencoderKL, held_out: torch.Tensor) -> dict[str, Any]:
     """What ``training.json`` records of a trained VAE: the held-out count, reconstruction
-    PSNR (posterior mean and sample), ``palette_error``, ``scaling_factor`` and device."""
+    PSNR (posterior mean and sample), ``palette_error`` (at the held-out images' size),
+    ``scaling_factor`` and device."""
     return {
         "eval_images": len(held_out),
         "psnr_db": round(reconstruction_psnr(vae, held_out), 3),
         "psnr_sampled_db": round(reconstruction_psnr(vae, held_out, sample=True), 3),
-        "palette_error": {k: round(v, 4) for k, v in palette_error(vae).items()},
+        "palette_error": {
+            k: round(v, 4) for k, v in palette_error(vae, held_out.shape[-1]).items()
+        },
         "scaling_factor": vae.config.scaling_factor,
         "device": str(vae.device),
     }
@@ -577,12 +583,14 @@ def train_toy_vae(
     swatch_fraction: float = TOY_VAE_SWATCHES,
     progress: bool = True,
     device: torch.device | str | None = None,
+    size: int = 64,
 ) -> dict[str, Any]:
-    """Train the demo VAE on ``n_images`` images (at most ``steps * batch_size``: what the
-    run can see): ``swatch_fraction`` of them ``swatches`` of the toy palette, the rest
-    the first toy images of the task mix ``weights``. Trains on ``device`` (default the
-    CPU), scores the VAE on ``eval_images`` held-out toy images (the default mix) and
-    saves it to ``out`` (``save_vae``); returns what ``training.json`` holds."""
+    """Train the demo VAE on ``n_images`` images of ``size`` px (at most ``steps *
+    batch_size``: what the run can see): ``swatch_fraction`` of them ``swatches`` of the
+    toy palette, the rest the first toy images of the task mix ``weights``. Trains on
+    ``device`` (default the CPU), scores the VAE on ``eval_images`` held-out toy images
+    (the default mix, same size) and saves it to ``out`` (``save_vae``); returns what
+    ``training.json`` holds."""
     if isinstance(swatch_fraction, bool) or not isinstance(swatch_fraction, (int, float)):
         raise ValueError(f"swatch_fraction must be a number in [0, 1), got {swatch_fraction!r}")
     if not 0 <= swatch_fraction < 1:
@@ -590,10 +598,11 @@ def train_toy_vae(
     # no more images than the run will see (a short run need not render thousands)
     n = min(n_images, steps * batch_size)
     n_swatches = min(n - 1, round(n * swatch_fraction))
-    images = toy_images(n - n_swatches, seed=seed, split="train", weights=weights)
+    config = toy_vae_config(latent_channels, size)  # ValueError before any rendering
+    images = toy_images(n - n_swatches, seed=seed, split="train", size=size, weights=weights)
     if n_swatches:  # after the toy images: the scaling factor comes from the first 256
-        images = torch.cat([images, swatches(n_swatches, seed, size=images.shape[-1])])
-    held_out = toy_images(eval_images, seed=seed, split="eval")
+        images = torch.cat([images, swatches(n_swatches, seed, size=size)])
+    held_out = toy_images(eval_images, seed=seed, split="eval", size=size)
     start = time.perf_counter()
     vae = train_vae(
         images,
@@ -601,7 +610,7 @@ def train_toy_vae(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        config=toy_vae_config(latent_channels),
+        config=config,
         progress=progress,
         device=device,
     )
@@ -612,6 +621,7 @@ def train_toy_vae(
         "seed": seed,
         "weights": dict(weights or {}),
         "swatch_fraction": swatch_fraction,
+        "size": size,
         "train_images": len(images),
         "train_seconds": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(),
