@@ -41,7 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated task names (default: all); a subset draws other LCUs for a "
         "family than the full set does",
     )
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image side in pixels, a multiple of 16 (default: the size the pipeline's VAE "
+        "records, sample_size, which the toy VAE sets to its training images' size: 32 for "
+        "the demo's; else 64)",
+    )
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
     p.add_argument(
@@ -75,7 +82,7 @@ def check(args: argparse.Namespace) -> list[str] | None:
         raise UserError(
             f"--seed + --n must be at most 2**64 (sample i uses seed + i), got {args.seed + args.n}"
         )
-    if args.size < 32 or args.size % 16:
+    if args.size is not None and (args.size < 32 or args.size % 16):
         raise UserError(f"--size must be a multiple of 16, at least 32, got {args.size}")
     try:
         check_guidance(args.guidance, args.rescale)
@@ -97,7 +104,7 @@ def check(args: argparse.Namespace) -> list[str] | None:
 def run(args: argparse.Namespace):
     tasks = check(args)
 
-    from ace.eval import evaluate
+    from ace.eval import evaluate, toy_size_of
     from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
@@ -105,14 +112,15 @@ def run(args: argparse.Namespace):
     pipe = (
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
-    check_fits(pipe, args.size)
+    size = toy_size_of(pipe) if args.size is None else args.size
+    check_fits(pipe, size)
     report = evaluate(
         pipe.to(device),
         n=args.n,
         steps=args.steps,
         seed=args.seed,
         tasks=tasks,
-        size=args.size,
+        size=size,
         guidance_scale=args.guidance,
         guidance_rescale=args.rescale,
         progress=not args.quiet,

@@ -41,9 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--size",
         type=int,
-        default=64,
-        help="toy image side in pixels (default 64; the demo's is 32, data.toy_size); "
-        "not with --data",
+        default=None,
+        help="toy image side in pixels (default: the size the pipeline's VAE records, as "
+        "evaluate.py reads it: 32 for the demo's, else 64); not with --data",
     )
     p.add_argument(
         "--levels", default="0.5,0.8,0.95", help="noise levels in (0, 1], comma-separated"
@@ -61,9 +61,9 @@ def check(args: argparse.Namespace) -> list[float]:
     """Every check that needs no model; returns the levels."""
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    if args.size < 32 or args.size % 16:
+    if args.size is not None and (args.size < 32 or args.size % 16):
         raise UserError(f"--size must be a multiple of 16, at least 32, got {args.size}")
-    if args.data is not None and args.size != 64:
+    if args.data is not None and args.size is not None:
         raise UserError("--size sets the toy LCUs' size; a --data manifest keeps its own")
     if not 0 <= args.seed < 2**64:
         raise UserError(f"--seed must lie in [0, 2**64), got {args.seed}")
@@ -88,13 +88,13 @@ def check(args: argparse.Namespace) -> list[float]:
     return levels
 
 
-def lcus(args: argparse.Namespace) -> list:
+def lcus(args: argparse.Namespace, size: int) -> list:
     """The first ``--n`` LCUs with a target, from ``--data`` or the held-out toy set (every
-    family equally often)."""
+    family equally often, ``size`` px)."""
     if args.data is None:
         from ace.data.toy import sample_stream
 
-        stream = sample_stream(args.n, args.seed, split="eval", balanced=True, size=args.size)
+        stream = sample_stream(args.n, args.seed, split="eval", balanced=True, size=size)
         stream = (s.lcu for s in stream)
     else:
         from ace.data.manifest import LCUManifest
@@ -118,15 +118,18 @@ def lcus(args: argparse.Namespace) -> list:
 def run(args: argparse.Namespace):
     levels = check(args)
 
+    from ace.eval import toy_size_of
     from ace.eval.probe import probe
     from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
-    items = lcus(args)
     device = pick_device(args.device)
+    manifest = lcus(args, size=0) if args.data is not None else None  # read before the load
     pipe = (
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
+    size = toy_size_of(pipe) if args.size is None else args.size
+    items = manifest if manifest is not None else lcus(args, size)
     means = None
     if args.data is None:  # toy LCUs: the evaluation's mean baseline (256 training targets)
         from ace.eval.harness import mean_targets
@@ -136,7 +139,7 @@ def run(args: argparse.Namespace):
     report = probe(
         pipe.to(device), items, levels, seed=args.seed, progress=not args.quiet, means=means
     )
-    toy = {"size": args.size} if args.data is None else {}
+    toy = {"size": size} if args.data is None else {}
     report.config = {
         "pipeline": str(args.pipeline),
         "data": args.data or "toy",

@@ -360,6 +360,25 @@ def test_size_check_counts_a_factor_4_vaes_tokens():
         check_fits(pipe, 136)
 
 
+def test_the_default_size_is_the_one_the_pipelines_vae_records(tmp_path, capsys, monkeypatch):
+    from ace.eval import toy_size_of
+    from ace.testing import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    assert pipe.vae.config.sample_size == 64 and toy_size_of(pipe) == 64
+    for recorded, size in [(32, 32), (48, 48), ((32, 32), 32), (40, 64), (512, 64), (None, 64)]:
+        pipe.vae.register_to_config(sample_size=recorded)  # 512 px is past rope_max_len here
+        assert toy_size_of(pipe) == size, recorded
+    # evaluate.py scores a pipeline whose VAE records 32 px at 32 px, unless told otherwise
+    pipe.vae.register_to_config(sample_size=32)
+    pipe.save_pretrained(tmp_path / "pipe")
+    monkeypatch.chdir(tmp_path)
+    for extra, size in [([], 32), (["--size", "48"], 48)]:
+        code, _, _ = script(["--pipeline", "pipe", "--suite", "toy", "--n", 1, "--steps", 1, "--tasks", "recolor", "--quiet", "--out", "r.json", *extra], capsys)  # fmt: skip
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert code == 0 and report["config"]["size"] == size
+
+
 @pytest.mark.parametrize(
     "args, match",
     [

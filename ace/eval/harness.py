@@ -275,6 +275,25 @@ def evaluate(
     return EvalReport(per_task, overall, config, records, rows, labels)
 
 
+TOY_SIZE = 64
+"""The toy images' side when a pipeline records none (``toy_size_of``)."""
+
+
+def toy_size_of(pipe: Any) -> int:
+    """The toy image side to score ``pipe`` at: its VAE's ``sample_size`` (the toy VAE
+    records there the size of the images it trained on, ``data.toy_size``: 32 for the
+    demo's) when that is a toy size (a multiple of 16, at least 32) whose tokens fit the
+    DiT's ``rope_max_len``; else ``TOY_SIZE``."""
+    size = getattr(pipe.vae.config, "sample_size", None)
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 16:
+        return TOY_SIZE
+    per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px per side
+    fits = (size // per_token) ** 2 <= pipe.transformer.config.rope_max_len
+    return size if fits else TOY_SIZE
+
+
 MEAN_SET = 256
 """Training targets per task that the mean baseline averages."""
 
