@@ -61,7 +61,7 @@ timeout "$(left)" $PY scripts/train.py "${SHARED[@]}" train.output_dir="$WORK/ca
   train.max_steps=30 train.log_every=10 >>"$LOG" 2>&1 || {
   code=$?
   if ((code == 124)); then  # timeout's status: the budget ran out
-    echo "calibration ran out of the $BUDGET s budget (data, toy VAE, cache, 30 steps: about 10 minutes on a 2-core CPU): give more; see $LOG"
+    echo "calibration ran out of the $BUDGET s budget (data, toy VAE, cache, 30 steps): give more; see $LOG"
   else
     echo "calibration failed: see $LOG"
   fi
