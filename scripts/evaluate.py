@@ -133,10 +133,12 @@ def run(args: argparse.Namespace):
 def check_fits(pipe, size: int) -> None:
     """UserError when a --size square is more tokens than the pipeline's DiT places (its
     ``rope_max_len``), before the first sample fails on it."""
-    per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px per side
-    tokens = (size // per_token) ** 2
+    from ace.eval.harness import square_tokens
+
+    tokens = square_tokens(pipe, size)
     limit = pipe.transformer.config.rope_max_len  # tokens (pipe.max_seq_len: the resize's units)
     if tokens > limit:
+        per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px
         raise UserError(
             f"--size {size} gives {tokens} tokens per image, more than this pipeline's "
             f"rope_max_len={limit}; at most {int(limit**0.5) * per_token} px"

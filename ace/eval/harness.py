@@ -289,9 +289,13 @@ def toy_size_of(pipe: Any) -> int:
         size = size[0]
     if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 16:
         return TOY_SIZE
+    return size if square_tokens(pipe, size) <= pipe.transformer.config.rope_max_len else TOY_SIZE
+
+
+def square_tokens(pipe: Any, size: int) -> int:
+    """DiT tokens of a ``size`` x ``size`` image: (size / (VAE factor x patch))**2."""
     per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px per side
-    fits = (size // per_token) ** 2 <= pipe.transformer.config.rope_max_len
-    return size if fits else TOY_SIZE
+    return (size // per_token) ** 2
 
 
 MEAN_SET = 256
