@@ -105,6 +105,7 @@ def run(args: argparse.Namespace):
     tasks = check(args)
 
     from ace.eval import evaluate, toy_size_of
+    from ace.eval.harness import check_fits
     from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
@@ -113,7 +114,10 @@ def run(args: argparse.Namespace):
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
     size = toy_size_of(pipe) if args.size is None else args.size
-    check_fits(pipe, size)
+    try:
+        check_fits(pipe, size)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     report = evaluate(
         pipe.to(device),
         n=args.n,
@@ -128,21 +132,6 @@ def run(args: argparse.Namespace):
     )
     report.config = {"pipeline": str(args.pipeline), **report.config}
     return report
-
-
-def check_fits(pipe, size: int) -> None:
-    """UserError when a --size square is more tokens than the pipeline's DiT places (its
-    ``rope_max_len``), before the first sample fails on it."""
-    from ace.eval.harness import square_tokens
-
-    tokens = square_tokens(pipe, size)
-    limit = pipe.transformer.config.rope_max_len  # tokens (pipe.max_seq_len: the resize's units)
-    if tokens > limit:
-        per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px
-        raise UserError(
-            f"--size {size} gives {tokens} tokens per image, more than this pipeline's "
-            f"rope_max_len={limit}; at most {int(limit**0.5) * per_token} px"
-        )
 
 
 def table(report) -> str:

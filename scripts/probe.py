@@ -119,6 +119,7 @@ def run(args: argparse.Namespace):
     levels = check(args)
 
     from ace.eval import toy_size_of
+    from ace.eval.harness import check_fits
     from ace.eval.probe import probe
     from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
@@ -129,6 +130,11 @@ def run(args: argparse.Namespace):
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
     size = toy_size_of(pipe) if args.size is None else args.size
+    if manifest is None:
+        try:
+            check_fits(pipe, size)
+        except ValueError as e:
+            raise UserError(str(e)) from e
     items = manifest if manifest is not None else lcus(args, size)
     means = None
     if args.data is None:  # toy LCUs: the evaluation's mean baseline (256 training targets)

@@ -11,7 +11,7 @@
 # 2. max_steps = 90% of steps/s x what is left of the budget, less a reserve for export and
 #    evaluation (90 s on CUDA, 300 s elsewhere), and a fresh run trains that many steps
 #    (warmup and cosine decay span them) on the same data, VAE and cache;
-# 3. `evaluate.py --suite toy --n 128 --steps 20 --size S` scores it at the size it trained on.
+# 3. `evaluate.py --suite toy --n 128 --steps 20` scores it at the size its VAE records.
 # Every step runs under `timeout` with what is left of the budget.
 #
 # OUTDIR ends up holding only what is worth keeping: log.txt (everything printed),
@@ -87,10 +87,9 @@ echo "== trained $STEPS steps in $(($(date +%s) - T0))s" | tee -a "$LOG"
 cp "$WORK/train/metrics.jsonl" "$OUT/metrics.jsonl"
 
 echo "== 3. evaluate" | tee -a "$LOG"
-# at the size the run trained on (data.toy_size, from the config the run resolved)
-SIZE=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["data"]["toy_size"])' \
-  "$WORK/train/config.json") || { echo "no config.json in $WORK/train"; exit 1; }
+# at the size the VAE recorded (evaluate.py's default): the data and VAE that $WORK kept
+# from an earlier run may be of another size than data.toy_size says
 timeout "$(left)" $PY scripts/evaluate.py --pipeline "$WORK/train/pipeline" --suite toy --n 128 \
-  --steps 20 --size "$SIZE" --quiet --out "$OUT/report.json" 2>>"$LOG" | tee -a "$LOG" ||
+  --steps 20 --quiet --out "$OUT/report.json" 2>>"$LOG" | tee -a "$LOG" ||
   { echo "evaluation failed or ran out of time: see $LOG"; exit 1; }
 echo "== done in $(($(date +%s) - START))s of $BUDGET" | tee -a "$LOG"

@@ -60,9 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--size",
         type=int,
-        default=64,
+        default=None,
         help="toy image side in pixels, for training and the held-out score (default 64; "
-        "a multiple of 16, at least 32: what the DiT's toy data uses, data.toy_size)",
+        "a multiple of 16, at least 32: what the DiT's toy data uses, data.toy_size; the "
+        "demo's is 32); not with --data, whose images set it",
     )
     p.add_argument(
         "--device",
@@ -84,8 +85,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if args.size < 32 or args.size % 16:
+    if args.size is not None and (args.size < 32 or args.size % 16):
         raise ValueError(f"--size must be a multiple of 16, at least 32, got {args.size}")
+    if args.data is not None and args.size is not None:
+        raise ValueError("--size sets the toy images' size; with --data the images set it")
     if args.data is not None and not (args.data.is_dir() or args.data.is_file()):
         raise ValueError(f"--data {args.data} does not exist")
     if args.data is not None and args.mix is not None:
@@ -135,10 +138,11 @@ def train(args: argparse.Namespace) -> dict:
             swatch_fraction=TOY_VAE_SWATCHES if args.swatches is None else args.swatches,
             progress=not args.quiet,
             device=device,
-            size=args.size,
+            size=64 if args.size is None else args.size,
         )
     images = load_images(args.data, limit=args.n_images)
-    held_out = toy_images(args.eval_images, seed=args.seed, split="eval", size=args.size)
+    size = images.shape[-1]  # held-out toy images of the manifest's size
+    held_out = toy_images(args.eval_images, seed=args.seed, split="eval", size=size)
     start = time.perf_counter()
     vae = train_vae(
         images,
@@ -146,7 +150,7 @@ def train(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        config=toy_vae_config(args.latent_channels, images.shape[-1]),
+        config=toy_vae_config(args.latent_channels, size),
         progress=not args.quiet,
         device=device,
     )
@@ -156,6 +160,7 @@ def train(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
+        "size": size,
         "train_images": len(images),
         "train_seconds": round(time.perf_counter() - start, 1),
         **measurements(vae, held_out),

@@ -3,7 +3,6 @@ contact sheet, and scripts/evaluate.py end to end on the tiny pipeline and the t
 
 import json
 import math
-import runpy
 import sys
 import types
 from dataclasses import dataclass
@@ -348,15 +347,14 @@ def test_size_check_counts_a_factor_4_vaes_tokens():
     tokens against rope_max_len, not against the resize budget (64 for that geometry)."""
     from diffusers import AutoencoderKL
 
-    from ace.cli import UserError
+    from ace.eval.harness import check_fits
     from ace.testing import tiny_pipeline
     from ace.train.vae import toy_vae_config
 
-    check_fits = runpy.run_path(str(ROOT / "scripts" / "evaluate.py"))["check_fits"]
     pipe = tiny_pipeline()
     pipe.vae = AutoencoderKL(**toy_vae_config(latent_channels=4))
     check_fits(pipe, 128)  # 16 x 16 tokens
-    with pytest.raises(UserError, match="at most 128 px"):
+    with pytest.raises(ValueError, match="at most 128 px"):
         check_fits(pipe, 136)
 
 
@@ -369,6 +367,11 @@ def test_the_default_size_is_the_one_the_pipelines_vae_records(tmp_path, capsys,
     for recorded, size in [(32, 32), (48, 48), ((32, 32), 32), (40, 64), (512, 64), (None, 64)]:
         pipe.vae.register_to_config(sample_size=recorded)  # 512 px is past rope_max_len here
         assert toy_size_of(pipe) == size, recorded
+    pipe.transformer.register_to_config(rope_max_len=4096)  # the released 1024 px geometry
+    for recorded, size in [(512, 64), (128, 128)]:  # a released VAE's 512 is no toy size
+        pipe.vae.register_to_config(sample_size=recorded)
+        assert toy_size_of(pipe) == size, recorded
+    pipe = tiny_pipeline()
     # evaluate.py scores a pipeline whose VAE records 32 px at 32 px, unless told otherwise
     pipe.vae.register_to_config(sample_size=32)
     pipe.save_pretrained(tmp_path / "pipe")

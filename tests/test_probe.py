@@ -158,6 +158,15 @@ def test_script_probes_toy_lcus_at_the_size_asked(tmp_path, capsys, monkeypatch)
     sizes, means = seen[0]
     assert sizes == [(32, 32)] * 2 and {m.shape for m in means.values()} == {(32, 32, 3)}
     assert json.loads(out.read_text())["config"]["size"] == 32
+    # without --size: the size the pipeline's VAE records, as evaluate.py reads it
+    from ace.testing import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.vae.register_to_config(sample_size=32)
+    pipe.save_pretrained(tmp_path / "pipe")
+    args = ["--pipeline", tmp_path / "pipe", "--n", "2", "--levels", "1", "--quiet", "--out", out]
+    assert run_script(SCRIPT, args, capsys)[0] == 0
+    assert seen[1][0] == [(32, 32)] * 2 and json.loads(out.read_text())["config"]["size"] == 32
 
 
 @pytest.mark.parametrize(
@@ -171,6 +180,7 @@ def test_script_probes_toy_lcus_at_the_size_asked(tmp_path, capsys, monkeypatch)
         (["--levels", "0.5,0.50"], "--levels must be distinct"),
         (["--size", "40"], "--size must be a multiple of 16"),
         (["--size", "32", "--data", "d"], "--size sets the toy LCUs' size"),
+        (["--size", "512"], "more than this pipeline's rope_max_len=256"),
         (["--seed", str(2**64)], r"--seed must lie in \[0, 2\*\*64\)"),
         (["--out", "a_file/p.json"], "a_file is a file, not a directory"),
     ],

@@ -214,9 +214,13 @@ def test_train_toy_vae_trains_and_scores_at_the_size_asked(tmp_path, monkeypatch
         seen.append((images, kwargs["config"]))
         return train_vae(images, **kwargs)
 
+    scored = []
+    real_measurements = vae_module.measurements
     monkeypatch.setattr(vae_module, "train_vae", spy)
+    monkeypatch.setattr(vae_module, "measurements", lambda vae, held_out: scored.append(held_out) or real_measurements(vae, held_out))  # fmt: skip
     info = train_toy_vae(tmp_path / "vae", steps=1, n_images=4, eval_images=2, batch_size=4, progress=False, size=32)  # fmt: skip
     assert torch.equal(seen[0][0], toy_images(4, seed=0, size=32, weights=TOY_VAE_WEIGHTS))
+    assert torch.equal(scored[0], toy_images(2, seed=0, split="eval", size=32))  # scored there
     assert seen[0][1]["sample_size"] == 32 and info["size"] == 32
     assert AutoencoderKL.load_config(tmp_path / "vae")["sample_size"] == 32
     with pytest.raises(ValueError, match="size must be"):
@@ -334,9 +338,13 @@ def test_script_trains_scores_and_saves(tmp_path, capsys):
     info = json.loads((out / "training.json").read_text())
     assert code == 0 and info["weights"] == {} and info["swatch_fraction"] == 0.5
     assert info["size"] == 32 and AutoencoderKL.load_config(out)["sample_size"] == 32
-    code, _, _ = script([*argv, "--overwrite", "--device", "cpu", "--data", _manifest(tmp_path)], capsys)  # fmt: skip
+    manifest = _manifest(tmp_path)
+    code, _, _ = script([*argv, "--overwrite", "--device", "cpu", "--data", manifest], capsys)
     info = json.loads((out / "training.json").read_text())
     assert code == 0 and info["data"] and info["device"] == "cpu"
+    assert info["size"] == 64  # the manifest's images' size, and so the held-out images'
+    code, _, err = script([*argv, "--overwrite", "--data", manifest, "--size", 32], capsys)
+    assert code == 2 and "with --data the images set it" in err
 
 
 def _manifest(tmp_path: Path) -> Path:

@@ -278,24 +278,43 @@ def evaluate(
 TOY_SIZE = 64
 """The toy images' side when a pipeline records none (``toy_size_of``)."""
 
+TOY_SIZE_MAX = 128
+"""The largest ``sample_size`` ``toy_size_of`` reads as a toy VAE's: released VAEs record
+512, the size of photos, not of the toy world."""
+
 
 def toy_size_of(pipe: Any) -> int:
     """The toy image side to score ``pipe`` at: its VAE's ``sample_size`` (the toy VAE
     records there the size of the images it trained on, ``data.toy_size``: 32 for the
-    demo's) when that is a toy size (a multiple of 16, at least 32) whose tokens fit the
-    DiT's ``rope_max_len``; else ``TOY_SIZE``."""
+    demo's) when that is a toy size (a multiple of 16, 32 to ``TOY_SIZE_MAX``) whose
+    tokens fit the DiT's ``rope_max_len``; else ``TOY_SIZE``."""
     size = getattr(pipe.vae.config, "sample_size", None)
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 16:
+    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= TOY_SIZE_MAX:
         return TOY_SIZE
-    return size if square_tokens(pipe, size) <= pipe.transformer.config.rope_max_len else TOY_SIZE
+    if size % 16 or square_tokens(pipe, size) > pipe.transformer.config.rope_max_len:
+        return TOY_SIZE
+    return size
 
 
 def square_tokens(pipe: Any, size: int) -> int:
     """DiT tokens of a ``size`` x ``size`` image: (size / (VAE factor x patch))**2."""
     per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px per side
     return (size // per_token) ** 2
+
+
+def check_fits(pipe: Any, size: int) -> None:
+    """ValueError when a ``size`` square is more tokens than the pipeline's DiT places (its
+    ``rope_max_len``), before the first sample fails on it (or is silently resized)."""
+    tokens = square_tokens(pipe, size)
+    limit = pipe.transformer.config.rope_max_len  # tokens (pipe.max_seq_len: the resize's units)
+    if tokens > limit:
+        per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px
+        raise ValueError(
+            f"--size {size} gives {tokens} tokens per image, more than this pipeline's "
+            f"rope_max_len={limit}; at most {int(limit**0.5) * per_token} px"
+        )
 
 
 MEAN_SET = 256

@@ -62,7 +62,7 @@ evaluates it must put it back."""
 
 def toy_vae_config(latent_channels: int = 8, size: int = 64) -> dict[str, Any]:
     """``AutoencoderKL`` config of the demo VAE: 3 levels (factor 4), for ``size`` px images
-    (``sample_size``; the VAE is convolutional and takes any multiple of 4).
+    (``sample_size``; the VAE is convolutional and takes any multiple of 8).
 
     The factor is chosen for the DiT, not for reconstruction. A factor-2 VAE with 8
     channels reconstructs toy scenes better (about 25 dB against about 19.5 dB after 1000
