@@ -104,8 +104,8 @@ def check(args: argparse.Namespace) -> list[str] | None:
 def run(args: argparse.Namespace):
     tasks = check(args)
 
-    from ace.eval import evaluate, toy_size_of
-    from ace.eval.harness import check_fits
+    from ace.eval import evaluate
+    from ace.eval.harness import scoring_size
     from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
@@ -113,9 +113,8 @@ def run(args: argparse.Namespace):
     pipe = (
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
-    size = toy_size_of(pipe) if args.size is None else args.size
     try:
-        check_fits(pipe, size)
+        size = scoring_size(pipe, args.size)
     except ValueError as e:
         raise UserError(str(e)) from e
     report = evaluate(

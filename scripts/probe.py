@@ -118,30 +118,26 @@ def lcus(args: argparse.Namespace, size: int) -> list:
 def run(args: argparse.Namespace):
     levels = check(args)
 
-    from ace.eval import toy_size_of
-    from ace.eval.harness import check_fits
+    from ace.eval.harness import mean_targets, scoring_size
     from ace.eval.probe import probe
     from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
     device = pick_device(args.device)
-    manifest = lcus(args, size=0) if args.data is not None else None  # read before the load
+    if args.data is not None:
+        items = lcus(args, size=0)  # a manifest keeps its sizes; read before the load
     pipe = (
         tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
     )
-    size = toy_size_of(pipe) if args.size is None else args.size
-    if manifest is None:
+    means = None
+    if args.data is None:  # toy LCUs, with the evaluation's mean baseline (256 training targets)
         try:
-            check_fits(pipe, size)
+            size = scoring_size(pipe, args.size)
         except ValueError as e:
             raise UserError(str(e)) from e
-    items = manifest if manifest is not None else lcus(args, size)
-    means = None
-    if args.data is None:  # toy LCUs: the evaluation's mean baseline (256 training targets)
-        from ace.eval.harness import mean_targets
-
+        items = lcus(args, size)
         probed = list(dict.fromkeys(lcu.task for lcu in items))  # the families probed only
-        means = mean_targets(probed, items[0].target.height, args.seed)
+        means = mean_targets(probed, size, args.seed)
     report = probe(
         pipe.to(device), items, levels, seed=args.seed, progress=not args.quiet, means=means
     )

@@ -298,10 +298,14 @@ def toy_size_of(pipe: Any) -> int:
     return size
 
 
+def _token_side(pipe: Any) -> int:
+    """Pixels per side of one DiT token: the VAE's factor times the patch size."""
+    return pipe.conditioner.vae_factor * pipe.transformer.config.patch_size
+
+
 def square_tokens(pipe: Any, size: int) -> int:
     """DiT tokens of a ``size`` x ``size`` image: (size / (VAE factor x patch))**2."""
-    per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px per side
-    return (size // per_token) ** 2
+    return (size // _token_side(pipe)) ** 2
 
 
 def check_fits(pipe: Any, size: int) -> None:
@@ -310,11 +314,18 @@ def check_fits(pipe: Any, size: int) -> None:
     tokens = square_tokens(pipe, size)
     limit = pipe.transformer.config.rope_max_len  # tokens (pipe.max_seq_len: the resize's units)
     if tokens > limit:
-        per_token = pipe.conditioner.vae_factor * pipe.transformer.config.patch_size  # px
         raise ValueError(
             f"--size {size} gives {tokens} tokens per image, more than this pipeline's "
-            f"rope_max_len={limit}; at most {int(limit**0.5) * per_token} px"
+            f"rope_max_len={limit}; at most {int(limit**0.5) * _token_side(pipe)} px"
         )
+
+
+def scoring_size(pipe: Any, size: int | None = None) -> int:
+    """The toy image side to score ``pipe`` at: ``size``, or ``toy_size_of(pipe)`` when it
+    is None; ValueError (``check_fits``) when that square does not fit the DiT."""
+    size = toy_size_of(pipe) if size is None else size
+    check_fits(pipe, size)
+    return size
 
 
 MEAN_SET = 256
