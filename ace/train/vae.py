@@ -207,12 +207,13 @@ TOY_VAE_SWATCHES = 0.0
 (``train_toy_vae``'s default; ``scripts/train_vae.py --swatches``): none.
 
 Saturated colours cover a few per cent of toy pixels, on small objects, and a VAE fitted
-to toy images alone decodes them as a few clusters (green as violet, yellow as orange:
-``palette_error`` 0.27 on objects after the demo's 1000 steps) while its PSNR looks fine.
-With half its images swatches the same steps reach 0.10 at the same or better held-out
-PSNR. Yet the demo's DiT trained on that VAE won fewer task families, with both training
-seeds tried (7 against 8, and 8 against 12), and on a quarter of swatches as many (8;
-``BENCHMARKS.md``, session 11), so the demo keeps the VAE its DiT does best on."""
+to toy images alone learns them last: it first decodes them as a few clusters (green as
+violet, yellow as orange: ``palette_error`` 0.27 on objects after 1000 steps at 64 px,
+0.42 at 32 px, where every object came out dark red) while its PSNR looks fine. With
+half its images swatches, 1000 steps at 64 px reached 0.10, yet the DiT of the 500-step
+demo of the time won fewer task families on it (session 11). What the demo uses instead
+is more steps: at 32 px, 4000 steps on toy images alone reach 0.08-0.12 on objects
+(``configs/toy.yaml``'s ``model.vae_toy_steps``; ``BENCHMARKS.md``, session 17)."""
 
 
 def palette() -> np.ndarray:
