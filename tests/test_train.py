@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -900,6 +901,33 @@ def test_token_budget_and_shard_streams_resume_exactly(data, tmp_path, mode):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     if mode == "max_tokens":
         assert all(r["tokens"] <= 40 for r in rows) and len({r["tokens"] for r in rows}) > 1
+
+
+def test_a_kept_toy_vae_trained_otherwise_is_warned(tmp_path):
+    """model.vae exists, so it is used as it is; when its training.json records other
+    steps or another size than the config asks, the run says so (once, on the main
+    process) and leaves it alone."""
+    from types import SimpleNamespace
+
+    from ace.train.trainer import ensure_vae
+    from ace.train.vae import train_toy_vae
+
+    vae = tmp_path / "vae"
+    train_toy_vae(vae, steps=1, n_images=4, eval_images=2, batch_size=4, progress=False, size=32)
+    before = {p.name: p.stat().st_mtime_ns for p in vae.iterdir()}
+    main = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    other = SimpleNamespace(is_main_process=False, wait_for_everyone=lambda: None)
+    asked = [f"model.vae={vae}", "data.toy_size=32"]
+    with pytest.warns(UserWarning, match=r"1 steps, not 4000 steps\); delete it"):
+        ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=4000"]), main)
+    with pytest.warns(UserWarning, match=r"\(32 px, not 64 px\)"):
+        ensure_vae(load_config(TOY, [f"model.vae={vae}", "model.vae_toy_steps=1", "data.toy_size=64"]), main)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=1"]), main)  # as asked
+        ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=4000"]), other)
+        ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=0"]), main)  # not asked
+    assert {p.name: p.stat().st_mtime_ns for p in vae.iterdir()} == before
 
 
 @pytest.mark.parametrize("mode", ["manifest", "shards"])

@@ -39,6 +39,7 @@ from ace.train.vae import (
     swatches,
     toy_images,
     toy_vae_config,
+    toy_vae_mismatch,
     train_toy_vae,
     train_vae,
 )
@@ -226,6 +227,21 @@ def test_train_toy_vae_trains_and_scores_at_the_size_asked(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="size must be"):
         train_toy_vae(tmp_path / "bad", steps=1, size=20, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_toy_vae_mismatch_reads_steps_and_size_from_training_json(tmp_path):
+    train_toy_vae(tmp_path / "vae", steps=1, n_images=4, eval_images=2, batch_size=4, progress=False, size=32)  # fmt: skip
+    assert toy_vae_mismatch(tmp_path / "vae", steps=1, size=32) is None
+    assert toy_vae_mismatch(tmp_path / "vae", steps=4000, size=32) == "1 steps, not 4000 steps"
+    assert toy_vae_mismatch(tmp_path / "vae", 1, 64) == "32 px, not 64 px"
+    assert toy_vae_mismatch(tmp_path / "vae", 2, 64) == "1 steps, not 2 steps; 32 px, not 64 px"
+    # nothing to compare: no training.json, one that is not JSON or not an object, no keys
+    other = tmp_path / "other"
+    other.mkdir()
+    assert toy_vae_mismatch(other, 4000, 32) is None
+    for text in ["{trunc", "[1000, 32]", '{"psnr_db": 20.0}']:
+        (other / "training.json").write_text(text)
+        assert toy_vae_mismatch(other, 4000, 32) is None
 
 
 def test_save_load_round_trip_decodes_identically(trained, tmp_path):

@@ -73,7 +73,19 @@ def ensure_vae(cfg: Config, accelerator) -> None:
     """Train the toy VAE into ``model.vae`` first when asked and it is not there yet, on
     the run's device (the main process trains; the others wait)."""
     m = cfg.model
-    if m.vae == "tiny" or m.pretrained or m.vae_toy_steps <= 0 or Path(m.vae).exists():
+    if m.vae == "tiny" or m.pretrained or m.vae_toy_steps <= 0:
+        return
+    if Path(m.vae).exists():  # kept as it is, however it was trained: say when that differs
+        from ace.train.vae import toy_vae_mismatch
+
+        differ = toy_vae_mismatch(m.vae, m.vae_toy_steps, cfg.data.toy_size)
+        if differ and accelerator.is_main_process:
+            warnings.warn(
+                f"model.vae={m.vae} is used as it is, but its training.json differs from "
+                f"model.vae_toy_steps and data.toy_size ({differ}); delete it to train "
+                "the VAE this config asks for",
+                stacklevel=2,
+            )
         return
     if accelerator.is_main_process:
         from ace.train.vae import train_toy_vae

@@ -571,6 +571,24 @@ def save_vae(vae: AutoencoderKL, out: str | Path, info: dict | None = None) -> P
     return out
 
 
+def toy_vae_mismatch(path: str | Path, steps: int, size: int) -> str | None:
+    """How the toy VAE saved at ``path`` differs from one of ``steps`` steps on ``size`` px
+    images, as its ``training.json`` records them ("1000 steps, not 4000"), or None when it
+    matches or records neither (a VAE from elsewhere, or an unreadable file)."""
+    try:
+        info = json.loads((Path(path) / "training.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    differ = [
+        f"{info[key]}{unit}, not {want}{unit}"
+        for key, unit, want in (("steps", " steps", steps), ("size", " px", size))
+        if key in info and info[key] != want
+    ]
+    return "; ".join(differ) or None
+
+
 def train_toy_vae(
     out: str | Path,
     steps: int = 1000,
