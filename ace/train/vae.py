@@ -573,7 +573,7 @@ def save_vae(vae: AutoencoderKL, out: str | Path, info: dict | None = None) -> P
 
 def toy_vae_mismatch(path: str | Path, steps: int, size: int) -> str | None:
     """How the toy VAE saved at ``path`` differs from one of ``steps`` steps on ``size`` px
-    images, as its ``training.json`` records them ("1000 steps, not 4000"), or None when it
+    images, as its ``training.json`` records them ("1000 steps, not 4000 steps"), or None when it
     matches or records neither (a VAE from elsewhere, or an unreadable file)."""
     try:
         info = json.loads((Path(path) / "training.json").read_text())
