@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ace.data.manifest import write_manifest
+from ace.data.toy import TASKS
 from ace.lcu import LCU, ConditionUnit
 from ace.pipeline import ACEPipeline
 from ace.train import Trainer, load_config
@@ -576,11 +577,33 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["objective.shift=0"], "objective.shift must be > 0"),
         (["data.num_workers=-1"], "data.num_workers must be >= 0"),
         (["data.shuffle_buffer=-5"], "data.shuffle_buffer must be >= 0"),
+        (["data.toy_weights.txt2img=1"], "data.toy_weights: unknown task 'txt2img'"),
+        (["data.toy_weights.edge_map=-1"], "data.toy_weights.edge_map must be finite and >= 0"),
+        (["data.toy_weights.edge_map=nan"], "data.toy_weights.edge_map must be finite"),
+        (["data.toy_weights.edge_map=abc"], "override 'data.toy_weights.edge_map=abc'"),
+        ([f"data.toy_weights.{t}=0" for t in TASKS], "data.toy_weights: every task has weight 0"),
     ],
 )
 def test_bad_config_names_the_key(data, overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(CONFIG, [f"data.manifest={data}", *overrides])
+
+
+def test_toy_weights_set_the_generated_mix(tmp_path):
+    """data.toy_weights reweights the tasks of the split data.toy_n makes: the manifest is
+    sample_stream's with those weights (the tasks not named keep DEFAULT_WEIGHTS)."""
+    from ace.data.toy import sample_stream
+    from ace.train.config import DataConfig
+    from ace.train.data import build_dataset
+
+    only = {t: 0.0 for t in TASKS if t not in ("text_to_image", "grayscale")}
+    cfg = DataConfig(manifest=str(tmp_path / "d"), toy_n=12, toy_size=32, toy_weights=only)
+    tasks = [r["task"] for r in build_dataset(cfg).records]
+    expected = [s.lcu.task for s in sample_stream(12, 0, size=32, weights=only)]
+    assert tasks == expected and set(tasks) == {"text_to_image", "grayscale"}
+    # and with none named, the default mix
+    plain = build_dataset(DataConfig(manifest=str(tmp_path / "p"), toy_n=12, toy_size=32))
+    assert [r["task"] for r in plain.records] == [s.lcu.task for s in sample_stream(12, 0, size=32)]
 
 
 def test_toy_n_against_an_existing_manifest_of_another_size_is_warned(data):

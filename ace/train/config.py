@@ -58,6 +58,10 @@ class DataConfig:
     """Seed of the generated toy split."""
     toy_size: int = 64
     """Side of the generated toy images."""
+    toy_weights: dict[str, float] = field(default_factory=dict)
+    """Sampling weight of a toy task in the generated split, by name (``ace.data.toy.TASKS``);
+    the tasks not named keep ``ace.data.toy.DEFAULT_WEIGHTS``. Used only when the split is
+    made."""
     batch_size: int = 8
     """LCUs per batch and process (with max_tokens: at most this many)."""
     max_tokens: int = 0
@@ -275,6 +279,17 @@ def _check(cfg: Config) -> None:
         )
     if cfg.optim.decay not in ("constant", "cosine"):
         raise ValueError(f"optim.decay must be constant or cosine, got {cfg.optim.decay!r}")
+    from ace.data.toy import DEFAULT_WEIGHTS, TASKS
+
+    for task, weight in d.toy_weights.items():
+        if task not in TASKS:
+            raise ValueError(
+                f"data.toy_weights: unknown task {task!r}; known tasks: {', '.join(TASKS)}"
+            )
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"data.toy_weights.{task} must be finite and >= 0, got {weight}")
+    if not sum({**DEFAULT_WEIGHTS, **d.toy_weights}.values()) > 0:
+        raise ValueError("data.toy_weights: every task has weight 0; give one a weight > 0")
     if cfg.model.vae_toy_steps < 0:
         raise ValueError(f"model.vae_toy_steps must be >= 0, got {cfg.model.vae_toy_steps}")
     if d.cache and d.shards:

@@ -51,9 +51,9 @@ def build_dataset(cfg: DataConfig, accelerator=None):
         from ace.data.toy import sample_stream
 
         root = manifest.parent
-        write_manifest(
-            (s.lcu for s in sample_stream(cfg.toy_n, cfg.toy_seed, size=cfg.toy_size)), root
-        )
+        weights = dict(cfg.toy_weights) or None  # the rest: toy.DEFAULT_WEIGHTS
+        stream = sample_stream(cfg.toy_n, cfg.toy_seed, size=cfg.toy_size, weights=weights)
+        write_manifest((s.lcu for s in stream), root)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not manifest.is_file():
