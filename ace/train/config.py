@@ -265,6 +265,7 @@ def _check(cfg: Config) -> None:
     if not cfg.objective.shift > 0:
         raise ValueError(f"objective.shift must be > 0, got {cfg.objective.shift}")
     # checked here, not after the toy VAE, the data and the embedding cache are made
+    from ace.data.toy import DEFAULT_WEIGHTS, TASKS
     from ace.diffusion import OBJECTIVES
     from ace.models.attention import BACKENDS
 
@@ -279,8 +280,6 @@ def _check(cfg: Config) -> None:
         )
     if cfg.optim.decay not in ("constant", "cosine"):
         raise ValueError(f"optim.decay must be constant or cosine, got {cfg.optim.decay!r}")
-    from ace.data.toy import DEFAULT_WEIGHTS, TASKS
-
     for task, weight in d.toy_weights.items():
         if task not in TASKS:
             raise ValueError(
