@@ -1,5 +1,6 @@
 """Training on CPU: exact resume, real 2-process DDP, overfitting, crash safety, bad input."""
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,8 @@ from ace.data.toy import TASKS
 from ace.lcu import LCU, ConditionUnit
 from ace.pipeline import ACEPipeline
 from ace.train import Trainer, load_config
-from ace.train.trainer import TrainingStopped
+from ace.train.config import OptimConfig
+from ace.train.trainer import TrainingStopped, build_optimizer
 from tests._scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,6 +338,33 @@ def test_optimizer_state_is_materialised_without_changing_a_weight(data, tmp_pat
     after = trainer.unwrapped.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [g["lr"] for g in opt.param_groups] == lrs
+    assert all(g["fused"] for g in opt.param_groups)  # optim.fused's default
+
+
+def test_fused_adamw_follows_the_per_parameter_loop_and_not_under_fp16():
+    """optim.fused (the default) runs torch's fused kernel: the same AdamW as the loop
+    torch runs on CPU by default, to rounding, with the config's lr, betas, eps and decay."""
+    o = OptimConfig(lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
+    assert o.fused
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
+    fused_params = [torch.nn.Parameter(p.clone()) for p in start]
+    loop_params = [torch.nn.Parameter(p.clone()) for p in start]
+    fused = build_optimizer(fused_params, o, "no")
+    loop = build_optimizer(loop_params, dataclasses.replace(o, fused=False), "no")
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for step in grads:
+        for params, opt in ((fused_params, fused), (loop_params, loop)):
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, p0 in zip(fused_params, loop_params, start):
+        assert not torch.equal(a, p0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # accelerate's GradScaler calls a fused step even when it skips it (OptimConfig.fused)
+    assert not build_optimizer(start, o, "fp16").defaults["fused"]
+    assert build_optimizer(start, o, "bf16").defaults["fused"]
 
 
 KILLER = textwrap.dedent(
@@ -344,6 +373,7 @@ KILLER = textwrap.dedent(
     from pathlib import Path
     import accelerate
     from ace.train import Trainer, load_config
+from ace.train.config import OptimConfig
 
     original = accelerate.Accelerator.save_state
     def save_then_die(self, output_dir=None, **kw):

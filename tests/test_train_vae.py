@@ -105,6 +105,49 @@ def test_same_seed_same_weights_other_seed_other_weights(images):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_channels_last_and_fused_adamw_change_nothing_but_rounding(images, monkeypatch):
+    """train_vae's speed-ups (NHWC convolutions on CPU, the fused AdamW kernel) train the
+    same VAE as the plain layout and torch's per-parameter loop, to rounding, and hand it
+    back in the usual layout (safetensors saves contiguous tensors). Weights are compared
+    through what they compute: Adam turns a rounding-sized gradient into an lr-sized step."""
+
+    def run():
+        losses = []
+        vae = train_vae(
+            images, steps=6, batch_size=4, config=tiny_config(), progress=False,
+            callback=lambda step, vae, logs: losses.append(logs["loss"]),
+        )  # fmt: skip
+        return vae, losses
+
+    fast, fast_losses = run()
+    assert all(p.is_contiguous() for p in fast.parameters())
+    plain_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch, "channels_last", torch.contiguous_format)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, fused, **k: plain_adamw(*a, **k))
+    plain, plain_losses = run()
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert fast_losses[-1] < fast_losses[0] * 0.8  # it trained: the comparison means something
+    torch.testing.assert_close(reconstructions(fast, images)[1], reconstructions(plain, images)[1], rtol=0, atol=1e-3)  # fmt: skip
+    assert fast.config.scaling_factor == pytest.approx(plain.config.scaling_factor, rel=1e-4)
+
+
+def test_a_failed_run_hands_the_vae_back_in_the_usual_layout(images, monkeypatch):
+    vae = AutoencoderKL(**tiny_config())
+
+    def stop(step, vae, logs):
+        assert not vae.encoder.conv_in.weight.is_contiguous()  # NHWC while training
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        train_vae(images, steps=3, vae=vae, callback=stop, progress=False)
+    assert all(p.is_contiguous() for p in vae.parameters())
+    nan = (torch.tensor(float("nan")), {})
+    monkeypatch.setattr(vae_module, "vae_loss", lambda *a: nan)
+    with pytest.raises(ValueError, match="non-finite VAE loss nan at step 1; lower lr"):
+        train_vae(images, steps=3, vae=vae, progress=False)
+    assert all(p.is_contiguous() for p in vae.parameters())
+
+
 def test_psnr_matches_a_direct_computation(trained, images):
     vae, _ = trained
     x = images.float() / 127.5 - 1

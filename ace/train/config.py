@@ -110,6 +110,12 @@ class OptimConfig:
     """After warm-up: "constant" (released) or "cosine" (to 0 at train.max_steps)."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
+    fused: bool = True
+    """torch's fused AdamW: one kernel for every parameter. On the demo's 2-core CPU the
+    per-parameter loop (false: torch's default there; on a GPU its default is foreach)
+    took 8% of a training step (BENCHMARKS.md, session 18). Not with
+    ``train.mixed_precision=fp16``: the GradScaler calls a fused step even when it skips
+    it, and accelerate would count a skipped step as taken."""
 
 
 @dataclass

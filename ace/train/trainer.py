@@ -40,7 +40,7 @@ from ace.conditioning import ConditionTokenizer, resize_budget
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
-from ace.train.config import Config, to_dict
+from ace.train.config import Config, OptimConfig, to_dict
 from ace.train.data import build_dataset, make_batches, records_digest
 from ace.train.ema import load_ema_shard, local_part, save_ema_shard
 from ace.train.lock import check_free, run_lock
@@ -246,6 +246,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def build_optimizer(params, o: OptimConfig, mixed_precision: str) -> torch.optim.AdamW:
+    """AdamW with ``optim``'s settings; fused unless ``optim.fused`` is off or the run is
+    fp16 (``OptimConfig.fused`` says why)."""
+    return torch.optim.AdamW(
+        params,
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        # None: torch's default (foreach on a GPU, a loop on CPU)
+        fused=(o.fused and mixed_precision != "fp16") or None,
+    )
+
+
 def check_resumable(cfg: Config, saved: Path) -> None:
     """ValueError naming every ``FIXED_ON_RESUME`` key where ``cfg`` differs from the
     config the checkpoint's run wrote (``saved``; nothing to check if it is absent)."""
@@ -399,13 +413,7 @@ class Trainer:
             transformer.enable_gradient_checkpointing()
         transformer.train()
         o = cfg.optim
-        optimizer = torch.optim.AdamW(
-            transformer.parameters(),
-            lr=o.lr,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-        )
+        optimizer = build_optimizer(transformer.parameters(), o, t.mixed_precision)
         warmup = max(o.warmup_steps, 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(lr_factor, warmup=warmup, decay=o.decay, total=t.max_steps)
