@@ -183,3 +183,52 @@ def test_vae_benchmark_bad_arguments(tmp_path, capsys):
     assert code == 2 and "--size must be a multiple of 8" in err
     code, _, err = run_script(VAE_SCRIPT, ["--vae", str(tmp_path / "none"), "--size", "64"], capsys)
     assert code == 2 and "is not a directory" in err
+
+
+TRAIN_STEP = SCRIPT.parent / "benchmark_train_step.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory):
+    from ace.data.manifest import write_manifest
+    from ace.data.toy import sample_stream
+
+    root = tmp_path_factory.mktemp("data") / "set"
+    write_manifest((s.lcu for s in sample_stream(8, seed=0, size=64)), root, progress=False)
+    return root
+
+
+def test_train_step_benchmark_times_both_paths(tiny_manifest, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    code, out, err = run_script(TRAIN_STEP, [
+        "--config", tiny, f"data.manifest={tiny_manifest}", "data.batch_size=2",
+        "--steps", "1", "--warmup", "0", "--vae-steps", "2", "--repeats", "1", "--json",
+    ], capsys)  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report["runs"]) == {"dit_plain", "dit_fused", "vae_plain", "vae_fast"}
+    assert all(len(v) == 1 and v[0] > 0 for v in report["runs"].values())
+    assert report["preset"] == "tiny" and report["dit_ratio"] > 0 and report["vae_ratio"] > 0
+    assert not any(tmp_path.iterdir())  # the runs' output went to temporary directories
+    import torch
+
+    assert torch.channels_last is not torch.contiguous_format  # the plain path is undone
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--vae-size", "30"], "--vae-size must be a multiple of 8, got 30"),
+        (["data.manifest=nowhere"], "data.manifest nowhere does not exist"),
+        (["optim.lrr=1"], "optim.lrr"),
+    ],
+)
+def test_train_step_benchmark_bad_input_is_one_line(extra, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_script(TRAIN_STEP, extra, capsys)
+    assert code == 2 and not out
+    assert err.startswith("benchmark_train_step.py: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())

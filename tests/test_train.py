@@ -97,6 +97,24 @@ def test_resume_is_exact(data, tmp_path):
     ].size == (64, 64)
 
 
+def test_a_resume_runs_the_adamw_of_its_own_config(data, tmp_path):
+    """load_state restores the checkpoint's param-group settings, optim.fused's among them:
+    a run resumed with another optim.fused ran the checkpoint's AdamW; it now runs its own,
+    and stays within rounding of a run that never switched."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(load_config(CONFIG, args(data, straight, 7))).train()
+    Trainer(load_config(CONFIG, args(data, split, 5, "optim.fused=false"))).train()
+    for fused, steps in (("true", 6), ("false", 7)):
+        trainer = Trainer(load_config(CONFIG, [*args(data, split, steps, f"optim.fused={fused}"), "train.resume=latest"]))  # fmt: skip
+        opt = trainer.optimizer.optimizer
+        trainer.train()
+        assert all(bool(g["fused"]) == (fused == "true") for g in opt.param_groups)
+        steps_now = [s["step"] for s in opt.state.values()]
+        assert steps_now and all(s.dtype == torch.float32 and int(s) == steps for s in steps_now)
+    a, b = weights(straight), weights(split)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
 def test_resume_from_an_earlier_checkpoint_abandons_the_later_ones(data, tmp_path):
     """Rotation kept the K highest steps: resuming 10 -> from 5 to 8 with keep_last=1
     deleted the new checkpoint-8, kept the abandoned run's checkpoint-10, and a later
@@ -351,8 +369,9 @@ def test_fused_adamw_follows_the_per_parameter_loop_and_not_under_fp16():
     grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
     fused_params = [torch.nn.Parameter(p.clone()) for p in start]
     loop_params = [torch.nn.Parameter(p.clone()) for p in start]
-    fused = build_optimizer(fused_params, o, "no")
-    loop = build_optimizer(loop_params, dataclasses.replace(o, fused=False), "no")
+    cpu = torch.device("cpu")
+    fused = build_optimizer(fused_params, o, "no", cpu)
+    loop = build_optimizer(loop_params, dataclasses.replace(o, fused=False), "no", cpu)
     assert fused.defaults["fused"] and not loop.defaults["fused"]
     for step in grads:
         for params, opt in ((fused_params, fused), (loop_params, loop)):
@@ -362,9 +381,11 @@ def test_fused_adamw_follows_the_per_parameter_loop_and_not_under_fp16():
     for a, b, p0 in zip(fused_params, loop_params, start):
         assert not torch.equal(a, p0)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # accelerate's GradScaler calls a fused step even when it skips it (OptimConfig.fused)
-    assert not build_optimizer(start, o, "fp16").defaults["fused"]
-    assert build_optimizer(start, o, "bf16").defaults["fused"]
+    # torch's GradScaler (accelerate's under fp16) calls a fused step even when it skips it
+    assert not build_optimizer(start, o, "fp16", cpu).defaults["fused"]
+    assert build_optimizer(start, o, "bf16", cpu).defaults["fused"]
+    # devices whose fused kernel is not known to every torch this library supports
+    assert not build_optimizer(start, o, "no", torch.device("meta")).defaults["fused"]
 
 
 KILLER = textwrap.dedent(
@@ -373,7 +394,6 @@ KILLER = textwrap.dedent(
     from pathlib import Path
     import accelerate
     from ace.train import Trainer, load_config
-from ace.train.config import OptimConfig
 
     original = accelerate.Accelerator.save_state
     def save_then_die(self, output_dir=None, **kw):

@@ -119,9 +119,16 @@ def test_channels_last_and_fused_adamw_change_nothing_but_rounding(images, monke
         )  # fmt: skip
         return vae, losses
 
+    plain_adamw, asked = torch.optim.AdamW, []
+
+    def spy(*a, **k):
+        asked.append(k.get("fused"))
+        return plain_adamw(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
     fast, fast_losses = run()
+    assert asked == [True]
     assert all(p.is_contiguous() for p in fast.parameters())
-    plain_adamw = torch.optim.AdamW
     monkeypatch.setattr(torch, "channels_last", torch.contiguous_format)
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, fused, **k: plain_adamw(*a, **k))
     plain, plain_losses = run()

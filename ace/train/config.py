@@ -111,11 +111,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
     fused: bool = True
-    """torch's fused AdamW: one kernel for every parameter. On the demo's 2-core CPU the
-    per-parameter loop (false: torch's default there; on a GPU its default is foreach)
-    took 8% of a training step (BENCHMARKS.md, session 18). Not with
-    ``train.mixed_precision=fp16``: the GradScaler calls a fused step even when it skips
-    it, and accelerate would count a skipped step as taken."""
+    """torch's fused AdamW on a CPU or CUDA GPU: one kernel for every parameter. On the
+    demo's 2-core CPU torch's default there, a loop over the parameters, took 9% of a
+    training step; fused, a step took 6% less (BENCHMARKS.md, session 18). false: torch's
+    default (on a GPU, foreach). Not with ``train.mixed_precision=fp16``: the GradScaler
+    calls a fused step even when it skips it, and accelerate would count a skipped step
+    as taken. A resumed run uses its own setting, whatever the checkpoint's run used."""
 
 
 @dataclass

@@ -246,17 +246,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def build_optimizer(params, o: OptimConfig, mixed_precision: str) -> torch.optim.AdamW:
-    """AdamW with ``optim``'s settings; fused unless ``optim.fused`` is off or the run is
-    fp16 (``OptimConfig.fused`` says why)."""
+def build_optimizer(
+    params, o: OptimConfig, mixed_precision: str, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW with ``optim``'s settings; fused on a CPU or CUDA ``device`` unless
+    ``optim.fused`` is off or the run is fp16 (``OptimConfig.fused`` says why)."""
+    fused = o.fused and mixed_precision != "fp16" and device.type in ("cpu", "cuda")
     return torch.optim.AdamW(
         params,
         lr=o.lr,
         betas=tuple(o.betas),
         eps=o.eps,
         weight_decay=o.weight_decay,
-        # None: torch's default (foreach on a GPU, a loop on CPU)
-        fused=(o.fused and mixed_precision != "fp16") or None,
+        fused=fused or None,  # None: torch's default (foreach on a GPU, a loop on CPU)
     )
 
 
@@ -413,7 +415,7 @@ class Trainer:
             transformer.enable_gradient_checkpointing()
         transformer.train()
         o = cfg.optim
-        optimizer = build_optimizer(transformer.parameters(), o, t.mixed_precision)
+        optimizer = build_optimizer(transformer.parameters(), o, t.mixed_precision, device)
         warmup = max(o.warmup_steps, 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(lr_factor, warmup=warmup, decay=o.decay, total=t.max_steps)
@@ -767,6 +769,7 @@ class Trainer:
         elif self.ema is not None:  # accelerate loads custom states onto the CPU
             self.ema.to(self.accelerator.device)
         self._follow_schedule()
+        self._keep_implementation()
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.skipped_before, self.skipped_since = state.get("skipped", 0), 0
         self._skipped_here = self.batches.skipped  # this rank's, as restored (streams keep theirs)
@@ -794,6 +797,19 @@ class Trainer:
         for group, base, f in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
             group["lr"] = base * f(s.last_epoch)
         s._last_lr = [group["lr"] for group in s.optimizer.param_groups]
+
+    def _keep_implementation(self) -> None:
+        """Put back the AdamW implementation this run chose (``optim.fused``): load_state
+        restores the checkpoint's with the other settings of its parameter groups. A fused
+        group keeps its step counts in float32 on the parameter's device, as AdamW's own
+        load_state_dict does for one."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # past accelerate's wrapper
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = opt.defaults["fused"], opt.defaults["foreach"]
+            for p in group["params"] if group["fused"] else ():
+                state = opt.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(p.device, torch.float32)
 
     def _materialise_optimizer_state(self) -> None:
         """Give AdamW its state entries with a step that changes nothing (zero gradients,
