@@ -607,6 +607,7 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["optim.lr=fast"], "optim.lr"),
         (["train.max_steps"], "key=value"),
         (["data.cond_dropout=1.5"], "cond_dropout"),
+        (["data.toy_size=40"], "data.toy_size: impossible image size 40: need a multiple of 16"),
         (["train.checkpoint_every=0"], "train.checkpoint_every must be >= 1"),
         (["train.log_every=0"], "train.log_every must be >= 1"),
         (["train.keep_last=0"], "train.keep_last must be >= 1"),

@@ -272,7 +272,7 @@ def _check(cfg: Config) -> None:
     if not cfg.objective.shift > 0:
         raise ValueError(f"objective.shift must be > 0, got {cfg.objective.shift}")
     # checked here, not after the toy VAE, the data and the embedding cache are made
-    from ace.data.toy import DEFAULT_WEIGHTS, TASKS
+    from ace.data.toy import DEFAULT_WEIGHTS, TASKS, check_size
     from ace.diffusion import OBJECTIVES
     from ace.models.attention import BACKENDS
 
@@ -287,6 +287,10 @@ def _check(cfg: Config) -> None:
         )
     if cfg.optim.decay not in ("constant", "cosine"):
         raise ValueError(f"optim.decay must be constant or cosine, got {cfg.optim.decay!r}")
+    try:  # before minutes of toy VAE training at it, not when the data is made
+        check_size(d.toy_size)
+    except ValueError as e:
+        raise ValueError(f"data.toy_size: {e}") from None
     for task, weight in d.toy_weights.items():
         if task not in TASKS:
             raise ValueError(
