@@ -88,9 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", type=Path, default=None,
         help="where all goes (default outputs/demo, or outputs/demo-quick with --quick)",
     )  # fmt: skip
-    # 16 LCUs a family in the time 8 took at 20 steps: on two pipelines' 512 LCUs 10 steps
-    # scored as 20 did (overall within 0.02 dB, every family within 0.7 of its standard
-    # error, the same verdicts; BENCHMARKS.md, session 18)
+    # 16 LCUs a family in about the time 8 took at 20 steps (4-8% more): on two pipelines'
+    # 512 LCUs 10 steps scored as 20 did (overall within 0.02 dB, every family within 0.7
+    # of its standard error, the same verdicts; BENCHMARKS.md, session 18)
     p.add_argument("--n", type=int, default=256, help="held-out LCUs to evaluate (default 256)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     p.add_argument("--quick", action="store_true", help="a smoke run: every step, tiny sizes")
