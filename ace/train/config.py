@@ -111,12 +111,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
     fused: bool = True
-    """torch's fused AdamW on a CPU or CUDA GPU: one kernel for every parameter. On the
-    demo's 2-core CPU torch's default there, a loop over the parameters, took 9% of a
-    training step; fused, a step took 6% less (BENCHMARKS.md, session 18). false: torch's
-    default (on a GPU, foreach). Not with ``train.mixed_precision=fp16``: the GradScaler
-    calls a fused step even when it skips it, and accelerate would count a skipped step
-    as taken. A resumed run uses its own setting, whatever the checkpoint's run used."""
+    """torch's fused AdamW on a CPU or CUDA GPU: one kernel for every parameter. On a CPU
+    torch's default is a loop over the parameters; fused, a step of the demo's DiT took 7%
+    less on 2 cores (BENCHMARKS.md, session 18). false: torch's default (on a GPU,
+    foreach). Not with ``train.mixed_precision=fp16``: the GradScaler calls a fused step
+    even when it skips it, and accelerate would count a skipped step as taken. A resumed
+    run uses its own setting, whatever the checkpoint's run used."""
 
 
 @dataclass

@@ -390,7 +390,7 @@ def train_vae(
     device = vae.device
     # on a CPU, NHWC convolutions (the weights go back to the usual layout at the end) and
     # one fused AdamW kernel for every parameter instead of a loop over them: together a
-    # step of the demo's VAE took 15% less on 2 cores (BENCHMARKS.md, session 18)
+    # step of the demo's VAE took 12% less on 2 cores (BENCHMARKS.md, session 18)
     cpu = device.type == "cpu"
     layout = torch.channels_last if cpu else torch.preserve_format
     params = [p for p in vae.parameters() if p.requires_grad]
