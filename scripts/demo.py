@@ -64,10 +64,11 @@ EDITS = (
     ("edge-map", "edge_map", 0),
 )
 
-MADE_VERSION = 5
+MADE_VERSION = 6
 """Of what a run makes and keeps (data, VAE, cache): a change remakes them on the next
 run (2: the toy model's resize budget, part of the cache's fingerprint, became 64; 3: the
-toy world at 32 px, 8192 LCUs; 4: the toy VAE trains 4000 steps; 5: data.toy_weights)."""
+toy world at 32 px, 8192 LCUs; 4: the toy VAE trains 4000 steps; 5: data.toy_weights;
+6: reference 2.0 in them)."""
 
 MADE = {"data", "vae", "cache", "train", "edits", "report.json", "report.png", "summary.md",
         "summary.json", "made.json"}  # fmt: skip
