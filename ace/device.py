@@ -1,5 +1,6 @@
 """Which device to run on when the user names none: the first accelerator this machine
-has, in the order accelerate uses for training, else the CPU.
+has, in the order accelerate uses for training, else the CPU; and what a device can run
+(``has_device``, ``fused_adamw``).
 
     from ace.device import default_device
     pipe.to(default_device())
@@ -36,3 +37,13 @@ def device_count(device_type: str) -> int | None:
 def default_device() -> torch.device:
     """The first of ``ACCELERATORS`` this machine has, else the CPU."""
     return torch.device(next((t for t in ACCELERATORS if has_device(t)), "cpu"))
+
+
+FUSED_ADAMW = ("cpu", "cuda")
+"""Device types whose fused AdamW kernel every torch this library supports has."""
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Whether the training loops build torch's fused AdamW for ``device`` (one kernel for
+    every parameter); elsewhere they leave torch its default."""
+    return device.type in FUSED_ADAMW

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ace.atomic import atomic_write, fsync_dir, fsync_tree, nearest_existing
 from ace.conditioning import ConditionTokenizer, resize_budget
+from ace.device import fused_adamw
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
@@ -251,7 +252,7 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW with ``optim``'s settings; fused on a CPU or CUDA ``device`` unless
     ``optim.fused`` is off or the run is fp16 (``OptimConfig.fused`` says why)."""
-    fused = o.fused and mixed_precision != "fp16" and device.type in ("cpu", "cuda")
+    fused = o.fused and mixed_precision != "fp16" and fused_adamw(device)
     return torch.optim.AdamW(
         params,
         lr=o.lr,

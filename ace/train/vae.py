@@ -43,6 +43,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ace.device import fused_adamw
+
 ImageSource = torch.Tensor | str | Path | Iterable[Any]
 """What ``train_vae`` and ``reconstruction_psnr`` read: a tensor (N, 3, H, W) (uint8, or
 float in [0, 1]), an LCU manifest (its directory or file), or an iterable of RGB PIL
@@ -394,7 +396,7 @@ def train_vae(
     cpu = device.type == "cpu"
     layout = torch.channels_last if cpu else torch.preserve_format
     params = [p for p in vae.parameters() if p.requires_grad]
-    fused = True if device.type in ("cpu", "cuda") else None  # None: torch's default
+    fused = fused_adamw(device) or None  # None: torch's default
     opt = torch.optim.AdamW(
         params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), fused=fused
     )
