@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ from ace.request import (  # noqa: F401 (public here too)
     PreparedLCU,
     check_inputs,
     check_size,
+    check_target_size,
     largest_square,
     prepare_lcu,
     unconditional_texts,
@@ -133,7 +135,7 @@ class ACEPipeline(DiffusionPipeline):
         """The resize budget (``conditioning.resize_budget``): images are scaled down to fit
         the DiT's ``rope_max_len`` tokens, whatever its VAE's factor."""
         cfg = self.transformer.config
-        return resize_budget(cfg.rope_max_len, self.conditioner.vae_factor, cfg.patch_size)
+        return resize_budget(cfg.rope_max_len, vae_factor_of(self.vae.config), cfg.patch_size)
 
     @staticmethod
     def max_seq_len_of(path: str | os.PathLike) -> int:
@@ -268,19 +270,137 @@ class ACEPipeline(DiffusionPipeline):
         check_inputs(
             num_inference_steps, height, width, guidance_scale, guidance_rescale, output_type
         )
-        check_size(height, width, self.max_seq_len)
+        request = dict(
+            instruction=instruction, images=images, masks=masks, history=history, task=task,
+            negative_prompt=negative_prompt, height=height, width=width, latents=latents,
+        )  # fmt: skip
+        lcu = self._check_request(request, self.max_seq_len)
+        # 2-4. preprocess, encode, initial noise
+        conditioner = self.conditioner
+        steps, cfg = int(num_inference_steps), guidance_scale > 1.0
+        state = self._prepare(lcu, request, steps, cfg, generator, self.scheduler, conditioner)
+        # 5-6. pack and denoise
+        self._denoise([state], guidance_scale, guidance_rescale, conditioner.device)
+        # 7. decode
+        return self._decode([state], output_type, conditioner, single=True)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        requests,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.5,
+        guidance_rescale: float = 0.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        batch_size: int = 8,
+    ) -> ImagePipelineOutput:
+        """Create or edit many images: ``batch_size`` requests share each transformer call.
+
+        ``requests`` is a list of requests, each an ``LCU`` (its current instruction, images,
+        masks, history and task) or a dict of ``__call__``'s per-request arguments:
+        ``instruction`` (required), ``images``, ``masks``, ``history``, ``task``,
+        ``negative_prompt``, ``height``, ``width`` and ``latents``. The sampler settings are
+        shared. ``generator``: None, one generator (drawn from request after request), or a
+        list of one per request; request i with generator ``g[i]`` gives the image
+        ``pipe(**request_i, generator=g[i])`` gives, up to float rounding (the batched
+        matrix products sum in another order). Returns ``.images`` with one entry per
+        request, in order: PIL images, (H, W, 3) float arrays ("np"), or (1, C, h, w) target
+        latents ("latent").
+
+            from ace.testing import tiny_pipeline
+            pipe = tiny_pipeline()
+            out = pipe.generate(
+                [{"instruction": "a red circle"}, {"instruction": "a blue square"}],
+                num_inference_steps=4,
+            )
+            len(out.images)  # 2
+
+        Each batch packs every request's frames (both guidance halves) into one token
+        stream, so a step costs one transformer call however many requests it holds; where
+        a single request's call is bound by per-operation overhead (small images, a CPU) the
+        batch is faster per image (BENCHMARKS.md).
+        """
+        # 1. check inputs
+        check_inputs(num_inference_steps, None, None, guidance_scale, guidance_rescale, output_type)
+        if isinstance(requests, (dict, LCU)) or not isinstance(requests, (list, tuple)):
+            raise ValueError(
+                f"requests: expected a list of LCUs or dicts, got {type(requests).__name__}"
+            )
+        if not requests:
+            raise ValueError("requests: the list is empty")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        generators = _generators(generator, len(requests))
+        checked, max_seq_len = [], self.max_seq_len
+        for i, request in enumerate(requests):
+            request = _request_dict(request, i)
+            try:
+                checked.append((self._check_request(request, max_seq_len), request))
+            except ValueError as e:
+                raise ValueError(f"request {i}: {e}") from e
+        conditioner, steps, cfg = self.conditioner, int(num_inference_steps), guidance_scale > 1.0
+        images = []
+        for start in range(0, len(checked), batch_size):
+            # 2-4. preprocess, encode, initial noise: request by request, each drawing from
+            # its own generator in the order a single call draws
+            states = [
+                self._prepare(
+                    lcu,
+                    request,
+                    steps,
+                    cfg,
+                    generators[start + k],
+                    self.scheduler.__class__.from_config(self.scheduler.config),
+                    conditioner,
+                )
+                for k, (lcu, request) in enumerate(checked[start : start + batch_size])
+            ]
+            # 5-6. pack and denoise, the whole batch in each transformer call
+            self._denoise(states, guidance_scale, guidance_rescale, conditioner.device)
+            # 7. decode
+            images += self._decode(states, output_type, conditioner, single=False).images
+        return ImagePipelineOutput(images=images)
+
+    # ------------------------------------------------------------------ the call's steps
+
+    def _check_request(self, request: dict, max_seq_len: int) -> LCU:
+        """Step 1 for one request: its size, negative prompt and task; returns its LCU."""
+        height, width = request.get("height"), request.get("width")
+        check_target_size(height, width)
+        check_size(height, width, max_seq_len)
+        negative_prompt, task = request.get("negative_prompt", ""), request.get("task", "")
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a str, got {negative_prompt!r}")
         if "inpaint" in str(task).lower() and task not in INPAINTING_TASKS:
             warnings.warn(  # other tags are labels; toy ones (recolor ...) are passed too
                 f"task={task!r} is not an inpainting tag {INPAINTING_TASKS}: the masked pixels "
                 "are not filled; pass task='inpainting' for that",
-                stacklevel=2,
+                stacklevel=3,
             )
-        num_inference_steps = int(num_inference_steps)
-        lcu = self.build_lcu(instruction, images, masks, history, task)
-        device, dtype = self._execution_device, self.transformer.dtype
-        cfg = guidance_scale > 1.0
+        return self.build_lcu(
+            request["instruction"],
+            request.get("images"),
+            request.get("masks"),
+            request.get("history"),
+            task,
+        )
+
+    def _prepare(
+        self,
+        lcu: LCU,
+        request: dict,
+        num_inference_steps: int,
+        cfg: bool,
+        generator: torch.Generator | None,
+        scheduler,
+        conditioner: ConditionTokenizer,
+    ) -> _Sampling:
+        """Steps 2-4 for one request: preprocess, encode, the target's initial noise.
+        ``conditioner`` is the call's ``self.conditioner``, which carries its device."""
+        device, dtype = conditioner.device, self.transformer.dtype
+        height, width = request.get("height"), request.get("width")
+        negative_prompt = request.get("negative_prompt", "")
 
         # 2. preprocess images and masks
         size = None
@@ -289,7 +409,6 @@ class ACEPipeline(DiffusionPipeline):
         elif not lcu.images:
             size = (self.default_size, self.default_size)
         prepared = prepare_lcu(lcu, self.max_seq_len, size)
-        conditioner = self.conditioner
         f = conditioner.vae_factor  # 8 for the released VAE
         h, w = prepared.target_size[0] // f, prepared.target_size[1] // f
 
@@ -311,6 +430,7 @@ class ACEPipeline(DiffusionPipeline):
         # 4. prepare the target's initial noise
         C = self.transformer.config.in_channels
         shape = (1, C, h, w)
+        latents = request.get("latents")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -318,24 +438,45 @@ class ACEPipeline(DiffusionPipeline):
                 f"latents shape {tuple(latents.shape)}, expected {shape} for a {h * f}x{w * f} target"
             )
         # DDIM scales the initial noise (by 1); flow-matching schedulers have no such factor
-        latents = latents.to(device, torch.float32) * getattr(
-            self.scheduler, "init_noise_sigma", 1.0
-        )
+        latents = latents.to(device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
         # the scheduler's arithmetic stays on the CPU, on python numbers: with its timesteps on
         # the GPU, each step would index CPU tables with GPU scalars (a host sync each time)
-        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             # sigmas from 1 to 1/n, shifted once by the scheduler, as in training (and Flux)
             sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-            self.scheduler.set_timesteps(sigmas=sigmas, device="cpu")
+            scheduler.set_timesteps(sigmas=sigmas, device="cpu")
         else:
-            self.scheduler.set_timesteps(num_inference_steps, device="cpu")
+            scheduler.set_timesteps(num_inference_steps, device="cpu")
+        return _Sampling(
+            texts=texts,
+            frames=[x.to(device, dtype) for x in cond_latents],
+            masks=[m.to(device, dtype) for m in cond_masks],
+            target_mask=target_mask,
+            latents=latents,
+            scheduler=scheduler,
+            generator=generator,
+        )
+
+    def _denoise(
+        self, states: list[_Sampling], guidance_scale: float, rescale: float, device: torch.device
+    ) -> None:
+        """Steps 5-6: pack every request's samples (its conditional and, under guidance, its
+        unconditional half) into one stream once, then denoise; each state's ``latents``
+        ends as its final target latent."""
+        dtype = self.transformer.dtype
+        cfg = guidance_scale > 1.0
 
         # 5. pack once: positions, RoPE, layouts and the condition tokens are reused every step
+        halves = len(states[0].texts)  # samples per request: 2 under guidance, else 1
+        frames, fmasks, texts = [], [], []
+        for s in states:
+            target = s.latents[0].to(dtype)  # a placeholder: each step writes its tokens
+            frames += [[target, *s.frames]] * halves
+            fmasks += [[s.target_mask, *s.masks]] * halves
+            texts += s.texts
         n_samples = len(texts)
-        frames = [[latents[0].to(dtype), *[x.to(device, dtype) for x in cond_latents]]] * n_samples
-        fmasks = [[target_mask, *[m.to(device, dtype) for m in cond_masks]]] * n_samples
         packed = self.transformer.pack(
-            [[tuple(f.shape[-2:]) for f in frames[0]]] * n_samples,
+            [[tuple(f.shape[-2:]) for f in fs] for fs in frames],
             [[t.shape[0] for t in ts] for ts in texts],
             device=device,
         )
@@ -345,39 +486,108 @@ class ACEPipeline(DiffusionPipeline):
         p = self.transformer.config.patch_size
 
         # 6. denoise: no host sync inside a step (the timesteps go to the device once)
-        schedule = self.scheduler.timesteps  # (S,) on the CPU
+        schedule = states[0].scheduler.timesteps  # (S,) on the CPU, the same for every state
         model_timesteps = schedule.to(device)[:, None].expand(-1, n_samples)  # (S, B)
         graphed = None  # with enable_cuda_graph(): the recorded forward of this layout
         if getattr(self, "_cuda_graphs", None) is not None:
             graphed = self._graphed(tokens, text, model_timesteps[0], packed, indicators)
         for i, t in enumerate(self.progress_bar(schedule.tolist())):
-            x_t = (
-                self.scheduler.scale_model_input(latents, t)
-                if hasattr(self.scheduler, "scale_model_input")
-                else latents
-            )
-            target = patchify(torch.cat([x_t[0].to(dtype), target_mask]), p)  # (n, (C+1)*p*p)
-            tokens = tokens.index_copy(0, packed.target_index, target.repeat(n_samples, 1))
+            targets = []
+            for s in states:
+                x_t = (
+                    s.scheduler.scale_model_input(s.latents, t)
+                    if hasattr(s.scheduler, "scale_model_input")
+                    else s.latents
+                )
+                target = patchify(torch.cat([x_t[0].to(dtype), s.target_mask]), p)  # (n, D)
+                targets.append(target.repeat(halves, 1))
+            tokens = tokens.index_copy(0, packed.target_index, torch.cat(targets))
             timesteps = model_timesteps[i]  # (B,)
             out = (
                 graphed(tokens, text, timesteps, indicators)
                 if graphed is not None
                 else self.transformer(tokens, text, timesteps, packed, indicators)
-            )  # (B*n, p*p*C)
-            preds = torch.stack(packed.unpack_target(out)).float()  # (B, C, h, w)
-            pred = (
-                apply_guidance(preds[:1], preds[1:], guidance_scale, guidance_rescale)
-                if cfg
-                else preds
-            )
-            latents = self.scheduler.step(pred, t, latents, generator=generator).prev_sample
+            )  # (T0, p*p*C)
+            preds = packed.unpack_target(out)  # B x (C, h, w)
+            for k, s in enumerate(states):
+                mine = preds[k * halves : (k + 1) * halves]  # this request's samples
+                pair = torch.stack(mine).float()  # (halves, C, h, w)
+                pred = apply_guidance(pair[:1], pair[1:], guidance_scale, rescale) if cfg else pair
+                s.latents = s.scheduler.step(pred, t, s.latents, generator=s.generator).prev_sample
 
-        # 7. decode
+    def _decode(
+        self,
+        states: list[_Sampling],
+        output_type: str,
+        conditioner: ConditionTokenizer,
+        single: bool,
+    ):
+        """Step 7: the VAE decodes each final latent (its own size); one call's output holds
+        what ``__call__`` returns, a batch's one entry per request."""
         if output_type == "latent":
             self.maybe_free_model_hooks()
-            return ImagePipelineOutput(images=latents)
-        pixels = conditioner.decode(latents.to(self.vae.dtype))  # (1, 3, H, W) in [-1, 1]
+            if single:
+                return ImagePipelineOutput(images=states[0].latents)
+            return ImagePipelineOutput(images=[s.latents for s in states])
+        images = []
+        for s in states:
+            pixels = conditioner.decode(s.latents.to(self.vae.dtype))  # (1, 3, H, W)
+            images.append(postprocess(pixels) if output_type == "pil" else to_numpy(pixels))
         self.maybe_free_model_hooks()  # after the decode: the VAE goes back to the CPU too
-        return ImagePipelineOutput(
-            images=postprocess(pixels) if output_type == "pil" else to_numpy(pixels)
+        if single:
+            return ImagePipelineOutput(images=images[0])
+        return ImagePipelineOutput(images=[x[0] for x in images])
+
+
+@dataclass
+class _Sampling:
+    """One request between steps 4 and 7: what its denoising reads and updates."""
+
+    texts: list[list[Tensor]]  # per sample (conditional, unconditional) its per-frame states
+    frames: list[Tensor]  # the condition latents (C, h, w), on the device
+    masks: list[Tensor]  # their latent masks (1, h, w)
+    target_mask: Tensor  # (1, h, w)
+    latents: Tensor  # (1, C, h, w) float32: the initial noise, then the denoised target
+    scheduler: object  # its own: a scheduler keeps the index of its step
+    generator: torch.Generator | None
+
+
+REQUEST_KEYS = (
+    "instruction", "images", "masks", "history", "task", "negative_prompt", "height", "width",
+    "latents",
+)  # fmt: skip
+"""What a request of ``ACEPipeline.generate`` may hold (``__call__``'s per-request arguments)."""
+
+
+def _request_dict(request, index: int) -> dict:
+    """A request of ``generate`` as a dict of ``REQUEST_KEYS``; ValueError naming a bad one."""
+    if isinstance(request, LCU):
+        cur = request.current
+        return dict(
+            instruction=cur.instruction, images=cur.images, masks=cur.masks,
+            history=request.history, task=request.task,
+        )  # fmt: skip
+    if not isinstance(request, dict):
+        raise ValueError(
+            f"request {index}: expected an LCU or a dict, got {type(request).__name__}"
         )
+    unknown = sorted(set(request) - set(REQUEST_KEYS))
+    if unknown:
+        raise ValueError(f"request {index}: unknown key(s) {unknown}; known: {list(REQUEST_KEYS)}")
+    if "instruction" not in request:
+        raise ValueError(f"request {index}: no instruction")
+    return request
+
+
+def _generators(generator, n: int) -> list:
+    """One generator (or None) per request: a list of n as it is, one shared by all."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"generator: got a list of {len(generator)} for {n} requests")
+        return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator: expected a torch.Generator, a list of them or None, got "
+            f"{type(generator).__name__}"
+        )
+    return [generator] * n

@@ -60,6 +60,12 @@ def check_inputs(
         raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
     if not _is_int(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    check_target_size(height, width)
+    check_guidance(guidance_scale, guidance_rescale)
+
+
+def check_target_size(height, width) -> None:
+    """A requested target size: positive ints, multiples of 16, both or neither."""
     for name, side in (("height", height), ("width", width)):
         if side is not None and (not _is_int(side) or side <= 0 or side % 16):
             raise ValueError(f"{name} must be a positive int multiple of 16, got {side!r}")
@@ -67,7 +73,6 @@ def check_inputs(
         raise ValueError(
             f"give both height and width, or neither (got height={height}, width={width})"
         )
-    check_guidance(guidance_scale, guidance_rescale)
 
 
 @dataclass
