@@ -35,6 +35,7 @@ def test_readme_python_examples_run_in_order(capsys):
     assert "[(4, 8, 8), (4, 6, 6)]" in out
     assert "16 recolor " in out
     assert "(64, 64) True" in out
+    assert "3 True" in out
 
 
 def run_block(marker: str, cwd: Path) -> subprocess.CompletedProcess:
