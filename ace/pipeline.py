@@ -1,7 +1,8 @@
 """ACEPipeline: instructions and images in, images out, every task through one LCU.
 
 Shapes: C latent channels, (H, W) pixel size, (h, w) = (H/8, W/8) latent size,
-E text dim, K = 10 indicator rows, B = 2 samples (conditional, unconditional) under CFG.
+E text dim, K = 10 indicator rows, B samples: 2 a request under CFG (conditional,
+unconditional), one without.
 
     from ace.testing import tiny_pipeline
     pipe = tiny_pipeline()
@@ -11,14 +12,18 @@ E text dim, K = 10 indicator rows, B = 2 samples (conditional, unconditional) un
     first = chat("a red circle")
     second = chat("make {image} blue")   # {image} is the previous output
 
+    # many requests, a batch of them in each transformer call
+    out = pipe.generate([{"instruction": "a red circle"}, {"instruction": "a star"}])
+
 The call runs in numbered steps: 1. check inputs (build the LCU), 2. preprocess
 images and masks, 3. encode (T5 once, VAE once, masks), 4. prepare the target
 latents, 5. pack once, 6. denoise (both CFG halves in one transformer call per step),
-7. decode.
+7. decode. ``generate`` runs steps 2-4 request by request, then 5-7 for a batch of them.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -55,6 +60,7 @@ from ace.request import (  # noqa: F401 (public here too)
     check_inputs,
     check_size,
     check_target_size,
+    is_int,
     largest_square,
     prepare_lcu,
     unconditional_texts,
@@ -280,7 +286,7 @@ class ACEPipeline(DiffusionPipeline):
         steps, cfg = int(num_inference_steps), guidance_scale > 1.0
         state = self._prepare(lcu, request, steps, cfg, generator, self.scheduler, conditioner)
         # 5-6. pack and denoise
-        self._denoise([state], guidance_scale, guidance_rescale, conditioner.device)
+        self._denoise([state], guidance_scale, guidance_rescale, conditioner.device, graphs=True)
         # 7. decode
         return self._decode([state], output_type, conditioner, single=True)
 
@@ -301,12 +307,14 @@ class ACEPipeline(DiffusionPipeline):
         masks, history and task) or a dict of ``__call__``'s per-request arguments:
         ``instruction`` (required), ``images``, ``masks``, ``history``, ``task``,
         ``negative_prompt``, ``height``, ``width`` and ``latents``. The sampler settings are
-        shared. ``generator``: None, one generator (drawn from request after request), or a
-        list of one per request; request i with generator ``g[i]`` gives the image
-        ``pipe(**request_i, generator=g[i])`` gives, up to float rounding (the batched
-        matrix products sum in another order). Returns ``.images`` with one entry per
-        request, in order: PIL images, (H, W, 3) float arrays ("np"), or (1, C, h, w) target
-        latents ("latent").
+        shared. ``generator``: a list of one per request, one for all, or None. With a list,
+        request i gives the image ``pipe(**request_i, generator=g[i])`` gives, up to float
+        rounding (the batched matrix products sum in another order). One generator for all
+        is drawn request after request, as calls one after another would draw it, only
+        where the scheduler's step draws nothing (DDIM, FlowMatchEuler as configured here);
+        a step that draws noise draws for every request of a batch in turn. Returns
+        ``.images`` with one entry per request, in order: PIL images, (H, W, 3) float arrays
+        ("np"), or (1, C, h, w) target latents ("latent").
 
             from ace.testing import tiny_pipeline
             pipe = tiny_pipeline()
@@ -319,7 +327,10 @@ class ACEPipeline(DiffusionPipeline):
         Each batch packs every request's frames (both guidance halves) into one token
         stream, so a step costs one transformer call however many requests it holds; where
         a single request's call is bound by per-operation overhead (small images, a CPU) the
-        batch is faster per image (BENCHMARKS.md).
+        batch is faster per image (BENCHMARKS.md). Its activations grow with it: at the
+        released sizes, mind the GPU's memory. ``enable_cuda_graph()`` applies to
+        ``__call__`` only (mixed requests make a new layout nearly every batch, and each
+        recorded graph keeps memory for its whole batch).
         """
         # 1. check inputs
         check_inputs(num_inference_steps, None, None, guidance_scale, guidance_rescale, output_type)
@@ -329,7 +340,7 @@ class ACEPipeline(DiffusionPipeline):
             )
         if not requests:
             raise ValueError("requests: the list is empty")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         generators = _generators(generator, len(requests))
         checked, max_seq_len = [], self.max_seq_len
@@ -344,20 +355,22 @@ class ACEPipeline(DiffusionPipeline):
         for start in range(0, len(checked), batch_size):
             # 2-4. preprocess, encode, initial noise: request by request, each drawing from
             # its own generator in the order a single call draws
-            states = [
-                self._prepare(
-                    lcu,
-                    request,
-                    steps,
-                    cfg,
-                    generators[start + k],
-                    self.scheduler.__class__.from_config(self.scheduler.config),
-                    conditioner,
-                )
-                for k, (lcu, request) in enumerate(checked[start : start + batch_size])
-            ]
+            states = []
+            for k, (lcu, request) in enumerate(checked[start : start + batch_size]):
+                # a copy of the pipeline's scheduler (its settings, set_shift included)
+                scheduler = copy.deepcopy(self.scheduler)
+                try:
+                    states.append(
+                        self._prepare(
+                            lcu, request, steps, cfg, generators[start + k], scheduler, conditioner
+                        )
+                    )
+                except ValueError as e:
+                    raise ValueError(f"request {start + k}: {e}") from e
             # 5-6. pack and denoise, the whole batch in each transformer call
-            self._denoise(states, guidance_scale, guidance_rescale, conditioner.device)
+            self._denoise(
+                states, guidance_scale, guidance_rescale, conditioner.device, graphs=False
+            )
             # 7. decode
             images += self._decode(states, output_type, conditioner, single=False).images
         return ImagePipelineOutput(images=images)
@@ -376,7 +389,7 @@ class ACEPipeline(DiffusionPipeline):
             warnings.warn(  # other tags are labels; toy ones (recolor ...) are passed too
                 f"task={task!r} is not an inpainting tag {INPAINTING_TASKS}: the masked pixels "
                 "are not filled; pass task='inpainting' for that",
-                stacklevel=3,
+                stacklevel=4,  # the caller's line: above __call__ or generate and no_grad's wrapper
             )
         return self.build_lcu(
             request["instruction"],
@@ -458,11 +471,17 @@ class ACEPipeline(DiffusionPipeline):
         )
 
     def _denoise(
-        self, states: list[_Sampling], guidance_scale: float, rescale: float, device: torch.device
+        self,
+        states: list[_Sampling],
+        guidance_scale: float,
+        rescale: float,
+        device: torch.device,
+        graphs: bool,
     ) -> None:
         """Steps 5-6: pack every request's samples (its conditional and, under guidance, its
         unconditional half) into one stream once, then denoise; each state's ``latents``
-        ends as its final target latent."""
+        ends as its final target latent. ``graphs``: replay recorded CUDA graphs where
+        ``enable_cuda_graph()`` asks for them."""
         dtype = self.transformer.dtype
         cfg = guidance_scale > 1.0
 
@@ -489,7 +508,7 @@ class ACEPipeline(DiffusionPipeline):
         schedule = states[0].scheduler.timesteps  # (S,) on the CPU, the same for every state
         model_timesteps = schedule.to(device)[:, None].expand(-1, n_samples)  # (S, B)
         graphed = None  # with enable_cuda_graph(): the recorded forward of this layout
-        if getattr(self, "_cuda_graphs", None) is not None:
+        if graphs and getattr(self, "_cuda_graphs", None) is not None:
             graphed = self._graphed(tokens, text, model_timesteps[0], packed, indicators)
         for i, t in enumerate(self.progress_bar(schedule.tolist())):
             targets = []
@@ -584,6 +603,11 @@ def _generators(generator, n: int) -> list:
     if isinstance(generator, (list, tuple)):
         if len(generator) != n:
             raise ValueError(f"generator: got a list of {len(generator)} for {n} requests")
+        for i, g in enumerate(generator):
+            if g is not None and not isinstance(g, torch.Generator):
+                raise ValueError(
+                    f"generator[{i}]: expected a torch.Generator or None, got {type(g).__name__}"
+                )
         return list(generator)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(

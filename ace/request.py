@@ -46,7 +46,7 @@ def unconditional_texts(frame_texts: list[T], empty: T) -> list[T]:
     return out
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     """A Python or numpy integer, not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -58,7 +58,7 @@ def check_inputs(
     a ValueError names the first bad one. ``scripts/infer.py`` runs it before loading."""
     if output_type not in ("pil", "np", "latent"):
         raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+    if not is_int(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     check_target_size(height, width)
     check_guidance(guidance_scale, guidance_rescale)
@@ -67,7 +67,7 @@ def check_inputs(
 def check_target_size(height, width) -> None:
     """A requested target size: positive ints, multiples of 16, both or neither."""
     for name, side in (("height", height), ("width", width)):
-        if side is not None and (not _is_int(side) or side <= 0 or side % 16):
+        if side is not None and (not is_int(side) or side <= 0 or side % 16):
             raise ValueError(f"{name} must be a positive int multiple of 16, got {side!r}")
     if (height is None) != (width is None):
         raise ValueError(

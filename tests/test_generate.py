@@ -126,11 +126,35 @@ def test_lcus_pil_and_latent_outputs_and_one_shared_generator(pipes):
     )
     latents = pipe.generate(dicts, num_inference_steps=STEPS, output_type="latent").images
     assert [tuple(x.shape) for x in latents] == [(1, 4, 4, 4), (1, 4, 4, 4)]
-    # one generator for all: drawn request after request, so the batch repeats itself
-    a = pipe.generate(dicts, num_inference_steps=1, generator=torch.Generator().manual_seed(1))
-    b = pipe.generate(dicts, num_inference_steps=1, generator=torch.Generator().manual_seed(1))
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
-    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(a.images[1]))
+
+
+def test_one_generator_for_all_draws_as_calls_one_after_another(pipes):
+    """DDIM's step draws nothing: the batch reads the shared generator request after
+    request, as the same calls in a row read it."""
+    pipe = pipes["ddpm-eps"]
+    settings = dict(num_inference_steps=STEPS, output_type="np")
+    shared = torch.Generator().manual_seed(1)
+    want = [pipe(**r, generator=shared, **settings).images[0] for r in REQUESTS]
+    got = pipe.generate(REQUESTS, generator=torch.Generator().manual_seed(1), **settings).images
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+
+
+def test_latents_and_a_shifted_scheduler_are_each_requests_own():
+    """A request's initial noise is used as given; each request samples with a copy of
+    the pipeline's scheduler, settings made after loading (set_shift) included."""
+    pipe = tiny_pipeline(seed=0, objective="rectified-flow")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_shift(5.0)
+    noise = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(9))
+    requests = [dict(REQUESTS[0], latents=noise), REQUESTS[1]]
+    settings = dict(num_inference_steps=STEPS, output_type="np")
+    want = one_by_one(pipe, requests, **settings)
+    got = pipe.generate(requests, generator=gens(2), **settings).images
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+    pipe.scheduler.set_shift(1.0)  # the shift matters: the call now differs
+    assert not np.allclose(one_by_one(pipe, requests, **settings)[0], want[0], atol=1e-3)
 
 
 def test_the_pipelines_own_scheduler_is_left_alone(pipes):
@@ -157,6 +181,19 @@ def test_the_pipelines_own_scheduler_is_left_alone(pipes):
         ([{"instruction": "a", "negative_prompt": 3}], {}, "request 0: negative_prompt"),
         ([{"instruction": "a"}], {"generator": gens(2)}, "generator: got a list of 2 for 1"),
         ([{"instruction": "a"}], {"generator": 3}, "generator: expected a torch.Generator"),
+        (
+            [{"instruction": "a"}, {"instruction": "b"}],
+            {"generator": [None, 7]},
+            r"generator\[1\]: expected a torch.Generator or None, got int",
+        ),
+        (  # found while preparing the second request: named, like the checks before it
+            [
+                {"instruction": "a", "height": 32, "width": 32},
+                {"instruction": "b", "height": 32, "width": 32, "latents": torch.zeros(1, 4, 3, 3)},
+            ],
+            {"num_inference_steps": 1},
+            "request 1: latents shape",
+        ),
         ([{"instruction": "a"}], {"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
         ([{"instruction": "a"}], {"num_inference_steps": 0}, "num_inference_steps"),
         ([{"instruction": "a"}], {"output_type": "tensor"}, "output_type"),
@@ -172,4 +209,5 @@ def test_a_task_that_looks_like_inpainting_is_warned_as_in_a_call(pipes):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipes["ddpm-eps"].generate([request], num_inference_steps=1)
-    assert any("not an inpainting tag" in str(w.message) for w in caught)
+    hits = [w for w in caught if "not an inpainting tag" in str(w.message)]
+    assert hits and hits[0].filename == __file__  # points at the caller's line

@@ -188,8 +188,9 @@ def test_inpainting_fill_only_for_inpainting_requests(pipe):
 
 
 def test_a_task_that_looks_like_inpainting_but_is_not_is_warned(pipe):
-    with pytest.warns(UserWarning, match=r"task='inpaint' is not an inpainting tag"):
+    with pytest.warns(UserWarning, match=r"task='inpaint' is not an inpainting tag") as caught:
         pipe("fill {image}", images=[img(32, 32)], task="inpaint", num_inference_steps=1)
+    assert caught[0].filename == __file__  # the caller's line, not no_grad's wrapper
 
 
 def test_inpainting_blanks_an_unmasked_current_image_wholly_as_released():

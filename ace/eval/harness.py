@@ -269,6 +269,7 @@ def evaluate(
         "seed": seed,
         "tasks": names,
         "balanced": balanced,
+        "batch_size": batch_size,
         "size": size,
         "guidance_scale": guidance_scale,
         "guidance_rescale": guidance_rescale,
