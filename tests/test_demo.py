@@ -45,13 +45,34 @@ def test_quick_demo_runs_every_step(tmp_path):
         assert Image.open(out / "edits" / f"{name}.png").size == (32, 32)  # data.toy_size
         assert (out / "edits" / f"{name}-target.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert {"train", "evaluate", "edit recolor"} <= summary["seconds"].keys()
+    edits = {f"edit {name}" for name in ("recolor", "remove", "add", "edge-map")}
+    assert {"train", "evaluate", "total", *edits} <= summary["seconds"].keys()
+    assert summary["seconds"]["total"] >= summary["seconds"]["train"]
     assert "| task | n |" in (out / "summary.md").read_text()
     # the logged commands run as printed: an instruction is one quoted argument
     logged = [line for line in result.stdout.splitlines() if line.startswith("== edit recolor: ")]
     argv = shlex.split(logged[0].split(": ", 1)[1])
     assert argv[:2] == ["python", "scripts/infer.py"]
     assert " " in argv[argv.index("--instruction") + 1]
+
+
+def test_side_by_side_jobs_print_in_order_and_the_first_failure_stops_the_demo(capsys):
+    demo = load_demo()
+    timings = {}
+    jobs = [
+        ("slow", ["-c", "import time; time.sleep(0.5); print('slow done')"]),
+        ("fast", ["-c", "print('fast done')"]),
+    ]
+    demo.run_side_by_side(jobs, timings)
+    out = capsys.readouterr().out
+    assert out.index("== slow:") < out.index("slow done") < out.index("== fast:")
+    assert set(timings) == {"slow", "fast"} and timings["slow"] >= 0.5
+    failing = [("ok", ["-c", "pass"]), ("bad", ["-c", "import sys; print('oops'); sys.exit(3)"])]
+    with pytest.raises(SystemExit) as stop:
+        demo.run_side_by_side(failing, {})
+    assert stop.value.code == 3
+    captured = capsys.readouterr()
+    assert "oops" in captured.out and "bad failed with exit status 3" in captured.err
 
 
 def test_rerun_keeps_data_only_when_made_in_the_same_mode(tmp_path):
@@ -123,7 +144,7 @@ def test_verdicts_use_the_baseline_each_family_faces():
     report["tasks"]["reference"].update(copy_margin_se=0.9, mean_margin_se=0.25)
     row = {r["task"]: r for r in demo.verdicts(report)}["reference"]
     assert row["se"] == 0.25
-    text = demo.summary([row], {"x": 1.0}, {"machine": "m"})
+    text = demo.summary([row], {"x": 1.0}, {"machine": "m", "seconds": 1.0})
     assert "| reference | 4 | 14.00 | mean | 14.50 | -0.50 ± 0.25 | NO | nan | 30.00 |" in text
 
 
@@ -136,7 +157,7 @@ def test_verdicts_skip_missing_baselines():
     rows = {r["task"]: r for r in demo.verdicts(report)}
     assert rows["grayscale"]["beats"] is None and rows["grayscale"]["baseline"] == "n/a"
     assert (rows["edge_to_image"]["baseline"], rows["edge_to_image"]["beats"]) == ("copy", True)
-    text = demo.summary(list(rows.values()), {"x": 1.0}, {"machine": "m"})
+    text = demo.summary(list(rows.values()), {"x": 1.0}, {"machine": "m", "seconds": 1.0})
     assert "| grayscale | 1 | 12.00 | n/a | nan | n/a | n/a | nan | 1.00 |" in text
     # one sample: no standard error, so the verdict says what it rests on
     assert "| edge_to_image | 1 | 12.00 | copy | 3.00 | +9.00 ± nan | yes (1 sample) |" in text
