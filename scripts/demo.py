@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The README demo (``make demo``): train a small ACE on the toy world, score it, edit with it.
 
-    python scripts/demo.py                  # about 17-19 minutes on 2 CPU cores
+    python scripts/demo.py                  # about 15-20 minutes on 2 CPU cores
     python scripts/demo.py --out outputs/demo-quick --quick   # a smoke run of every step (about a minute)
 
 It runs the user-facing commands one after the other, each as its own process:
