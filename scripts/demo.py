@@ -114,8 +114,8 @@ def run(name: str, cmd: list[str], timings: dict) -> None:
 
 
 def run_side_by_side(jobs: list[tuple[str, list]], timings: dict, workers: int = 2) -> None:
-    """``run`` for independent short commands, ``workers`` at a time, one thread each: a
-    4-second infer.py is mostly Python starting and loading, one core's work. Each prints
+    """``run`` for independent short commands, ``workers`` at a time, one thread each: an
+    infer.py of 5-7 s is mostly Python starting and loading, one core's work. Each prints
     its command and output when it ends; the first that fails stops the demo."""
     from concurrent.futures import ThreadPoolExecutor
 
