@@ -8,23 +8,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ace.lcu import LCU, ConditionUnit
 from ace.testing import tiny_pipeline
+from tests._images import box_mask, img
 
 STEPS = 3
-
-
-def img(w, h, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def box_mask(w, h):
-    m = np.zeros((h, w), dtype=np.uint8)
-    m[h // 4 : h // 2, w // 4 : w // 2] = 255
-    return Image.fromarray(m)
 
 
 # text-to-image, a masked edit, two inputs of other sizes with a negative prompt, and a

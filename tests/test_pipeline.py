@@ -12,6 +12,7 @@ from ace.lcu import LCU, ConditionUnit
 from ace.pipeline import ACEPipeline
 from ace.request import prepare_lcu
 from ace.testing import tiny_pipeline
+from tests._images import box_mask, img
 
 STEPS = 3
 
@@ -19,17 +20,6 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline(seed=0)
-
-
-def img(w, h, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def box_mask(w, h):
-    m = np.zeros((h, w), dtype=np.uint8)
-    m[h // 4 : h // 2, w // 4 : w // 2] = 255
-    return Image.fromarray(m)
 
 
 def run(pipe, instruction, seed=0, **kw):
