@@ -131,6 +131,7 @@ def pack_batch(
     packed = model.pack(
         [[tuple(x.shape[-2:]) for x in fs] for fs in lat],
         [[t.shape[0] for t in ts] for ts in texts],
+        device=lat[0][0].device,  # where the latents are: model.device walks every module
     )
     tokens = packed.pack_frames(lat, lmasks)
     p = model.config.patch_size
