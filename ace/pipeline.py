@@ -62,6 +62,7 @@ from ace.request import (  # noqa: F401 (public here too)
     check_target_size,
     is_int,
     largest_square,
+    lcu_request,
     prepare_lcu,
     unconditional_texts,
 )
@@ -581,11 +582,7 @@ REQUEST_KEYS = (
 def _request_dict(request, index: int) -> dict:
     """A request of ``generate`` as a dict of ``REQUEST_KEYS``; ValueError naming a bad one."""
     if isinstance(request, LCU):
-        cur = request.current
-        return dict(
-            instruction=cur.instruction, images=cur.images, masks=cur.masks,
-            history=request.history, task=request.task,
-        )  # fmt: skip
+        return lcu_request(request)
     if not isinstance(request, dict):
         raise ValueError(
             f"request {index}: expected an LCU or a dict, got {type(request).__name__}"

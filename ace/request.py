@@ -46,6 +46,17 @@ def unconditional_texts(frame_texts: list[T], empty: T) -> list[T]:
     return out
 
 
+def lcu_request(lcu: LCU) -> dict:
+    """An LCU as the per-request arguments of ``ACEPipeline.__call__`` (and a request of
+    ``ACEPipeline.generate``): its current instruction, images and masks, its history and
+    its task."""
+    cur = lcu.current
+    return dict(
+        instruction=cur.instruction, images=cur.images, masks=cur.masks,
+        history=lcu.history, task=lcu.task,
+    )  # fmt: skip
+
+
 def is_int(x) -> bool:
     """A Python or numpy integer, not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

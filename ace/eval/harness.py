@@ -288,18 +288,9 @@ TOY_SIZE_MAX = 128
 def _generate(pipe: Any, samples: list, size: int, seed: int, step: int, settings: dict) -> list:
     """The outputs of ``samples``, sample k with generator seed ``seed + k``: one
     ``pipe.generate`` call when ``step`` > 1, else one call of ``pipe``."""
-    requests = [
-        dict(
-            instruction=s.lcu.current.instruction,
-            images=s.lcu.current.images,
-            masks=s.lcu.current.masks,
-            history=s.lcu.history,
-            height=size,
-            width=size,
-            task=s.lcu.task,
-        )
-        for s in samples
-    ]
+    from ace.request import lcu_request
+
+    requests = [{**lcu_request(s.lcu), "height": size, "width": size} for s in samples]
     generators = [torch.Generator().manual_seed(seed + k) for k in range(len(samples))]
     if step > 1:
         return pipe.generate(requests, generator=generators, batch_size=step, **settings).images
