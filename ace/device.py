@@ -1,6 +1,6 @@
 """Which device to run on when the user names none: the first accelerator this machine
 has, in the order accelerate uses for training, else the CPU; and what a device can run
-(``has_device``, ``fused_adamw``).
+(``has_device``, ``fused_adamw``); and the dtype names configs and scripts take (``DTYPES``).
 
     from ace.device import default_device
     pipe.to(default_device())
@@ -9,6 +9,9 @@ has, in the order accelerate uses for training, else the CPU; and what a device 
 from __future__ import annotations
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype names configs and command lines take, and the torch dtypes they mean."""
 
 ACCELERATORS = ("cuda", "xpu", "mps")
 """The device types ``default_device`` tries, in this order, before the CPU."""

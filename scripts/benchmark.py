@@ -39,15 +39,13 @@ from diffusers.utils import logging as diffusers_logging
 
 from ace.cli import HelpFormatter, text_table
 from ace.convert import official_dit_to_ace
+from ace.device import DTYPES
 from ace.diffusion import apply_guidance
 from ace.models import PRESETS, ACETransformer
 from ace.reference import ReferenceDiT
 
 # forward (no grad), forward + backward, and one CFG denoise step (both halves + guidance)
 KINDS = ("forward", "fwd_bwd", "denoise")
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

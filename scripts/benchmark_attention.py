@@ -107,11 +107,12 @@ def main(argv=None) -> int:
 
     import torch
 
+    from ace.device import DTYPES as TORCH_DTYPES
     from ace.models.attention import SegmentLayout, segment_attention, select_backend
     from ace.models.attention import varlen_available as has_varlen
 
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = TORCH_DTYPES[args.dtype]
 
     def sync():
         if device.type == "cuda":

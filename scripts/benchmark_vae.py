@@ -67,8 +67,9 @@ def load_vae(spec: str, device: str, dtype: str):
     from diffusers import AutoencoderKL
 
     from ace.conditioning import sd_vae_config
+    from ace.device import DTYPES as TORCH_DTYPES
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     if spec == "sd":
         torch.manual_seed(0)
         vae = AutoencoderKL(**sd_vae_config())

@@ -85,12 +85,12 @@ def read_json(path: str | None) -> dict | None:
 
 
 def build(args: argparse.Namespace):
-    import torch
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, T5EncoderModel
 
     from ace.conditioning import convert_ldm_vae, sd_vae_config
     from ace.convert import official_dit_to_ace
+    from ace.device import DTYPES
     from ace.diffusion import DDPMEpsilon
     from ace.models import ACETransformer
     from ace.pipeline import ACEPipeline
@@ -128,7 +128,7 @@ def build(args: argparse.Namespace):
         vae.load_state_dict(convert_ldm_vae(load_weights(args.vae), dict(vae.config)), strict=True)
     except (ValueError, RuntimeError) as e:  # unknown keys, wrong shapes
         raise UserError(str(e)) from e
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     try:
         text_encoder = T5EncoderModel.from_pretrained(
             args.t5, torch_dtype=dtype, local_files_only=True

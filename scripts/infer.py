@@ -203,6 +203,7 @@ def auto_dtype(device) -> str:
 def run(args: argparse.Namespace) -> Path:
     import torch
 
+    from ace.device import DTYPES
     from ace.pipeline import ACEPipeline
     from ace.request import check_inputs, check_size
 
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.offload and device.type == "cpu":
         raise UserError("--offload moves components to an accelerator as they run; there is none")
     name = args.dtype if args.dtype != "auto" else auto_dtype(device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    dtype = DTYPES[name]
     try:
         pipe = ACEPipeline.from_pretrained(args.pipeline, dtype=dtype)
     except (OSError, ValueError) as e:  # a missing or broken component

@@ -623,6 +623,7 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["data.max_seq_len=0"], "data.max_seq_len must be >= 1 or null"),
         (["objective.name=ddim"], r"objective.name must be one of ddpm-eps, rectified-flow"),
         (["model.attention_backend=xformers"], r"model.attention_backend must be one of auto"),
+        (["model.text_encoder_dtype=half"], r"model.text_encoder_dtype must be one of auto, fp32"),
         (["optim.lr=inf"], "optim.lr must be finite"),
         (["optim.weight_decay=inf"], "optim.weight_decay must be finite"),
         (["objective.shift=0"], "objective.shift must be > 0"),
@@ -939,6 +940,37 @@ def test_fine_tuning_keeps_the_pretrained_objective(data, tmp_path):
     pipe = ACEPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert pipe.scheduler.config.shift == 3.0
+
+
+def test_text_encoder_dtype_casts_the_frozen_encoder_and_the_export_keeps_it(data, tmp_path):
+    """model.text_encoder_dtype=bf16 (the released encoder's): a T5 saved in float32 trains
+    in bf16, its states those of the saved encoder cast to bf16 by hand, and the exported
+    pipeline keeps the bf16 encoder; the same holds from model.pretrained (fp32 back)."""
+    from ace import testing
+    from ace.conditioning import clean_text
+
+    tokenizer, t5 = testing.tiny_text_encoder()
+    t5.save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    bf16 = [f"model.text_encoder={tmp_path / 't5'}", "model.text_encoder_dtype=bf16"]
+    trainer = Trainer(load_config(CONFIG, args(data, tmp_path / "run", 2, *bf16)))
+    assert trainer.conditioner.text_encoder.dtype == torch.bfloat16
+    prompt = "make {image} the next colour"
+    pad = {"padding": "max_length", "max_length": trainer.conditioner.max_length}
+    ids = tokenizer([clean_text(prompt)], return_tensors="pt", **pad)
+    with torch.no_grad():
+        hidden = t5.to(torch.bfloat16)(**ids).last_hidden_state[0]  # (N, E)
+    expected = hidden[: int(ids["attention_mask"].sum())]  # (L, E): the valid tokens
+    (states,) = trainer.conditioner.encode_text([prompt])
+    assert states.dtype == torch.bfloat16 and torch.equal(states, expected)
+    trainer.train()
+    assert all(math.isfinite(x) for x in losses(tmp_path / "run"))
+    pipe = ACEPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.transformer.dtype == torch.float32  # the trained weights stay float32
+    tuned = [f"model.pretrained={tmp_path / 'run' / 'pipeline'}", "model.text_encoder_dtype=fp32"]
+    trainer = Trainer(load_config(CONFIG, args(data, tmp_path / "tuned", 1, *tuned)))
+    assert trainer.conditioner.text_encoder.dtype == torch.float32
 
 
 def test_ema_weights_are_exported(data, tmp_path):

@@ -29,6 +29,11 @@ class ModelConfig:
     """"tiny" (a random byte-level T5, for tests), "words" (a random T5 over the words of
     data.manifest's instructions, ace.train.word_encoder: the CPU demo's) or a local T5
     directory."""
+    text_encoder_dtype: str = "auto"
+    """The frozen text encoder's dtype: auto (as loaded or made; a release converted by
+    convert_official.py is bf16 by default), fp32, bf16 or fp16. The released model encodes
+    in bf16; a T5-XXL saved in float32 otherwise holds 19 GB on every process and runs in
+    float32 (train.mixed_precision covers the transformer only)."""
     vae: str = "tiny"
     """"tiny" (random), or a local diffusers AutoencoderKL directory."""
     vae_toy_steps: int = 0
@@ -273,6 +278,7 @@ def _check(cfg: Config) -> None:
         raise ValueError(f"objective.shift must be > 0, got {cfg.objective.shift}")
     # checked here, not after the toy VAE, the data and the embedding cache are made
     from ace.data.toy import DEFAULT_WEIGHTS, TASKS, check_size
+    from ace.device import DTYPES
     from ace.diffusion import OBJECTIVES
     from ace.models.attention import BACKENDS
 
@@ -284,6 +290,11 @@ def _check(cfg: Config) -> None:
         raise ValueError(
             f"model.attention_backend must be one of {', '.join(BACKENDS)}, "
             f"got {cfg.model.attention_backend!r}"
+        )
+    if cfg.model.text_encoder_dtype not in ("auto", *DTYPES):
+        raise ValueError(
+            f"model.text_encoder_dtype must be one of auto, {', '.join(DTYPES)}, "
+            f"got {cfg.model.text_encoder_dtype!r}"
         )
     if cfg.optim.decay not in ("constant", "cosine"):
         raise ValueError(f"optim.decay must be constant or cosine, got {cfg.optim.decay!r}")

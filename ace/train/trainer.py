@@ -172,7 +172,8 @@ def build_components(cfg: Config, accelerator=None, dataset=None):
         from ace.pipeline import ACEPipeline
 
         pipe = ACEPipeline.from_pretrained(m.pretrained)
-        return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer
+        text_encoder = frozen_dtype(pipe.text_encoder, m.text_encoder_dtype)
+        return pipe.tokenizer, text_encoder, pipe.vae, pipe.transformer
     check_model_dirs(cfg)
     if m.text_encoder == "tiny":
         tokenizer, text_encoder = testing.tiny_text_encoder()
@@ -181,6 +182,7 @@ def build_components(cfg: Config, accelerator=None, dataset=None):
     else:
         tokenizer = AutoTokenizer.from_pretrained(m.text_encoder, local_files_only=True)
         text_encoder = T5EncoderModel.from_pretrained(m.text_encoder, local_files_only=True)
+    text_encoder = frozen_dtype(text_encoder, m.text_encoder_dtype)
     vae = (
         testing.tiny_vae()
         if m.vae == "tiny"
@@ -207,6 +209,13 @@ def build_components(cfg: Config, accelerator=None, dataset=None):
             f"{latent}"
         )
     return tokenizer, text_encoder, vae, transformer
+
+
+def frozen_dtype(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """``module`` cast to the dtype ``name`` of ``ace.device.DTYPES`` ("auto": as it is)."""
+    from ace.device import DTYPES
+
+    return module if name == "auto" else module.to(DTYPES[name])
 
 
 def manifest_word_encoder(cfg: Config, accelerator=None, dataset=None):
