@@ -19,6 +19,19 @@
 The history file is a list of turns, oldest first ("images" and "masks" optional; one mask
 path or null per image; "task": "inpainting" for a turn that was an inpainting request):
     [{"instruction": "make {image} red", "images": ["a.png"], "masks": [null]}]
+
+Many requests: a JSONL file, one request a line, sampled --batch-size at a time in one
+transformer call per step (ACEPipeline.generate), each image written under --output (a
+directory) as soon as its batch is done:
+    python scripts/infer.py --pipeline DIR --requests requests.jsonl --output outputs/batch
+A line holds "instruction" and, as wanted, "images", "masks" and "history" (as above),
+"task", "negative_prompt", "height" and "width", "seed" (default: --seed plus the request's
+index, 0-based) and "output" (a file name under --output; default: 00000.png, 00001.png,
+... by index). Paths are relative to the file. Every request is read and checked before
+the pipeline loads; --skip-existing leaves out those whose output is already there (each
+image is written whole or not at all), so a stopped batch continues where it stopped:
+    {"instruction": "a red circle", "height": 256, "width": 256}
+    {"instruction": "make {image} blue", "images": ["in.png"], "masks": ["mask.png"], "seed": 7}
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from ace.atomic import atomic_write
 from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, pick_device
@@ -47,7 +61,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="an ACEPipeline directory (save_pretrained / convert_official.py)",
     )
     p.add_argument(
-        "--instruction", required=True, help="the instruction; name images {image}, {image1}, ..."
+        "--instruction", help="the instruction; name images {image}, {image1}, ... (or --requests)"
+    )
+    p.add_argument(
+        "--requests",
+        help="a JSONL file of requests, one a line (see above), instead of --instruction; "
+        "--output is then a directory",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="--requests: requests sampled together, in one transformer call per step (default: 8)",
+    )
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="--requests: leave out the requests whose output file exists",
     )
     p.add_argument("--image", action="append", default=[], help="an input image (repeatable)")
     p.add_argument(
@@ -105,9 +135,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="enable_model_cpu_offload(): each component on the GPU only while it runs",
     )
     p.add_argument(
-        "--output", required=True, help="where to write the image (.png; .jpg, .webp at quality 95)"
+        "--output",
+        required=True,
+        help="where to write the image (.png; .jpg, .webp at quality 95); with --requests, "
+        "the directory to write them in",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.instruction is None) == (args.requests is None):
+        p.error("give --instruction (one request) or --requests FILE (many), not both")
+    if args.requests is not None:
+        per_request = {"--image": args.image, "--mask": args.mask, "--history": args.history,
+                       "--negative": args.negative, "--task": args.task,
+                       "--height": args.height, "--width": args.width}  # fmt: skip
+        given = [flag for flag, value in per_request.items() if value not in (None, "", [])]
+        if given:
+            p.error(f"with --requests, give {', '.join(given)} per request, in the file")
+        args.batch_size = 8 if args.batch_size is None else args.batch_size
+        if args.batch_size < 1:
+            p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    elif args.skip_existing or args.batch_size is not None:
+        p.error("--batch-size and --skip-existing go with --requests")
+    return args
 
 
 def load_image(path: str | Path, mode: str):
@@ -145,22 +193,58 @@ def load_mask(path: str | Path):
     return load_image(path, "L")
 
 
-def _paths(turn: dict, key: str, i: int, nulls: bool) -> list:
-    """Turn ``i``'s ``key``: a list of file paths (or nulls, where ``nulls``)."""
+def _paths(turn: dict, key: str, where: str, nulls: bool) -> list:
+    """``turn[key]``: a list of file paths (or nulls, where ``nulls``)."""
     value = turn.get(key, [])
     if not isinstance(value, list) or not all(
         isinstance(v, str) or (nulls and v is None) for v in value
     ):
         kind = "file paths or null" if nulls else "file paths"
-        raise UserError(
-            f"history turn {i}: '{key}' must be a list of {kind}, got {json.dumps(value)}"
-        )
+        raise UserError(f"{where}: '{key}' must be a list of {kind}, got {json.dumps(value)}")
     return value
 
 
-def load_history(path: str) -> list:
+def load_unit(turn: dict, base: Path, where: str, known: set[str]):
+    """One turn (or request) object: its instruction, images and masks (paths relative to
+    ``base``) and task as a ConditionUnit, checked; ``known``: the keys it may hold."""
     from ace.lcu import ConditionUnit
 
+    unknown = set(turn) - known
+    if "instruction" not in turn or unknown:
+        optional = ", ".join(f"'{k}'" for k in sorted(known - {"instruction"}))
+        raise UserError(
+            f"{where}: needs 'instruction' (and optional {optional}); got {sorted(turn)}"
+        )
+    image_paths = _paths(turn, "images", where, False)
+    mask_paths = None if turn.get("masks") is None else _paths(turn, "masks", where, True)
+    try:
+        images = [load_image(base / p, "RGB") for p in image_paths]
+        masks = None  # "masks": null or absent -> no masks
+        if mask_paths is not None:
+            masks = [None if m is None else load_mask(base / m) for m in mask_paths]
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from e
+    try:  # checked here, before the pipeline loads: counts, sizes, references
+        return ConditionUnit(turn["instruction"], images, masks, turn.get("task", ""))
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from e
+
+
+TURN_KEYS = {"instruction", "images", "masks", "task"}
+
+
+def load_turns(turns, base: Path, where: str, prefix: str = "") -> list:
+    """A list of turn objects, oldest first, as ConditionUnits (``where``: the file or
+    request they come from; ``prefix``: what each turn's errors begin with)."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise UserError(f"{where} must hold a list of turns (objects)")
+    return [
+        load_unit(turn, base, f"{prefix}history turn {i}", TURN_KEYS)
+        for i, turn in enumerate(turns)
+    ]
+
+
+def load_history(path: str) -> list:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"history file not found: {file}")
@@ -168,26 +252,7 @@ def load_history(path: str) -> list:
         turns = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"history file {file} is not valid JSON: {e}") from e
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise UserError(f"history file {file} must hold a list of turns (objects)")
-    out = []
-    for i, turn in enumerate(turns):
-        unknown = set(turn) - {"instruction", "images", "masks", "task"}
-        if "instruction" not in turn or unknown:
-            raise UserError(
-                f"history turn {i}: needs 'instruction' (and optional 'images', 'masks', "
-                f"'task'); got {sorted(turn)}"
-            )
-        images = [load_image(file.parent / p, "RGB") for p in _paths(turn, "images", i, False)]
-        masks = None  # "masks": null or absent -> no masks
-        if turn.get("masks") is not None:
-            masks = _paths(turn, "masks", i, True)
-            masks = [None if m is None else load_mask(file.parent / m) for m in masks]
-        try:  # checked here, before the pipeline loads: counts, sizes, references
-            out.append(ConditionUnit(turn["instruction"], images, masks, turn.get("task", "")))
-        except ValueError as e:
-            raise UserError(f"history turn {i}: {e}") from e
-    return out
+    return load_turns(turns, file.parent, f"history file {file}")
 
 
 def auto_dtype(device) -> str:
@@ -200,12 +265,69 @@ def auto_dtype(device) -> str:
     return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
 
 
-def run(args: argparse.Namespace) -> Path:
-    import torch
+def check_settings(args: argparse.Namespace) -> None:
+    """What every request shares, checked before anything is read or loaded."""
+    from ace.request import check_inputs
 
+    if not 0 <= args.seed < 2**64:
+        raise UserError(f"--seed must lie in [0, 2**64), got {args.seed}")
+    if not (Path(args.pipeline) / "model_index.json").is_file():
+        raise UserError(
+            f"--pipeline {args.pipeline} is not an ACEPipeline directory (no model_index.json)"
+        )
+    steps = 1 if args.steps is None else args.steps
+    try:
+        check_inputs(steps, None, None, args.guidance, args.rescale)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def check_request(args, instruction, images, masks, history, task, height, width, no_mask):
+    """One request, checked before the (slow) pipeline load: its size (both or neither,
+    within the model's token budget), its inputs and references; ``no_mask``: the error
+    for an inpainting task without a mask."""
+    from ace.pipeline import ACEPipeline
+    from ace.request import check_size, check_target_size
+
+    if task in TASKS and images and not any(m is not None for m in masks or []):
+        raise UserError(
+            f"{no_mask}: without one the whole input is filled with -1 first, and the "
+            "output ignores it"
+        )
+    try:
+        check_target_size(height, width)
+        if height is not None:  # within the model's token budget: from its configs
+            try:
+                budget = ACEPipeline.max_seq_len_of(args.pipeline)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"--pipeline {args.pipeline}: unreadable config: {e}") from e
+            check_size(height, width, budget)
+        ACEPipeline.build_lcu(instruction, images, masks, history, task)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def load_pipeline(args: argparse.Namespace, device):
     from ace.device import DTYPES
     from ace.pipeline import ACEPipeline
-    from ace.request import check_inputs, check_size
+
+    if args.offload and device.type == "cpu":
+        raise UserError("--offload moves components to an accelerator as they run; there is none")
+    name = args.dtype if args.dtype != "auto" else auto_dtype(device)
+    try:
+        pipe = ACEPipeline.from_pretrained(args.pipeline, dtype=DTYPES[name])
+    except (OSError, ValueError) as e:  # a missing or broken component
+        raise UserError(f"--pipeline {args.pipeline}: {str(e).splitlines()[0]}") from e
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def run(args: argparse.Namespace) -> Path:
+    """One request from the flags; returns the image's path."""
+    import torch
 
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:
@@ -213,53 +335,19 @@ def run(args: argparse.Namespace) -> Path:
     check_out(output, "--output")
     if (args.height is None) != (args.width is None):
         raise UserError("give both --height and --width, or neither")
-    if not 0 <= args.seed < 2**64:
-        raise UserError(f"--seed must lie in [0, 2**64), got {args.seed}")
     if args.mask and len(args.mask) != len(args.image):
         raise UserError(
             f"got {len(args.image)} --image but {len(args.mask)} --mask; give one --mask per image, or none"
         )
-    if not (Path(args.pipeline) / "model_index.json").is_file():
-        raise UserError(
-            f"--pipeline {args.pipeline} is not an ACEPipeline directory (no model_index.json)"
-        )
+    check_settings(args)
     device = pick_device(args.device)
     images = [load_image(p, "RGB") for p in args.image]
     masks = [None if m.lower() == "none" else load_mask(m) for m in args.mask] or None
-    if args.task in TASKS and images and not any(m is not None for m in masks or []):
-        raise UserError(
-            "--task inpainting needs a --mask: without one the whole input is filled with "
-            "-1 first, and the output ignores it"
-        )
     history = load_history(args.history) if args.history else None
-    steps = args.steps
-    try:  # the request and its settings, checked before the (slow) pipeline load
-        check_inputs(
-            1 if steps is None else steps, args.height, args.width, args.guidance, args.rescale
-        )
-        if args.height is not None:  # within the model's token budget: from its configs
-            try:
-                budget = ACEPipeline.max_seq_len_of(args.pipeline)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"--pipeline {args.pipeline}: unreadable config: {e}") from e
-            check_size(args.height, args.width, budget)
-        ACEPipeline.build_lcu(args.instruction, images, masks, history, args.task)
-    except ValueError as e:
-        raise UserError(str(e)) from e
-
-    if args.offload and device.type == "cpu":
-        raise UserError("--offload moves components to an accelerator as they run; there is none")
-    name = args.dtype if args.dtype != "auto" else auto_dtype(device)
-    dtype = DTYPES[name]
-    try:
-        pipe = ACEPipeline.from_pretrained(args.pipeline, dtype=dtype)
-    except (OSError, ValueError) as e:  # a missing or broken component
-        raise UserError(f"--pipeline {args.pipeline}: {str(e).splitlines()[0]}") from e
-    if args.offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe = pipe.to(device)
-    steps = steps if steps is not None else pipe.config.default_steps
+    request = (args.instruction, images, masks, history, args.task, args.height, args.width)
+    check_request(args, *request, f"--task {args.task} needs a --mask")
+    pipe = load_pipeline(args, device)
+    steps = args.steps if args.steps is not None else pipe.config.default_steps
     try:
         result = pipe(
             args.instruction,
@@ -281,9 +369,156 @@ def run(args: argparse.Namespace) -> Path:
     return atomic_write(output, lambda tmp: result.images[0].save(tmp, quality=95))  # jpg, webp
 
 
+# ------------------------------------------------------------------------ --requests
+
+REQUEST_KEYS = TURN_KEYS | {"history", "negative_prompt", "height", "width", "seed", "output"}
+
+
+class Entry(NamedTuple):
+    """One line of a requests file: where it is, what it holds, its seed and output."""
+
+    where: str
+    request: dict
+    seed: int
+    output: Path
+
+
+def read_requests(args: argparse.Namespace) -> list[Entry]:
+    """The requests file's lines, each a JSON object, with its seed and output path (both
+    checked; no image read yet)."""
+    file, root = Path(args.requests), Path(args.output)
+    if not file.is_file():
+        raise UserError(f"--requests {file}: no such file")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--requests {file} is not UTF-8 text: {e}") from e
+    entries: list[Entry] = []
+    outputs: dict[Path, str] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{file} line {n}"
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON: {e}") from e
+        if not isinstance(request, dict):
+            raise UserError(f"{where}: expected a request (a JSON object), got {line.strip()}")
+        index = len(entries)
+        seed = request.get("seed", args.seed + index)
+        if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64):
+            raise UserError(f"{where}: seed must be an int in [0, 2**64), got {json.dumps(seed)}")
+        name = request.get("output", f"{index:05d}.png")
+        if not isinstance(name, str) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            raise UserError(
+                f"{where}: output must be a file name ending with one of {IMAGE_SUFFIXES}, "
+                f"got {json.dumps(name)}"
+            )
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UserError(f"{where}: output {name} must lie under --output (a relative path)")
+        path = root / name
+        if path in outputs:
+            raise UserError(f"{where}: output {name} is also {outputs[path]}'s")
+        check_out(path, f"{where}: output")
+        outputs[path] = where
+        entries.append(Entry(where, request, seed, path))
+    if not entries:
+        raise UserError(f"--requests {file} holds no request")
+    return entries
+
+
+def load_request(entry: Entry, base: Path, args: argparse.Namespace) -> dict:
+    """An entry's request for ``ACEPipeline.generate``: images, masks and history read."""
+    request, where = entry.request, entry.where
+    unit = load_unit(request, base, where, REQUEST_KEYS)
+    history = request.get("history")
+    if history is not None:
+        history = load_turns(history, base, f"{where}: history", prefix=f"{where}: ")
+    negative = request.get("negative_prompt", "")
+    height, width = request.get("height"), request.get("width")
+    if not isinstance(negative, str):
+        raise UserError(f"{where}: negative_prompt must be a str, got {json.dumps(negative)}")
+    try:
+        check_request(
+            args,
+            unit.instruction,
+            unit.images,
+            unit.masks,
+            history,
+            unit.task,
+            height,
+            width,
+            f"task {unit.task!r} needs a mask",
+        )
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from e
+    return {
+        "instruction": unit.instruction, "images": unit.images, "masks": unit.masks,
+        "history": history, "task": unit.task, "negative_prompt": negative,
+        "height": height, "width": width,
+    }  # fmt: skip
+
+
+def run_requests(args: argparse.Namespace) -> tuple[list[Path], int]:
+    """Every request of --requests, --batch-size at a time; returns the paths written and
+    how many requests --skip-existing left out."""
+    import re
+
+    import torch
+    from tqdm import tqdm
+
+    root = Path(args.output)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--output {root} is a file; with --requests give a directory")
+    check_settings(args)
+    entries = read_requests(args)
+    todo = [e for e in entries if not (args.skip_existing and e.output.is_file())]
+    base = Path(args.requests).parent
+    for entry in tqdm(todo, desc="check", unit="request", disable=len(todo) < 64):
+        load_request(entry, base, args)  # read and checked, then let go: memory stays one batch's
+    device = pick_device(args.device)
+    written: list[Path] = []
+    if not todo:
+        return written, len(entries)
+    pipe = load_pipeline(args, device)
+    pipe.set_progress_bar_config(disable=True)  # one bar for the whole file instead
+    steps = args.steps if args.steps is not None else pipe.config.default_steps
+    bar = tqdm(total=len(todo), desc="infer", unit="image")
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start : start + args.batch_size]
+        try:
+            result = pipe.generate(
+                [load_request(e, base, args) for e in batch],
+                num_inference_steps=steps,
+                guidance_scale=args.guidance,
+                guidance_rescale=args.rescale,
+                generator=[torch.Generator(device).manual_seed(e.seed) for e in batch],
+                batch_size=len(batch),
+            )
+        except ValueError as e:  # "request K: ..." names the batch's K-th
+            found = re.match(r"request (\d+): (.*)", str(e), re.S)
+            if not found:
+                raise UserError(str(e)) from e
+            raise UserError(f"{batch[int(found[1])].where}: {found[2]}") from e
+        for entry, image in zip(batch, result.images):
+            entry.output.parent.mkdir(parents=True, exist_ok=True)
+            written.append(
+                atomic_write(entry.output, lambda tmp, im=image: im.save(tmp, quality=95))
+            )
+        bar.update(len(batch))
+    bar.close()
+    return written, len(entries) - len(todo)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.requests is not None:
+            paths, skipped = run_requests(args)
+            kept = f" (left out {skipped} already there)" if skipped else ""
+            print(f"wrote {len(paths)} images under {args.output}{kept}")
+            return 0
         path = run(args)
     except UserError as e:
         print(f"infer.py: error: {e}", file=sys.stderr)

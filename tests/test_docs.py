@@ -74,6 +74,9 @@ def test_readme_infer_commands_run_as_written(tmp_path):
     run_block("outputs/tiny-pipeline", tmp_path)
     assert Image.open(tmp_path / "outputs" / "circle.png").size == (64, 64)
     assert Image.open(tmp_path / "outputs" / "blue.png").size == (64, 64)
+    batch = tmp_path / "outputs" / "batch"
+    assert sorted(p.name for p in batch.iterdir()) == ["00000.png", "green.png"]
+    assert Image.open(batch / "green.png").size == (64, 64)
 
 
 def test_readme_probe_command_runs_as_written(tmp_path):

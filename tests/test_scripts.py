@@ -262,6 +262,119 @@ def test_infer_rejects_a_directory_that_is_not_a_pipeline(pipe_dir, tmp_path, ca
     assert "Traceback" not in err, err
 
 
+# ------------------------------------------------------------------------ infer.py --requests
+
+
+def request_files(tmp_path):
+    """Inputs and a requests file of four lines (and a blank one): text-to-image, an edit
+    with a mask, seed and output of its own, a multi-turn inpainting request."""
+    a = save_image(tmp_path / "a.png", 48, 32, 1)
+    save_image(tmp_path / "m.png", 48, 32, 3, mode="L")
+    lines = [
+        {"instruction": "a red circle", "height": 32, "width": 32},
+        {"instruction": "make {image} blue", "images": ["a.png"], "masks": ["m.png"], "seed": 7, "output": "sub/edit.jpg"},
+        {"instruction": "a green square", "negative_prompt": "blurry"},
+        {"instruction": "now {image} green", "images": ["a.png"], "masks": ["m.png"], "task": "inpainting",
+         "history": [{"instruction": "make {image} red", "images": ["a.png"]}]},
+    ]  # fmt: skip
+    text = "\n".join(json.dumps(line) for line in lines[:2]) + "\n\n"
+    (tmp_path / "req.jsonl").write_text(text + "\n".join(json.dumps(x) for x in lines[2:]))
+    return a, tmp_path / "req.jsonl"
+
+
+def test_infer_requests_make_what_single_calls_make(pipe_dir, tmp_path, capsys):
+    """--requests: each line's image is the one infer.py makes for it alone, with the
+    line's seed or --seed plus its index: bitwise at --batch-size 1, up to a level of
+    rounding when the lines share a call; --skip-existing writes only what is missing."""
+    a, requests = request_files(tmp_path)
+    m = tmp_path / "m.png"
+    common = ["--pipeline", pipe_dir, "--steps", 2]
+    singles = {
+        "00000.png": ["--instruction", "a red circle", "--height", 32, "--width", 32, "--seed", 3],
+        "sub/edit.jpg": ["--instruction", "make {image} blue", "--image", a, "--mask", m, "--seed", 7],
+        "00002.png": ["--instruction", "a green square", "--negative", "blurry", "--seed", 5],
+    }  # fmt: skip
+    (tmp_path / "turns.json").write_text(
+        json.dumps([{"instruction": "make {image} red", "images": ["a.png"]}])
+    )
+    singles["00003.png"] = ["--instruction", "now {image} green", "--image", a, "--mask", m, "--task", "inpainting", "--history", tmp_path / "turns.json", "--seed", 6]  # fmt: skip
+    expected = {}
+    for name, argv in singles.items():
+        out = tmp_path / "single" / name
+        assert script("infer.py", [*common, *argv, "--output", out], capsys)[0] == 0
+        expected[name] = np.asarray(Image.open(out), dtype=np.int16)
+    for batch in (1, 3):
+        out = tmp_path / f"batch{batch}"
+        argv = [*common, "--requests", requests, "--output", out, "--seed", 3, "--batch-size", batch]  # fmt: skip
+        code, stdout, err = script("infer.py", argv, capsys)
+        assert code == 0 and f"wrote 4 images under {out}" in stdout, err
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*.*")) == sorted(singles)
+        for name, want in expected.items():
+            got = np.asarray(Image.open(out / name), dtype=np.int16)
+            if batch == 1 or name.endswith(".jpg"):  # JPEG: the same pixels, re-encoded
+                assert np.array_equal(got, want) if batch == 1 else np.abs(got - want).max() <= 8
+            else:
+                assert np.abs(got - want).max() <= 1, (batch, name)
+    (out / "00002.png").unlink()
+    before = (out / "00000.png").stat().st_mtime_ns
+    argv = [*common, "--requests", requests, "--output", out, "--seed", 3, "--skip-existing"]
+    code, stdout, _ = script("infer.py", argv, capsys)
+    assert code == 0 and "wrote 1 images" in stdout and "left out 3 already there" in stdout
+    assert (out / "00002.png").is_file() and (out / "00000.png").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"req.jsonl line 2: not valid JSON"),
+        ('["a star"]', r"line 2: expected a request \(a JSON object\), got \["),
+        ('{"prompt": "a star"}', r"line 2: needs 'instruction' \(and optional 'height', 'history'"),
+        ('{"instruction": "a star", "seed": -1}', r"line 2: seed must be an int in \[0, 2\*\*64\), got -1"),
+        ('{"instruction": "a star", "output": "x.gif"}', r"line 2: output must be a file name ending with"),
+        ('{"instruction": "a star", "output": "../x.png"}', r"line 2: output ../x.png must lie under --output"),
+        ('{"instruction": "a star", "output": "00000.png"}', r"line 2: output 00000.png is also .*line 1's"),
+        ('{"instruction": "x {image}", "images": ["nope.png"]}', r"line 2: image not found: .*nope.png"),
+        ('{"instruction": "x {image1}", "images": ["a.png"]}', r"line 2: .*\{image1\}"),
+        ('{"instruction": "a star", "height": 32}', r"line 2: .*height and width"),
+        ('{"instruction": "a star", "negative_prompt": 3}', r"line 2: negative_prompt must be a str"),
+        ('{"instruction": "x {image}", "images": ["a.png"], "task": "inpainting"}', r"line 2: task 'inpainting' needs a mask"),
+        ('{"instruction": "a", "history": [{"instruction": 3}]}', r"line 2: history turn 0: instruction: expected a str"),
+        ('{"instruction": "a", "history": {"instruction": "b"}}', r"line 2: history must hold a list of turns"),
+    ],
+)  # fmt: skip
+def test_infer_bad_requests_name_their_line_and_write_nothing(pipe_dir, tmp_path, capsys, line, message):  # fmt: skip
+    save_image(tmp_path / "a.png", 32, 32)
+    (tmp_path / "req.jsonl").write_text('{"instruction": "a circle"}\n' + line + "\n")
+    out = tmp_path / "out"
+    argv = ["--pipeline", pipe_dir, "--requests", tmp_path / "req.jsonl", "--output", out, "--steps", 1]  # fmt: skip
+    code, _, err = script("infer.py", argv, capsys)
+    assert code == 2 and err.startswith("infer.py: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--instruction", "a star"], "give --instruction .* or --requests FILE .*, not both"),
+        (["--image", "a.png"], r"with --requests, give --image per request"),
+        (["--height", 32, "--width", 32], r"with --requests, give --height, --width per request"),
+        (["--batch-size", 0], r"--batch-size must be >= 1, got 0"),
+    ],
+)
+def test_infer_requests_flag_mistakes(pipe_dir, tmp_path, capsys, extra, message):
+    (tmp_path / "req.jsonl").write_text('{"instruction": "a circle"}\n')
+    argv = ["--pipeline", pipe_dir, "--requests", tmp_path / "req.jsonl", "--output", tmp_path / "out", *extra]  # fmt: skip
+    code, _, err = script("infer.py", argv, capsys)
+    assert code == 2 and re.search(message, err), err
+    code, _, err = script("infer.py", ["--pipeline", pipe_dir, "--instruction", "a", "--batch-size", 2, "--output", tmp_path / "o.png"], capsys)  # fmt: skip
+    assert code == 2 and "--batch-size and --skip-existing go with --requests" in err
+    (tmp_path / "file").write_text("")
+    argv = ["--pipeline", pipe_dir, "--requests", tmp_path / "req.jsonl", "--output", tmp_path / "file"]  # fmt: skip
+    code, _, err = script("infer.py", argv, capsys)
+    assert code == 2 and "with --requests give a directory" in err
+
+
 # ------------------------------------------------------------------------ convert_official.py
 
 
