@@ -431,7 +431,7 @@ def test_non_finite_losses_skip_steps_then_stop(data, tmp_path, monkeypatch):
     real = trainer.objective.loss  # NaN through the model: every weight gets a NaN gradient
     monkeypatch.setattr(trainer.objective, "loss", lambda *a, **k: real(*a, **k) * float("nan"))
     before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
-    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingStopped, match="3 steps in a row with a non-finite loss"):
         trainer.train()
     assert all(
         torch.equal(before[n], p) for n, p in trainer.unwrapped.named_parameters()
@@ -467,6 +467,24 @@ def test_non_finite_micro_batch_skips_its_accumulation_window(data, tmp_path, mo
     assert not row["skipped_step"] and len(calls) == 4
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)  # window 2 stepped
+
+
+def test_max_nonfinite_counts_skipped_steps_not_micro_batches(data, tmp_path, monkeypatch):
+    """A NaN in the first micro-batch of every window skips every step, though most
+    micro-batches are finite: the run stops after train.max_nonfinite such steps instead of
+    skipping every step to the end and exporting untrained weights."""
+    run = args(data, tmp_path / "acc", 8, "train.grad_accum=2", "train.max_nonfinite=3")
+    trainer = Trainer(load_config(CONFIG, run))
+    real, calls = trainer.objective.loss, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) % 2 else 1.0)  # each window's first
+
+    monkeypatch.setattr(trainer.objective, "loss", loss)
+    with pytest.raises(TrainingStopped, match="3 steps in a row with a non-finite loss"):
+        trainer.train()
+    assert len(calls) == 6 and not (tmp_path / "acc" / "pipeline").exists()
 
 
 def test_max_steps_and_the_lr_schedule_count_optimizer_steps(data, tmp_path):
@@ -578,6 +596,9 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["train.grad_accum=2"], "train.grad_accum=1 there, 2 now"),
         (["data.batch_size=2"], "data.batch_size=4 there, 2 now"),
         (["data.max_tokens=96"], "data.max_tokens=0 there, 96 now"),
+        # the epoch order, and the size every sample is resized to
+        (["train.seed=7"], "train.seed=0 there, 7 now"),
+        (["data.max_seq_len=64"], "data.max_seq_len=None there, 64 now"),
     ):
         resumed = load_config(CONFIG, [*args(data, out, 6, "train.resume=latest", *extra)])
         with pytest.raises(ValueError, match=named):
@@ -624,6 +645,9 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["objective.name=ddim"], r"objective.name must be one of ddpm-eps, rectified-flow"),
         (["model.attention_backend=xformers"], r"model.attention_backend must be one of auto"),
         (["model.text_encoder_dtype=half"], r"model.text_encoder_dtype must be one of auto, fp32"),
+        (['train.resume=""'], r"train.resume must be latest, a checkpoint directory or null"),
+        (["train.seed=4294967296"], r"train.seed must be < 2\*\*32"),
+        (["train.trackers=[tensorbord]"], r"train.trackers: unknown tracker 'tensorbord'"),
         (["optim.lr=inf"], "optim.lr must be finite"),
         (["optim.weight_decay=inf"], "optim.weight_decay must be finite"),
         (["objective.shift=0"], "objective.shift must be > 0"),
@@ -639,6 +663,16 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
 def test_bad_config_names_the_key(data, overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(CONFIG, [f"data.manifest={data}", *overrides])
+
+
+def test_a_tracker_that_is_not_installed_is_named(data, monkeypatch):
+    """accelerate drops a tracker whose package is missing with a warning, and the run
+    would log nowhere (the 0.6B configs ask for tensorboard, a dev extra here)."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    with pytest.raises(ValueError, match=r"train.trackers: tensorboard is not installed"):
+        load_config(CONFIG, [f"data.manifest={data}", "train.trackers=[tensorboard]"])
 
 
 def test_toy_weights_set_the_generated_mix(tmp_path):
@@ -819,6 +853,12 @@ def test_an_output_dir_holding_a_run_is_refused_without_resume(data, tmp_path):
     (early / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"stopped before its first checkpoint .*delete that"):
         Trainer(load_config(CONFIG, args(data, early, 2)))
+    # one that failed before logging a row (an error or out-of-memory at step 1) lost
+    # nothing: the corrected rerun goes ahead
+    (early / "metrics.jsonl").write_text("")
+    (early / "config.json").write_text("{}")
+    Trainer(load_config(CONFIG, args(data, early, 2))).train()
+    assert len(losses(early)) == 2
     (tmp_path / "file").write_text("")
     for where in (tmp_path / "file", tmp_path / "file" / "sub"):
         with pytest.raises(ValueError, match="is a file, not a directory"):
@@ -840,6 +880,13 @@ def test_resume_past_max_steps_warns_and_stale_temporaries_go(data, tmp_path):
     with pytest.warns(UserWarning, match="at step 2, train.max_steps is 1: nothing to train"):
         Trainer(resumed).train()
     assert not list(out.glob(".tmp-*")) and (out / "pipeline").is_dir()
+    # exporting an earlier checkpoint trains nothing: the later work stays
+    out = tmp_path / "two"
+    Trainer(load_config(CONFIG, args(data, out, 2, "train.checkpoint_every=1"))).train()
+    early = load_config(CONFIG, args(data, out, 1, f"train.resume={out / 'checkpoint-1'}"))
+    with pytest.warns(UserWarning, match="at step 1, train.max_steps is 1: nothing to train"):
+        Trainer(early).train()
+    assert (out / "checkpoint-2").is_dir() and len(losses(out)) == 2
 
 
 def test_fp16_on_cpu_is_refused(data, tmp_path):
@@ -971,6 +1018,33 @@ def test_text_encoder_dtype_casts_the_frozen_encoder_and_the_export_keeps_it(dat
     tuned = [f"model.pretrained={tmp_path / 'run' / 'pipeline'}", "model.text_encoder_dtype=fp32"]
     trainer = Trainer(load_config(CONFIG, args(data, tmp_path / "tuned", 1, *tuned)))
     assert trainer.conditioner.text_encoder.dtype == torch.float32
+
+
+def test_fine_tuning_keeps_the_pretrained_indicator_table_and_step_count(data, tmp_path):
+    """model.pretrained's stored indicator table is the one its transformer learned with
+    (a release's: converted, not recomputed), and its default_steps (50 at 1024 px) are
+    how its users sample: the run trains with that table and the export keeps both."""
+    from ace.pipeline import IndicatorTable
+    from ace.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0)
+    table = torch.randn(pipe.indicators.table.shape, generator=torch.Generator().manual_seed(3))
+    start = tmp_path / "start"
+    ACEPipeline(
+        pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+        IndicatorTable.from_table(table), default_steps=50,
+    ).save_pretrained(start)  # fmt: skip
+    out = tmp_path / "tuned"
+    trainer = Trainer(load_config(CONFIG, args(data, out, 1, f"model.pretrained={start}")))
+    assert torch.equal(trainer.indicators, table)
+    assert not torch.equal(trainer.conditioner.indicator_table(), table)  # not recomputed
+    trainer.train()
+    tuned = ACEPipeline.from_pretrained(out / "pipeline")
+    assert tuned.config.default_steps == 50 and torch.equal(tuned.indicators.table, table)
+    # from scratch: the table comes from the text encoder, and 20 steps
+    fresh = Trainer(load_config(CONFIG, args(data, tmp_path / "fresh", 1)))
+    assert torch.equal(fresh.indicators, fresh.conditioner.indicator_table())
+    assert fresh.default_steps == 20
 
 
 def test_ema_weights_are_exported(data, tmp_path):

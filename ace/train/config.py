@@ -156,8 +156,8 @@ class TrainConfig:
     log_every: int = 1
     """Write a metrics.jsonl row every N steps."""
     max_nonfinite: int = 5
-    """Stop after this many non-finite losses in a row (each one skips its step; with
-    gradient accumulation, the optimizer step of its whole window), or this many
+    """Stop after this many optimizer steps in a row skipped for a non-finite loss (with
+    gradient accumulation, one non-finite micro-batch skips its whole window), or this many
     micro-batches in a row where some rank could load none of its samples (skipped too)."""
     trackers: list[str] = field(default_factory=list)
     """accelerate trackers fed with every logged row, e.g. [tensorboard] (logs in output_dir/logs)."""
@@ -230,6 +230,13 @@ def _check(cfg: Config) -> None:
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if t.resume is not None and not t.resume.strip():  # it would start over, not continue
+        raise ValueError(
+            f"train.resume must be latest, a checkpoint directory or null, got {t.resume!r}"
+        )
+    if t.seed >= 2**32:  # accelerate's set_seed seeds numpy too
+        raise ValueError(f"train.seed must be < 2**32, got {t.seed}")
+    check_trackers(t.trackers)
     if t.mixed_precision == "False":  # YAML 1.1 reads a bare no (or off, false) as False
         t.mixed_precision = "no"
     if t.mixed_precision not in ("no", "bf16", "fp16"):
@@ -318,6 +325,23 @@ def _check(cfg: Config) -> None:
             "data.cache caches a manifest; it cannot be combined with data.shards "
             "(streamed shards are encoded on the fly)"
         )
+
+
+def check_trackers(trackers: list[str]) -> None:
+    """Each of train.trackers is one accelerate knows and is installed: accelerate itself
+    drops a missing one with a warning, and the run would log nowhere."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in trackers:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(
+                f"train.trackers: unknown tracker {name!r}; accelerate's are "
+                f"{', '.join(LOGGER_TYPE_TO_CLASS)}"
+            )
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise ValueError(f"train.trackers: {name} is not installed (pip install {name})")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -27,6 +27,7 @@ import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped itself: ``train.max_nonfinite`` non-finite losses in a row. Its last
+    """The run stopped itself: ``train.max_nonfinite`` steps in a row with a non-finite loss
+    (each of them skipped). Its last
     checkpoint is intact; ``train.py`` prints the message in one line and exits with 1."""
 
 
@@ -158,9 +160,22 @@ def check_pretrained_objective(cfg: Config) -> None:
         )
 
 
-def build_components(cfg: Config, accelerator=None, dataset=None):
-    """(tokenizer, text_encoder, vae, transformer) from the model config; ``dataset`` (the
-    manifest's ``LCUManifest``, if already read) spares ``words`` a second read."""
+class Components(NamedTuple):
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    transformer: torch.nn.Module
+    indicators: torch.Tensor | None = None
+    """model.pretrained's stored indicator table (10, E), which its transformer learned
+    with; None: compute it from the text encoder."""
+    default_steps: int = 20
+    """The sampling steps the exported pipeline defaults to: model.pretrained's (50 for
+    the released 1024 px model), else 20."""
+
+
+def build_components(cfg: Config, accelerator=None, dataset=None) -> Components:
+    """The pipeline's components from the model config; ``dataset`` (the manifest's
+    ``LCUManifest``, if already read) spares ``words`` a second read."""
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -173,7 +188,10 @@ def build_components(cfg: Config, accelerator=None, dataset=None):
 
         pipe = ACEPipeline.from_pretrained(m.pretrained)
         text_encoder = frozen_dtype(pipe.text_encoder, m.text_encoder_dtype)
-        return pipe.tokenizer, text_encoder, pipe.vae, pipe.transformer
+        return Components(
+            pipe.tokenizer, text_encoder, pipe.vae, pipe.transformer,
+            pipe.indicators.table.detach().clone(), pipe.config.default_steps,
+        )  # fmt: skip
     check_model_dirs(cfg)
     if m.text_encoder == "tiny":
         tokenizer, text_encoder = testing.tiny_text_encoder()
@@ -208,7 +226,7 @@ def build_components(cfg: Config, accelerator=None, dataset=None):
             f"({m.vae}) makes {latent}; pick a matching VAE, or model.overrides.in_channels="
             f"{latent}"
         )
-    return tokenizer, text_encoder, vae, transformer
+    return Components(tokenizer, text_encoder, vae, transformer)
 
 
 def frozen_dtype(module: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -236,12 +254,13 @@ def manifest_word_encoder(cfg: Config, accelerator=None, dataset=None):
 
 
 FIXED_ON_RESUME = ("model.preset", "model.overrides", "objective.", "optim.lr", "optim.betas",
-                   "optim.eps", "optim.weight_decay", "ema.", "train.grad_accum",
-                   "data.batch_size", "data.max_tokens")  # fmt: skip
+                   "optim.eps", "optim.weight_decay", "ema.", "train.grad_accum", "train.seed",
+                   "data.batch_size", "data.max_tokens", "data.max_seq_len")  # fmt: skip
 """Config keys (or prefixes) a resumed run must share with the run it continues: they
 shape the weights and the optimizer state, which the checkpoint restores as they were, or
 the data position (a step reads micro-batches step * grad_accum ..., each of batch_size
-samples or max_tokens tokens per process: another value would skip or repeat samples).
+samples or max_tokens tokens per process, in the epoch order train.seed draws, each
+sample resized to data.max_seq_len: another value would skip or repeat samples).
 Paths (model.vae, data.manifest ...) may move, and train.max_steps may grow (the learning
 rate then follows the new schedule from the first resumed step)."""
 
@@ -323,7 +342,12 @@ def check_output_dir(cfg: Config) -> None:
         return  # checks what is there (and stops the others by failing)
     check_free(out)
     if cfg.train.resume is None and out.is_dir():
-        held = sorted(p.name for p in out.iterdir() if p.name == "metrics.jsonl" or CHECKPOINT.match(p.name))  # fmt: skip
+        # an empty metrics.jsonl is a run that failed before its first step (an error or
+        # an out-of-memory at step 1): nothing of it is lost by starting again
+        logged = out / "metrics.jsonl"
+        held = sorted(p.name for p in out.iterdir() if CHECKPOINT.match(p.name))
+        if logged.is_file() and logged.stat().st_size > 0:
+            held.append(logged.name)
         if held and not any(CHECKPOINT.match(h) for h in held):  # it stopped before one
             raise ValueError(
                 f"train.output_dir {out} holds a run that stopped before its first checkpoint "
@@ -387,12 +411,16 @@ class Trainer:
         )
         main = self.accelerator.is_main_process  # the one that writes and checks it
         self.data_digest = records_digest(dataset) if dataset is not None and main else None
-        tokenizer, text_encoder, vae, transformer = build_components(cfg, self.accelerator, dataset)
-        self.tokenizer = tokenizer
+        parts = build_components(cfg, self.accelerator, dataset)
+        tokenizer, text_encoder, vae, transformer = parts[:4]
+        self.tokenizer, self.default_steps = tokenizer, parts.default_steps
         device = self.accelerator.device
         self.conditioner = ConditionTokenizer(tokenizer, text_encoder.to(device), vae.to(device))
         with torch.no_grad():  # the image indicator embeddings: fixed, as T5 is frozen
-            self.indicators = self.conditioner.indicator_table().to(device)
+            table = parts.indicators
+            if table is None:
+                table = self.conditioner.indicator_table()
+            self.indicators = table.to(device)  # (10, E)
         self.objective = config_objective(cfg)
         token_px = self.conditioner.vae_factor * transformer.config.patch_size  # 16, or 8 (toy)
         self.max_seq_len = cfg.data.max_seq_len or resize_budget(
@@ -501,7 +529,7 @@ class Trainer:
         """Forward and backward of micro-batch ``index``; the optimizer steps at the end of
         each accumulation window whose every micro-batch had a finite loss on every rank.
         Returns the loss summed over the samples, the tokens and the samples, each over the
-        ranks, and whether every rank loaded its batch and had a finite loss."""
+        ranks, whether every rank's loss was finite and whether every rank loaded its batch."""
         acc, cfg = self.accelerator, self.cfg
         with acc.accumulate(self.model):
             loss, tokens, samples = self.forward_loss(index)
@@ -551,15 +579,6 @@ class Trainer:
             if acc.sync_gradients:
                 self.window_finite, self.window_samples = True, 0.0
             self.optimizer.zero_grad(set_to_none=True)
-        if not finite:
-            self.nonfinite += 1
-            if self.nonfinite >= cfg.train.max_nonfinite:
-                raise TrainingStopped(
-                    f"{self.nonfinite} non-finite losses in a row at step {self.step}: stopping "
-                    "(lower optim.lr, or use train.mixed_precision=bf16 instead of fp16)"
-                )
-        else:
-            self.nonfinite = 0
         self.unloaded = 0 if loaded else self.unloaded + 1
         if self.unloaded >= cfg.train.max_nonfinite:
             raise ValueError(
@@ -568,7 +587,7 @@ class Trainer:
             )
         if stepped and self.ema is not None:
             self.ema.step(self.model.parameters())
-        return loss_sum, tokens, samples, finite and loaded
+        return loss_sum, tokens, samples, finite, loaded
 
     @property
     def skipped_total(self) -> int:
@@ -582,6 +601,14 @@ class Trainer:
         start = time.perf_counter()
         lr = self.schedule.get_last_lr()[0]  # the rate this step uses (the schedule steps after)
         parts = [self.micro_step(self.step * accum + k) for k in range(accum)]
+        finite = all(p[3] for p in parts)
+        # counted in optimizer steps: a window with a non-finite micro-batch skips its step
+        self.nonfinite = 0 if finite else self.nonfinite + 1
+        if self.nonfinite >= self.cfg.train.max_nonfinite:
+            raise TrainingStopped(
+                f"{self.nonfinite} steps in a row with a non-finite loss at step {self.step}: "
+                "stopping (lower optim.lr, or use train.mixed_precision=bf16 instead of fp16)"
+            )
         self.step += 1
         seconds = time.perf_counter() - start
         return {
@@ -591,7 +618,7 @@ class Trainer:
             "tokens": int(sum(p[1] for p in parts)),
             "samples/s": sum(p[2] for p in parts) / seconds,
             "world_size": acc.num_processes,
-            "skipped_step": not all(p[3] for p in parts),
+            "skipped_step": not all(p[3] and p[4] for p in parts),
             "skipped_samples": self.skipped_total,
         }
 
@@ -783,7 +810,9 @@ class Trainer:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.skipped_before, self.skipped_since = state.get("skipped", 0), 0
         self._skipped_here = self.batches.skipped  # this rank's, as restored (streams keep theirs)
-        if self.accelerator.is_main_process:
+        # a run that trains on from here abandons what was logged and saved after it; one
+        # past train.max_steps only exports (and must leave the later work alone)
+        if self.accelerator.is_main_process and self.step < self.cfg.train.max_steps:
             drop_rows_after(self.out / "metrics.jsonl", self.step)
             later = [s for s in self.checkpoints() if s > self.step]
             if later and path.resolve().parent == self.out.resolve():
@@ -839,7 +868,7 @@ class Trainer:
 
     def export(self) -> Path:
         """OUTPUT/pipeline: an ACEPipeline with the trained (EMA) weights and the objective's sampler."""
-        from ace.pipeline import ACEPipeline
+        from ace.pipeline import ACEPipeline, IndicatorTable
 
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -858,6 +887,8 @@ class Trainer:
             pipe = ACEPipeline(
                 export.eval(), self.conditioner.vae, self.conditioner.text_encoder, self.tokenizer,
                 self.objective.make_scheduler(),
+                # the table the run trained with, and model.pretrained's step count
+                IndicatorTable.from_table(self.indicators.cpu()), self.default_steps,
             )  # fmt: skip
             tmp = self.out / ".tmp-pipeline"
             shutil.rmtree(tmp, ignore_errors=True)
