@@ -646,6 +646,11 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["model.attention_backend=xformers"], r"model.attention_backend must be one of auto"),
         (["model.text_encoder_dtype=half"], r"model.text_encoder_dtype must be one of auto, fp32"),
         (['train.resume=""'], r"train.resume must be latest, a checkpoint directory or null"),
+        (["model.preset=tinyy"], r"model.preset must be one of ace-0.6b-512, .*got 'tinyy'"),
+        (
+            ["model.overrides.deph=3"],
+            r"model.overrides: unknown ACETransformer argument\(s\) \['deph'\]",
+        ),
         (["train.seed=4294967296"], r"train.seed must be < 2\*\*32"),
         (["train.trackers=[tensorbord]"], r"train.trackers: unknown tracker 'tensorbord'"),
         (["optim.lr=inf"], "optim.lr must be finite"),
@@ -692,21 +697,32 @@ def test_toy_weights_set_the_generated_mix(tmp_path):
     assert [r["task"] for r in plain.records] == [s.lcu.task for s in sample_stream(12, 0, size=32)]
 
 
-def test_toy_n_against_an_existing_manifest_of_another_size_is_warned(data):
-    """data.toy_n makes a manifest only where there is none: one already there of another
-    size is trained on, and said so."""
+def test_toy_settings_against_an_existing_split_are_warned(data, tmp_path):
+    """data.toy_* make a manifest only where there is none: one already there of another
+    size, seed, image size or mix is trained on, and said so, naming what differs."""
     import warnings
 
     from ace.train.config import DataConfig
     from ace.train.data import build_dataset
 
-    with pytest.warns(UserWarning, match=r"data\.toy_n=8 is not used: .* already holds 16 LCUs"):
-        assert len(build_dataset(DataConfig(manifest=str(data), toy_n=8))) == 16
-    for toy_n in (0, 16):
+    def quiet(cfg):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            build_dataset(DataConfig(manifest=str(data), toy_n=toy_n))
-        assert not [w for w in seen if "toy_n" in str(w.message)]
+            build_dataset(cfg)
+        return not [w for w in seen if "not used" in str(w.message)]
+
+    message = r"data\.toy_n=8 \(the split's: 16\): not used, .* already holds 16 LCUs"
+    with pytest.warns(UserWarning, match=message):
+        assert len(build_dataset(DataConfig(manifest=str(data), toy_n=8))) == 16
+    assert quiet(DataConfig(manifest=str(data), toy_n=0))
+    assert quiet(DataConfig(manifest=str(data), toy_n=16))
+    made = dict(manifest=str(tmp_path / "toy"), toy_n=6, toy_size=32)
+    assert quiet(DataConfig(**made))  # makes it, and records how
+    assert quiet(DataConfig(**made))  # the same settings again
+    other = {"toy_seed": 3, "toy_size": 64, "toy_weights": {"recolor": 2.0}}
+    message = r"data.toy_seed=3 \(the split's: 0\); data.toy_size=64 \(the split's: 32\); data.toy_weights=\{'recolor': 2.0\} \(the split's: \{\}\): not used"  # fmt: skip
+    with pytest.warns(UserWarning, match=message):
+        build_dataset(DataConfig(**{**made, **other}))
 
 
 def test_a_resume_on_a_changed_manifest_is_warned(data, tmp_path):
@@ -914,6 +930,22 @@ def test_skipped_samples_survive_a_resume(tmp_path):
     assert straight == split and straight[-1] == 2  # 1 bad of 4, 2 epochs
 
 
+def test_model_mistakes_are_named_before_the_toy_vae_and_the_cache(data, tmp_path):
+    """A bad text encoder path used to surface after the toy VAE had trained (minutes in
+    the demo's config), and a max_seq_len past the model's RoPE table at step 1, after the
+    embedding cache was built, without naming the key."""
+    vae = tmp_path / "vae"
+    toy = [f"data.manifest={data}", f"model.vae={vae}", "model.vae_toy_steps=2", "model.text_encoder=/no/t5", f"train.output_dir={tmp_path / 'a'}"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"model.text_encoder: /no/t5 is not tiny, words or a T5"):
+        Trainer(load_config(TOY, toy))
+    assert not vae.exists()
+    cache = tmp_path / "cache"
+    long = [f"data.cache={cache}", "data.max_seq_len=100000"]
+    with pytest.raises(ValueError, match=r"data.max_seq_len=100000 resizes images past the model's rope_max_len=256 tokens of 16 px: at most 256"):  # fmt: skip
+        Trainer(load_config(CONFIG, args(data, tmp_path / "b", 1, *long)))
+    assert not cache.exists()
+
+
 def test_a_preset_that_cannot_read_the_vae_is_named_before_training(data, tmp_path):
     """configs/tiny.yaml with model.preset=toy: a matmul shape error at the first step."""
     out = tmp_path / "out"
@@ -1041,10 +1073,40 @@ def test_fine_tuning_keeps_the_pretrained_indicator_table_and_step_count(data, t
     trainer.train()
     tuned = ACEPipeline.from_pretrained(out / "pipeline")
     assert tuned.config.default_steps == 50 and torch.equal(tuned.indicators.table, table)
+    # the keys that would build components are named when model.pretrained gives them all
+    ignored = ["model.overrides.depth=1", "model.vae=/nowhere/vae", "model.text_encoder=/no/t5"]
+    warned = r"model.preset=tiny and model.overrides \(the pretrained depth=2\); model.text_encoder=/no/t5; model.vae=/nowhere/vae are not used"  # fmt: skip
+    with pytest.warns(UserWarning, match=warned):
+        Trainer(load_config(CONFIG, args(data, tmp_path / "more", 1, f"model.pretrained={start}", *ignored)))  # fmt: skip
     # from scratch: the table comes from the text encoder, and 20 steps
     fresh = Trainer(load_config(CONFIG, args(data, tmp_path / "fresh", 1)))
     assert torch.equal(fresh.indicators, fresh.conditioner.indicator_table())
     assert fresh.default_steps == 20
+
+
+def test_frozen_encoders_load_whole_on_every_rank(data, tmp_path, monkeypatch):
+    """accelerate launch with an FSDP file sets FSDP_CPU_RAM_EFFICIENT_LOADING, under which
+    transformers 4.x leaves ranks > 0 uninitialised weights for FSDP to broadcast; frozen
+    T5 is never wrapped, so the trainer loads its components with it off (and puts it back)."""
+    from transformers import T5EncoderModel
+
+    from ace import testing
+
+    tokenizer, t5 = testing.tiny_text_encoder()
+    t5.save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    seen = []
+    real = T5EncoderModel.from_pretrained.__func__
+
+    def spy(cls, *a, **k):
+        seen.append(os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING"))
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", classmethod(spy))
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    run = args(data, tmp_path / "run", 1, f"model.text_encoder={tmp_path / 't5'}")
+    Trainer(load_config(CONFIG, run))
+    assert seen == ["false"] and os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
 
 
 def test_ema_weights_are_exported(data, tmp_path):

@@ -8,6 +8,7 @@ configs), raised as ``ValueError``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +293,18 @@ def _check(cfg: Config) -> None:
     if cfg.objective.name not in OBJECTIVES:
         raise ValueError(
             f"objective.name must be one of {', '.join(OBJECTIVES)}, got {cfg.objective.name!r}"
+        )
+    from ace.models import PRESETS, ACETransformer
+
+    if cfg.model.preset not in PRESETS:
+        raise ValueError(
+            f"model.preset must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}"
+        )
+    known = set(inspect.signature(ACETransformer.__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg.model.overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"model.overrides: unknown ACETransformer argument(s) {unknown}; known: {sorted(known)}"
         )
     if cfg.model.attention_backend not in BACKENDS:
         raise ValueError(

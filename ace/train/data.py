@@ -13,11 +13,13 @@ takes exactly what the uninterrupted run took.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from ace.atomic import atomic_write
 from ace.train.config import DataConfig
 
 
@@ -54,6 +56,10 @@ def build_dataset(cfg: DataConfig, accelerator=None):
         weights = dict(cfg.toy_weights) or None  # the rest: toy.DEFAULT_WEIGHTS
         stream = sample_stream(cfg.toy_n, cfg.toy_seed, size=cfg.toy_size, weights=weights)
         write_manifest((s.lcu for s in stream), root)
+        # how it was made, for a later run that asks for another split (warned below)
+        atomic_write(
+            root / TOY_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(toy_settings(cfg)))
+        )
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not manifest.is_file():
@@ -63,14 +69,30 @@ def build_dataset(cfg: DataConfig, accelerator=None):
     dataset = LCUManifest(manifest)
     if not len(dataset):
         raise ValueError(f"data.manifest: {manifest} holds no LCUs")
-    if cfg.toy_n > 0 and len(dataset) != cfg.toy_n and is_main:
-        warnings.warn(  # toy_n makes a manifest only where there is none
-            f"data.toy_n={cfg.toy_n} is not used: {manifest} already holds {len(dataset)} "
-            "LCUs, which this run trains on (toy_n makes a toy split only where there is no "
-            "manifest; set data.toy_n=0 to say so)",
-            stacklevel=2,
-        )
+    if cfg.toy_n > 0 and is_main:
+        made = manifest.parent / TOY_RECORD
+        then = json.loads(made.read_text()) if made.is_file() else {}
+        then["toy_n"] = len(dataset)
+        now = toy_settings(cfg)
+        differ = [f"data.{k}={now[k]} (the split's: {then[k]})" for k in now if k in then and then[k] != now[k]]  # fmt: skip
+        if differ:
+            warnings.warn(  # the toy_* settings make a manifest only where there is none
+                f"{'; '.join(differ)}: not used, {manifest} already holds {len(dataset)} "
+                "LCUs, which this run trains on (the data.toy_* settings make a split only "
+                "where there is no manifest; delete it to make the one asked for, or set "
+                "data.toy_n=0 to train on it as it is)",
+                stacklevel=2,
+            )
     return dataset
+
+
+TOY_RECORD = "toy.json"
+"""Beside a generated toy split's manifest: the data.toy_* settings that made it."""
+
+
+def toy_settings(cfg: DataConfig) -> dict:
+    return {"toy_n": cfg.toy_n, "toy_seed": cfg.toy_seed, "toy_size": cfg.toy_size,
+            "toy_weights": dict(sorted(dict(cfg.toy_weights).items()))}  # fmt: skip
 
 
 def global_batch_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:

@@ -24,7 +24,7 @@ import re
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -118,7 +118,7 @@ def check_model_dirs(cfg: Config) -> None:
             )
         check_pretrained_objective(cfg)
         return
-    if m.vae != "tiny" and not Path(m.vae).is_dir():
+    if m.vae != "tiny" and m.vae_toy_steps <= 0 and not Path(m.vae).is_dir():
         raise ValueError(
             f"model.vae: no VAE directory at {m.vae} "
             "(set model.vae_toy_steps > 0 to train the toy VAE there first)"
@@ -187,6 +187,13 @@ def build_components(cfg: Config, accelerator=None, dataset=None) -> Components:
         from ace.pipeline import ACEPipeline
 
         pipe = ACEPipeline.from_pretrained(m.pretrained)
+        unused = unused_model_keys(m, dict(pipe.transformer.config))
+        if unused:
+            warnings.warn(
+                f"model.pretrained={m.pretrained} gives every component, so {'; '.join(unused)} "
+                "are not used (drop them, or model.pretrained to build from them)",
+                stacklevel=3,
+            )
         text_encoder = frozen_dtype(pipe.text_encoder, m.text_encoder_dtype)
         return Components(
             pipe.tokenizer, text_encoder, pipe.vae, pipe.transformer,
@@ -227,6 +234,24 @@ def build_components(cfg: Config, accelerator=None, dataset=None) -> Components:
             f"{latent}"
         )
     return Components(tokenizer, text_encoder, vae, transformer)
+
+
+def unused_model_keys(m, pretrained: dict) -> list[str]:
+    """The model keys set against model.pretrained, whose pipeline gives the components:
+    a preset (with its overrides) that describes another transformer than the pretrained
+    one, and any text encoder, VAE or toy VAE training asked for."""
+    from ace.models import PRESETS
+
+    unused = []
+    want = {**PRESETS.get(m.preset, {}), **m.overrides}
+    differ = sorted(k for k, v in want.items() if k in pretrained and pretrained[k] != v)
+    if differ:
+        theirs = ", ".join(f"{k}={pretrained[k]}" for k in differ)
+        unused.append(f"model.preset={m.preset} and model.overrides (the pretrained {theirs})")
+    for key, default in (("text_encoder", "tiny"), ("vae", "tiny"), ("vae_toy_steps", 0)):
+        if getattr(m, key) != default:
+            unused.append(f"model.{key}={getattr(m, key)}")
+    return unused
 
 
 def frozen_dtype(module: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -361,6 +386,24 @@ def check_output_dir(cfg: Config) -> None:
             )
 
 
+@contextmanager
+def full_weights_on_every_rank():
+    """Load with FSDP's RAM-efficient loading off. accelerate launch sets it from the FSDP
+    files (fsdp_cpu_ram_efficient_loading), and transformers 4.x then leaves every rank
+    but the first with uninitialised weights, for FSDP to broadcast: T5 is frozen and never
+    wrapped, so nothing would, and those ranks would encode text from garbage."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
 def keep_float_inputs(fsdp_plugin) -> None:
     """FSDP's mixed precision casts the forward's float inputs to its param_dtype by
     default (FSDP1: the root's; FSDP2: every sharded module's): under bf16 the timesteps
@@ -399,6 +442,7 @@ class Trainer:
             project_dir=str(Path(t.output_dir) / "logs"),
         )
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        check_model_dirs(cfg)  # before minutes of toy VAE training, then again after it
         ensure_vae(cfg, self.accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
@@ -411,7 +455,8 @@ class Trainer:
         )
         main = self.accelerator.is_main_process  # the one that writes and checks it
         self.data_digest = records_digest(dataset) if dataset is not None and main else None
-        parts = build_components(cfg, self.accelerator, dataset)
+        with full_weights_on_every_rank():
+            parts = build_components(cfg, self.accelerator, dataset)
         tokenizer, text_encoder, vae, transformer = parts[:4]
         self.tokenizer, self.default_steps = tokenizer, parts.default_steps
         device = self.accelerator.device
@@ -423,11 +468,18 @@ class Trainer:
             self.indicators = table.to(device)  # (10, E)
         self.objective = config_objective(cfg)
         token_px = self.conditioner.vae_factor * transformer.config.patch_size  # 16, or 8 (toy)
-        self.max_seq_len = cfg.data.max_seq_len or resize_budget(
+        budget = resize_budget(
             transformer.config.rope_max_len,
             self.conditioner.vae_factor,
             transformer.config.patch_size,
         )
+        if (cfg.data.max_seq_len or 0) > budget:  # step 1's error, after any cache build
+            raise ValueError(
+                f"data.max_seq_len={cfg.data.max_seq_len} resizes images past the model's "
+                f"rope_max_len={transformer.config.rope_max_len} tokens of {token_px} px: "
+                f"at most {budget} (or null, which is {budget})"
+            )
+        self.max_seq_len = cfg.data.max_seq_len or budget
         self.batches = make_batches(
             cfg.data, self.accelerator, t.seed, self.max_seq_len, dataset, patch_pixels=token_px
         )
