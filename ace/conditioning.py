@@ -24,7 +24,6 @@ from __future__ import annotations
 import html
 import math
 import re
-import warnings
 from typing import Any
 
 import ftfy
@@ -35,6 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ace.lcu import _IMAGE_EXPECTED, _MASK_EXPECTED, INDICATOR_NAMES, ImageLike, MaskLike, _describe
+from ace.warn import warn_caller
 
 INDICATOR_STRINGS: tuple[str, ...] = INDICATOR_NAMES  # row r of the indicator table
 MAX_ASPECT_RATIO = 4  # longer side / shorter side after the centre crop
@@ -198,10 +198,9 @@ def preprocess_mask(
     if out.any():
         return out
     if marked:  # the released rule below, on a mask that does mark something: say so
-        warnings.warn(
+        warn_caller(
             "a mask marks pixels, but none above 128 of 255 (after the crop and resize): it "
-            "is read as no mask, the whole image; mark the region to edit in white",
-            stacklevel=2,
+            "is read as no mask, the whole image; mark the region to edit in white"
         )
     return torch.ones_like(out)
 
@@ -253,6 +252,10 @@ def _valid_rows(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return states.index_select(0, mask.nonzero()[:, 0].to(states.device))
 
 
+MAX_TEXT_TOKENS = 120
+"""T5's input length in the released model: prompts are padded and truncated to it."""
+
+
 class ConditionTokenizer:
     """Frozen T5 encoder (with its tokenizer) and KL VAE behind the calls pipeline and trainer make.
 
@@ -269,7 +272,7 @@ class ConditionTokenizer:
         tokenizer: Any,
         text_encoder: Any,
         vae: Any,
-        max_length: int = 120,
+        max_length: int = MAX_TEXT_TOKENS,
         device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(max_length, int) or max_length < 1:

@@ -150,8 +150,8 @@ class ConditionUnit:
 
     instruction: str
     """The instruction; may reference ``{image}``, ``{image1}``, ..., ``{image9}``."""
-    images: list[ImageLike] = field(default_factory=list)
-    """RGB PIL images or float tensors (3, H, W); at most ``MAX_INPUT_IMAGES``."""
+    images: list[ImageLike] | None = field(default_factory=list)
+    """RGB PIL images or float tensors (3, H, W); at most ``MAX_INPUT_IMAGES`` (None: none)."""
     masks: list[MaskLike | None] | None = None
     """One mask or None per image, the image's size; None means no masks at all. A mask
     (``MaskLike``) marks the region to edit: PIL "L" or integer 0-255 (> 128, the released
@@ -159,15 +159,17 @@ class ConditionUnit:
     task: str = ""
     """A history turn's task tag: its images are filled as that task's were (an inpainting
     tag blanks them where masked, as the released code's per-image task list does). The
-    current turn's tag is ``LCU.task``; chat sessions record each turn's here."""
+    current turn's tag is ``LCU.task`` (taken from here when the LCU gives none); chat
+    sessions record each turn's here."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.instruction, str):
             raise ValueError(f"instruction: expected a str, got {_describe(self.instruction)}")
         if not isinstance(self.task, str):
             raise ValueError(f"task: expected a str, got {_describe(self.task)}")
+        images = [] if self.images is None else self.images  # None: none, as for masks
         self.images = _as_list(
-            self.images, "images", "a list of RGB PIL images or (3, H, W) float tensors"
+            images, "images", "a list of RGB PIL images or (3, H, W) float tensors"
         )
         n = len(self.images)
         if n > MAX_INPUT_IMAGES:
@@ -266,13 +268,23 @@ class LCU:
     task: str = ""
     """A free task tag (the dataset's ``task`` field). One tag changes the inputs:
     ``"inpainting"`` sets the masked pixels of the input images to -1, as the released
-    inpainting requests do; every other task reads its masks only as a mask channel."""
+    inpainting requests do; every other task reads its masks only as a mask channel. Left
+    empty, it is ``current.task``; the two may not differ."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str):
             raise ValueError(f"task: expected a str, got {_describe(self.task)}")
         if not isinstance(self.current, ConditionUnit):
             raise ValueError(f"current: expected a ConditionUnit, got {_describe(self.current)}")
+        # the current turn's tag is the LCU's: one given on the turn alone is taken (it
+        # was ignored, and an inpainting request ran without its fill), two must agree
+        if self.current.task and not self.task:
+            self.task = self.current.task
+        elif self.current.task and self.current.task != self.task:
+            raise ValueError(
+                f"task: the LCU's task is {self.task!r} but its current turn's is "
+                f"{self.current.task!r}; give one (the current turn's tag is the LCU's task)"
+            )
         self.history = _as_list(self.history, "history")
         for i, cu in enumerate(self.history):
             if not isinstance(cu, ConditionUnit):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +39,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from ace.conditioning import (
+    MAX_TEXT_TOKENS,
     ConditionTokenizer,
+    clean_text,
     downsample_mask,
     postprocess,
     resize_budget,
@@ -57,6 +58,7 @@ from ace.packing import PackedBatch, patchify
 from ace.request import (  # noqa: F401 (public here too)
     INPAINTING_TASKS,
     PreparedLCU,
+    check_inpainting_masks,
     check_inputs,
     check_size,
     check_target_size,
@@ -66,6 +68,7 @@ from ace.request import (  # noqa: F401 (public here too)
     prepare_lcu,
     unconditional_texts,
 )
+from ace.warn import warn_caller
 
 if TYPE_CHECKING:
     from ace.chat import ChatSession
@@ -282,6 +285,7 @@ class ACEPipeline(DiffusionPipeline):
             negative_prompt=negative_prompt, height=height, width=width, latents=latents,
         )  # fmt: skip
         lcu = self._check_request(request, self.max_seq_len)
+        (generator,) = _generators(generator, 1)  # a list of one is the one
         # 2-4. preprocess, encode, initial noise
         conditioner = self.conditioner
         steps, cfg = int(num_inference_steps), guidance_scale > 1.0
@@ -387,18 +391,28 @@ class ACEPipeline(DiffusionPipeline):
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a str, got {negative_prompt!r}")
         if "inpaint" in str(task).lower() and task not in INPAINTING_TASKS:
-            warnings.warn(  # other tags are labels; toy ones (recolor ...) are passed too
+            warn_caller(  # other tags are labels; toy ones (recolor ...) are passed too
                 f"task={task!r} is not an inpainting tag {INPAINTING_TASKS}: the masked pixels "
-                "are not filled; pass task='inpainting' for that",
-                stacklevel=4,  # the caller's line: above __call__ or generate and no_grad's wrapper
+                "are not filled; pass task='inpainting' for that"
             )
-        return self.build_lcu(
+        lcu = self.build_lcu(
             request["instruction"],
             request.get("images"),
             request.get("masks"),
             request.get("history"),
             task,
         )
+        limit = MAX_TEXT_TOKENS
+        for i, cu in enumerate(lcu.turns):
+            where = "instruction" if cu is lcu.current else f"history[{i}]"
+            n = len(self.tokenizer(clean_text(cu.instruction)).input_ids)
+            if n > limit:  # the released encoder pads and truncates to 120 tokens
+                warn_caller(
+                    f"{where} is {n} tokens long; the text encoder reads the first {limit} "
+                    "(what follows is ignored)"
+                )
+        check_inpainting_masks(lcu)
+        return lcu
 
     def _prepare(
         self,
@@ -447,6 +461,10 @@ class ACEPipeline(DiffusionPipeline):
         latents = request.get("latents")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif not isinstance(latents, torch.Tensor):
+            raise ValueError(
+                f"latents: expected a torch tensor {shape}, got {type(latents).__name__}"
+            )
         elif tuple(latents.shape) != shape:
             raise ValueError(
                 f"latents shape {tuple(latents.shape)}, expected {shape} for a {h * f}x{w * f} target"

@@ -57,6 +57,21 @@ def lcu_request(lcu: LCU) -> dict:
     )  # fmt: skip
 
 
+def check_inpainting_masks(lcu: LCU) -> None:
+    """ValueError for a turn with an inpainting task, images and no masks: the released
+    fill blanks an unmasked image wholly, so the request would ignore its input. For
+    requests; training data keeps the released behaviour (``prepare_lcu``)."""
+    for i, cu in enumerate(lcu.turns):
+        tag = lcu.task if cu is lcu.current else cu.task
+        if tag in INPAINTING_TASKS and cu.images and all(m is None for m in cu.masks):
+            where = "" if cu is lcu.current else f"history[{i}]: "
+            raise ValueError(
+                f"{where}task={tag!r} fills the masked pixels of its images with -1 first, "
+                "but it has no masks: the whole input would be blanked and the output "
+                "ignore it; pass masks (white = the region to fill)"
+            )
+
+
 def is_int(x) -> bool:
     """A Python or numpy integer, not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

@@ -282,18 +282,12 @@ def check_settings(args: argparse.Namespace) -> None:
         raise UserError(str(e)) from e
 
 
-def check_request(args, instruction, images, masks, history, task, height, width, no_mask):
+def check_request(args, instruction, images, masks, history, task, height, width):
     """One request, checked before the (slow) pipeline load: its size (both or neither,
-    within the model's token budget), its inputs and references; ``no_mask``: the error
-    for an inpainting task without a mask."""
+    within the model's token budget), its inputs, references and inpainting masks."""
     from ace.pipeline import ACEPipeline
-    from ace.request import check_size, check_target_size
+    from ace.request import check_inpainting_masks, check_size, check_target_size
 
-    if task in TASKS and images and not any(m is not None for m in masks or []):
-        raise UserError(
-            f"{no_mask}: without one the whole input is filled with -1 first, and the "
-            "output ignores it"
-        )
     try:
         check_target_size(height, width)
         if height is not None:  # within the model's token budget: from its configs
@@ -302,7 +296,7 @@ def check_request(args, instruction, images, masks, history, task, height, width
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"--pipeline {args.pipeline}: unreadable config: {e}") from e
             check_size(height, width, budget)
-        ACEPipeline.build_lcu(instruction, images, masks, history, task)
+        check_inpainting_masks(ACEPipeline.build_lcu(instruction, images, masks, history, task))
     except ValueError as e:
         raise UserError(str(e)) from e
 
@@ -345,7 +339,7 @@ def run(args: argparse.Namespace) -> Path:
     masks = [None if m.lower() == "none" else load_mask(m) for m in args.mask] or None
     history = load_history(args.history) if args.history else None
     request = (args.instruction, images, masks, history, args.task, args.height, args.width)
-    check_request(args, *request, f"--task {args.task} needs a --mask")
+    check_request(args, *request)
     pipe = load_pipeline(args, device)
     steps = args.steps if args.steps is not None else pipe.config.default_steps
     try:
@@ -449,7 +443,6 @@ def load_request(entry: Entry, base: Path, args: argparse.Namespace) -> dict:
             unit.task,
             height,
             width,
-            f"task {unit.task!r} needs a mask",
         )
     except UserError as e:
         raise UserError(f"{where}: {e}") from e

@@ -291,6 +291,23 @@ def test_lcu_parts_must_be_condition_units():
         LCU(ConditionUnit("x"), history=[ConditionUnit("y"), "z"])
 
 
+def test_a_task_on_the_current_turn_is_the_lcus():
+    """The current turn's tag is LCU.task: one set on the ConditionUnit alone was ignored,
+    and an inpainting request ran without its fill (checked on the preprocessed pixels)."""
+    from ace.request import prepare_lcu
+
+    grey = Image.new("RGB", (32, 32), (128, 128, 128))
+    half = Image.fromarray(np.pad(np.full((32, 16), 255, np.uint8), ((0, 0), (0, 16))))
+    on_turn = LCU(ConditionUnit("fill {image}", [grey], [half], task="inpainting"))
+    on_lcu = LCU(ConditionUnit("fill {image}", [grey], [half]), task="inpainting")
+    assert on_turn.task == "inpainting"
+    a, b = (prepare_lcu(x, 1024).images[0] for x in (on_turn, on_lcu))  # (3, 32, 32)
+    assert torch.equal(a, b) and a[:, :, :16].eq(-1).all() and a[:, :, 16:].gt(0).all()
+    assert LCU(ConditionUnit("x", task="recolor"), task="recolor").task == "recolor"
+    with pytest.raises(ValueError, match="the LCU's task is 'recolor' but its current turn's is 'inpainting'"):  # fmt: skip
+        LCU(ConditionUnit("x {image}", [grey], task="inpainting"), task="recolor")
+
+
 @pytest.mark.parametrize(
     ("bad", "got"),
     [(Image.new("L", (8, 8)), "mode 'L'"), (torch.rand(8, 8), r"shape \(8, 8\)")],

@@ -183,6 +183,60 @@ def test_a_task_that_looks_like_inpainting_but_is_not_is_warned(pipe):
     assert caught[0].filename == __file__  # the caller's line, not no_grad's wrapper
 
 
+def test_an_inpainting_turn_without_masks_is_refused(pipe):
+    """The released fill blanks an unmasked image wholly, so an inpainting request with no
+    mask would ignore its input: refused for the current turn and for history turns
+    (scripts/infer.py refused it already; prepare_lcu, for training data, still fills)."""
+    with pytest.raises(ValueError, match=r"^task='inpainting' fills .* but it has no masks"):
+        pipe("fill {image}", images=[img(32, 32)], task="inpainting", num_inference_steps=1)
+    turn = {"instruction": "fill {image}", "images": [img(32, 32)], "task": "Try On"}
+    with pytest.raises(ValueError, match=r"^request 1: history\[0\]: task='Try On' fills"):
+        pipe.generate([{"instruction": "a"}, {"instruction": "b", "history": [turn]}], num_inference_steps=1)  # fmt: skip
+    masked = {**turn, "masks": [box_mask(32, 32)]}
+    pipe("now blue", history=[masked], height=32, width=32, num_inference_steps=1)
+
+
+def test_call_inputs_of_the_wrong_kind_are_named(pipe):
+    """Each was an AttributeError or IndexError from inside the sampler."""
+    for bad in (0, "cpu"):
+        with pytest.raises(ValueError, match=r"generator: expected a torch\.Generator"):
+            pipe("a", generator=bad, height=32, width=32, num_inference_steps=1)
+    three = dict(images=[img(32, 32)] * 3, num_inference_steps=1)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with pytest.raises(ValueError, match="generator: got a list of 2 for 1 requests"):
+        pipe("e {image} {image1} {image2}", generator=gens, **three)
+    edit = dict(images=[img(32, 32)], num_inference_steps=1)
+    one = pipe("e {image}", generator=[torch.Generator().manual_seed(5)], **edit).images[0]
+    assert same(
+        one, pipe("e {image}", generator=torch.Generator().manual_seed(5), **edit).images[0]
+    )
+    with pytest.raises(
+        ValueError, match=r"latents: expected a torch tensor \(1, 4, 4, 4\), got ndarray"
+    ):
+        pipe("a", latents=np.zeros((1, 4, 4, 4), np.float32), height=32, width=32)
+    # a history turn's images may be None, as the call's own (none)
+    pipe("a", history=[{"instruction": "b", "images": None}], height=32, width=32, num_inference_steps=1)  # fmt: skip
+
+
+def test_warnings_about_a_request_point_at_the_callers_line(pipe):
+    """Cut instructions are said so (T5 reads 120 tokens), and every warning about a
+    request names the user's line, from __call__ and generate alike."""
+    long = "a red circle " * 60
+    with pytest.warns(UserWarning, match=r"instruction is \d+ tokens long; the text encoder reads the first 120") as caught:  # fmt: skip
+        pipe(long, height=32, width=32, num_inference_steps=1)
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match=r"history\[0\] is \d+ tokens long") as caught:
+        pipe.generate([{"instruction": "b", "history": [{"instruction": long}], "height": 32, "width": 32}], num_inference_steps=1)  # fmt: skip
+    assert caught[0].filename == __file__
+    faint = Image.new("L", (32, 32), 100)  # marks pixels, none above 128
+    with pytest.warns(UserWarning, match="none above 128") as caught:
+        pipe("e {image}", images=[img(32, 32)], masks=[faint], num_inference_steps=1)
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match="none above 128") as caught:
+        pipe.generate([{"instruction": "e {image}", "images": [img(32, 32)], "masks": [faint]}], num_inference_steps=1)  # fmt: skip
+    assert caught[0].filename == __file__
+
+
 def test_inpainting_blanks_an_unmasked_current_image_wholly_as_released():
     """Released process_edit_image: a missing mask is all-zero, hence all-ones, and an
     inpainting task sets every masked pixel to -1, so the whole image."""

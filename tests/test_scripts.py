@@ -118,6 +118,7 @@ def test_infer_user_mistakes_exit_2_without_traceback(pipe_dir, tmp_path, capsys
         ([{"instruction": "a"}, {"instruction": "x {image}", "images": ["a.png"], "masks": ["m.png"]}], r"history turn 1: masks\[0\]: size \(H, W\) = \(16, 16\) differs"),
         ([{"instruction": "x {image}", "images": ["a.png"], "masks": [None, None]}], "history turn 0: need one mask"),
         ([{"instruction": 3}], "history turn 0: instruction: expected a str"),
+        ([{"instruction": "fill {image}", "images": ["a.png"], "task": "inpainting"}], r"history\[0\]: task='inpainting' fills .* no masks"),
     ],
 )  # fmt: skip
 def test_infer_bad_history_names_the_turn_and_key(pipe_dir, tmp_path, capsys, turns, message):
@@ -172,7 +173,7 @@ def test_infer_checks_output_and_size_before_loading_the_pipeline(tmp_path, caps
         (["--task", "inpaint", *out], "invalid choice: 'inpaint'"),
         (
             ["--instruction", "fill {image}", "--image", a, "--task", "inpainting", *out],
-            "needs a --mask",
+            "task='inpainting' fills the masked pixels .* but it has no masks",
         ),
         (["--history", binary, *out], "is not valid JSON"),
         (["--instruction", "edit {image}", "--image", big, *out], "cannot read image .*big.png"),
@@ -337,7 +338,7 @@ def test_infer_requests_make_what_single_calls_make(pipe_dir, tmp_path, capsys):
         ('{"instruction": "x {image1}", "images": ["a.png"]}', r"line 2: .*\{image1\}"),
         ('{"instruction": "a star", "height": 32}', r"line 2: .*height and width"),
         ('{"instruction": "a star", "negative_prompt": 3}', r"line 2: negative_prompt must be a str"),
-        ('{"instruction": "x {image}", "images": ["a.png"], "task": "inpainting"}', r"line 2: task 'inpainting' needs a mask"),
+        ('{"instruction": "x {image}", "images": ["a.png"], "task": "inpainting"}', r"line 2: task='inpainting' fills .* but it has no masks"),
         ('{"instruction": "a", "history": [{"instruction": 3}]}', r"line 2: history turn 0: instruction: expected a str"),
         ('{"instruction": "a", "history": {"instruction": "b"}}', r"line 2: history must hold a list of turns"),
     ],
