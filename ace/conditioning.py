@@ -59,7 +59,10 @@ def _check_unit_range(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: values must be finite, got NaN or inf")
     lo, hi = x.aminmax()
     if lo < 0 or hi > 1:
-        raise ValueError(f"{what}: values must lie in [0, 1], got [{lo.item():g}, {hi.item():g}]")
+        hint = " (0-255 values? divide by 255)" if hi > 1 and lo >= 0 else ""
+        raise ValueError(
+            f"{what}: values must lie in [0, 1], got [{lo.item():g}, {hi.item():g}]{hint}"
+        )
 
 
 def clean_text(text: str) -> str:

@@ -280,6 +280,7 @@ class ACEPipeline(DiffusionPipeline):
         check_inputs(
             num_inference_steps, height, width, guidance_scale, guidance_rescale, output_type
         )
+        self._check_steps(num_inference_steps)
         request = dict(
             instruction=instruction, images=images, masks=masks, history=history, task=task,
             negative_prompt=negative_prompt, height=height, width=width, latents=latents,
@@ -339,6 +340,7 @@ class ACEPipeline(DiffusionPipeline):
         """
         # 1. check inputs
         check_inputs(num_inference_steps, None, None, guidance_scale, guidance_rescale, output_type)
+        self._check_steps(num_inference_steps)
         if isinstance(requests, (dict, LCU)) or not isinstance(requests, (list, tuple)):
             raise ValueError(
                 f"requests: expected a list of LCUs or dicts, got {type(requests).__name__}"
@@ -381,6 +383,18 @@ class ACEPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
     # ------------------------------------------------------------------ the call's steps
+
+    def _check_steps(self, num_inference_steps: int) -> None:
+        """Step 1: a DDIM schedule spaces its steps over the training timesteps, so it has
+        at most that many (diffusers would say so after T5 and the VAE have run)."""
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            return  # its sigmas are given, any number of them
+        total = self.scheduler.config.get("num_train_timesteps")
+        if total is not None and num_inference_steps > total:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps}, but the scheduler has "
+                f"{total} training timesteps: at most {total}"
+            )
 
     def _check_request(self, request: dict, max_seq_len: int) -> LCU:
         """Step 1 for one request: its size, negative prompt and task; returns its LCU."""

@@ -150,9 +150,14 @@ def prepare_lcu(lcu: LCU, max_seq_len: int, size: tuple[int, int] | None = None)
     images, masks = [], []
     tasks = [cu.task for cu in lcu.history for _ in cu.images]  # each image's turn's task
     tasks += [lcu.task] * len(lcu.current.images)
-    for image, mask, task in zip(lcu.images, lcu.masks, tasks):
-        x = preprocess_image(image, max_seq_len)  # (3, H, W)
-        m = preprocess_mask(mask, tuple(x.shape[1:]))  # (1, H, W); None -> ones
+    names = [f"history[{t}] images[{j}]" for t, cu in enumerate(lcu.history) for j in range(len(cu.images))]  # fmt: skip
+    names += [f"images[{j}]" for j in range(len(lcu.current.images))]
+    for image, mask, task, name in zip(lcu.images, lcu.masks, tasks, names):
+        try:
+            x = preprocess_image(image, max_seq_len)  # (3, H, W)
+            m = preprocess_mask(mask, tuple(x.shape[1:]))  # (1, H, W); None -> ones
+        except ValueError as e:  # which input: the LCU may hold nine
+            raise ValueError(f"{name}: {e}") from e
         if task in INPAINTING_TASKS:
             x = fill_masked(x, m)
         images.append(x)

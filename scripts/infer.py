@@ -37,6 +37,7 @@ image is written whole or not at all), so a stopped batch continues where it sto
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -284,21 +285,34 @@ def check_settings(args: argparse.Namespace) -> None:
 
 def check_request(args, instruction, images, masks, history, task, height, width):
     """One request, checked before the (slow) pipeline load: its size (both or neither,
-    within the model's token budget), its inputs, references and inpainting masks."""
+    within the model's token budget), its inputs, references and inpainting masks, and
+    its images as the pipeline will preprocess them (one too small to keep a pixel)."""
     from ace.pipeline import ACEPipeline
-    from ace.request import check_inpainting_masks, check_size, check_target_size
+    from ace.request import check_inpainting_masks, check_size, check_target_size, prepare_lcu
 
     try:
         check_target_size(height, width)
-        if height is not None:  # within the model's token budget: from its configs
-            try:
-                budget = ACEPipeline.max_seq_len_of(args.pipeline)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"--pipeline {args.pipeline}: unreadable config: {e}") from e
+        lcu = ACEPipeline.build_lcu(instruction, images, masks, history, task)
+        check_inpainting_masks(lcu)
+        if height is None and not lcu.images:
+            return
+        budget = token_budget(args.pipeline)  # the model's, from its configs
+        if height is not None:
             check_size(height, width, budget)
-        check_inpainting_masks(ACEPipeline.build_lcu(instruction, images, masks, history, task))
+        if lcu.images:
+            prepare_lcu(lcu, budget, None if height is None else (height, width))
     except ValueError as e:
         raise UserError(str(e)) from e
+
+
+@functools.cache
+def token_budget(pipeline: str) -> int:
+    from ace.pipeline import ACEPipeline
+
+    try:
+        return ACEPipeline.max_seq_len_of(pipeline)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--pipeline {pipeline}: unreadable config: {e}") from e
 
 
 def load_pipeline(args: argparse.Namespace, device):

@@ -214,6 +214,13 @@ def test_call_inputs_of_the_wrong_kind_are_named(pipe):
         ValueError, match=r"latents: expected a torch tensor \(1, 4, 4, 4\), got ndarray"
     ):
         pipe("a", latents=np.zeros((1, 4, 4, 4), np.float32), height=32, width=32)
+    with pytest.raises(ValueError, match=r"num_inference_steps=1001, but the scheduler has 1000"):
+        pipe.generate([{"instruction": "a"}], num_inference_steps=1001)
+    # which input: an LCU may hold nine
+    with pytest.raises(ValueError, match=r"^history\[0\] images\[0\]: image of size \(8, 8\) is too small"):  # fmt: skip
+        pipe("e {image}", images=[img(32, 32)], history=[{"instruction": "x", "images": [img(8, 8)]}])  # fmt: skip
+    with pytest.raises(ValueError, match=r"^images\[1\]: image tensor: .*\(0-255 values\? divide by 255\)"):  # fmt: skip
+        pipe("e {image}", images=[img(32, 32), torch.full((3, 32, 32), 200.0)])
     # a history turn's images may be None, as the call's own (none)
     pipe("a", history=[{"instruction": "b", "images": None}], height=32, width=32, num_inference_steps=1)  # fmt: skip
 

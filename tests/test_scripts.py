@@ -87,11 +87,13 @@ def test_infer_text_to_image_edit_and_history(pipe_dir, tmp_path, capsys):
         (["--image", "{a}", "--mask", "none", "--mask", "none"], "2 --mask"),
         (["--instruction", "blend {image} and {image2}", "--image", "{a}"], r"\{image2\}"),
         (["--history", "nothing.json"], "history file not found"),
+        (["--image", "{small}"], r"images\[0\]: image of size \(8, 8\) is too small"),
         (["--output", "out.gif"], "--output must end with"),
     ],
 )
 def test_infer_user_mistakes_exit_2_without_traceback(pipe_dir, tmp_path, capsys, extra, message):
     a = save_image(tmp_path / "a.png", 32, 32)
+    small = save_image(tmp_path / "small.png", 8, 8)
     argv = [
         "--pipeline",
         pipe_dir,
@@ -102,11 +104,11 @@ def test_infer_user_mistakes_exit_2_without_traceback(pipe_dir, tmp_path, capsys
         "--output",
         tmp_path / "o.png",
     ]
-    argv += [str(a) if x == "{a}" else x for x in extra]
+    argv += [{"{a}": str(a), "{small}": str(small)}.get(x, x) for x in extra]
     code, _, err = script("infer.py", argv, capsys)
     assert code == 2 and "infer.py: error:" in err and "Traceback" not in err
     assert re.search(message, err), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "small.png"]  # nothing more
 
 
 @pytest.mark.parametrize(
