@@ -103,7 +103,8 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[Path], list[str], di
     old_path = args.out / SETTINGS
     old = json.loads(old_path.read_text(encoding="utf-8")) if old_path.is_file() else {}
     for name in names:
-        if name in old and old[name] != settings[name]:
+        made = args.out / "maps" / name  # recorded before its first map: maybe none yet
+        if name in old and old[name] != settings[name] and any(made.rglob("*.png")):
             raise ValueError(
                 f"{args.out} holds {name} maps made with {old[name]}, not {settings[name]}; "
                 "use another --out or delete its maps"

@@ -37,7 +37,7 @@ import time
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from ace.cli import HelpFormatter, text_table
+from ace.cli import HelpFormatter, OneLineParser, text_table
 from ace.convert import official_dit_to_ace
 from ace.device import DTYPES
 from ace.diffusion import apply_guidance
@@ -49,7 +49,7 @@ KINDS = ("forward", "fwd_bwd", "denoise")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--configs",
         default="tiny,ace-0.6b-512",

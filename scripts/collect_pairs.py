@@ -12,11 +12,14 @@ downsampled pixels (--pixel-features: no model; near-identical images only). The
 k-means, the two union-find turns, every pair of each set and the cleaning filters
 (ace.data.collect.pairing). Writes OUT/manifest.jsonl (one source -> target LCU per pair,
 image paths relative to OUT) and OUT/pairs.json (counts per stage, times, settings), each
-atomically; a rerun replaces them. When no pair passes, only OUT/pairs.json is written
-(its counts show which stage lost them; "manifest": null), a manifest of an earlier run
-is removed, and the exit status is 1. Bad input (the flags, --instruction and --out are
-checked before any feature is computed) or a failed read or write prints one line
-``collect_pairs.py: error: ...`` and exits with status 2; bad input writes nothing.
+atomically; a rerun replaces them (removed once its checks pass, so a run that fails
+leaves none of an earlier run's). When no pair passes, only OUT/pairs.json is written
+(its counts show which stage lost them; "manifest": null), and the exit status is 1.
+Bad input (the flags, --instruction and --out are checked before any feature is
+computed) or a failed read or write prints one line ``collect_pairs.py: error: ...`` and
+exits with status 2; bad input writes nothing. An image the feature stage cannot read
+stops the run, naming it (the pairing stage counts such images instead): remove or
+replace it and rerun; --model's finished feature shards are kept and reused.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ import os
 import sys
 from pathlib import Path
 
-from ace.cli import HelpFormatter
+from ace.cli import HelpFormatter, OneLineParser
 
 PROG = "collect_pairs.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", type=Path, required=True, help="the image folder (recursive)")
     p.add_argument("--out", type=Path, required=True, help="the output folder")
     src = p.add_mutually_exclusive_group(required=True)
@@ -125,8 +128,8 @@ def collect_pairs(args: argparse.Namespace) -> dict:
         value = getattr(args, flag)
         if not 0 <= value <= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**31:  # faiss's k-means takes a C int
+        raise ValueError(f"--seed must be in [0, 2**31), got {args.seed}")
     cfg = PairingConfig(
         clusters=args.clusters,
         cluster_size=args.cluster_size,
@@ -147,6 +150,10 @@ def collect_pairs(args: argparse.Namespace) -> dict:
         raise ValueError(f"--images {root} is not a directory")
     check_out(out)
     progress = not args.quiet
+    # the checks passed: an earlier run's results go now, so that this run, if it fails
+    # (an unreadable image, a full disk), leaves none that pass for its own
+    for stale in (out / MANIFEST, out / "pairs.json"):
+        stale.unlink(missing_ok=True)
 
     def need_faiss(n: int) -> None:  # before hours of features, not after
         if cfg.n_clusters(n) > 1:
@@ -205,9 +212,8 @@ def collect_pairs(args: argparse.Namespace) -> dict:
             instruction=args.instruction,
             both_directions=args.both_directions,
         ).name
-    else:  # an earlier run's manifest must not pass for this run's result
+    else:  # no manifest (an earlier run's went at the start)
         out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)
         manifest = None
     summary = {
         **result.summary(),

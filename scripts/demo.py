@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from ace.cli import HelpFormatter
+from ace.cli import HelpFormatter, OneLineParser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy.yaml"
@@ -86,7 +86,7 @@ QUICK = [  # every step runs, on almost nothing
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="demo.py", description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(prog="demo.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--out", type=Path, default=None,
         help="where all goes (default outputs/demo, or outputs/demo-quick with --quick)",

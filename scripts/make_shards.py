@@ -17,13 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ace.cli import HelpFormatter
+from ace.cli import HelpFormatter, OneLineParser
 
 PROG = "make_shards.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--manifest", type=Path, required=True, help="dataset dir or manifest.jsonl")
     p.add_argument("--out", type=Path, required=True, help="directory for shard-NNNNNN.tar")
     p.add_argument(

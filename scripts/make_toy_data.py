@@ -16,13 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ace.cli import HelpFormatter
+from ace.cli import HelpFormatter, OneLineParser
 
 PROG = "make_toy_data.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="the dataset directory to write")
     p.add_argument("--n", type=int, required=True, help="number of LCUs")
     p.add_argument("--seed", type=int, default=0, help="seed of the toy world")

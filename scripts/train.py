@@ -12,14 +12,13 @@ Every key of ace/train/config.py can be set as key=value after --config.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ace.cli import HelpFormatter
+from ace.cli import HelpFormatter, OneLineParser
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--config", required=True, help="a YAML file of overrides of the config dataclasses"
     )

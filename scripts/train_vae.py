@@ -28,13 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from ace.cli import HelpFormatter, UserError, pick_device
+from ace.cli import HelpFormatter, OneLineParser, UserError, pick_device
 
 PROG = "train_vae.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="the directory to write the VAE to")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")

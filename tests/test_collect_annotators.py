@@ -3,6 +3,7 @@
 import doctest
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -416,6 +417,14 @@ def test_cli_bad_input_exits_2_with_one_line(photos, models, tmp_path, capsys):
     assert code == 0
     code, _, err = run([*base, "--annotators", "depth", "--depth-model", models.seg_path], capsys)
     assert code == 2 and "holds depth maps made with" in err
+    # settings recorded by a run stopped before its first map of them refuse nothing
+    shutil.rmtree(out / "maps" / "depth")
+    recorded = json.loads((out / "annotate.json").read_text())
+    recorded["depth"]["model"] = "/a/model/that/made/no/map"
+    (out / "annotate.json").write_text(json.dumps(recorded))
+    code, _, err = run([*base, "--annotators", "depth", "--depth-model", models.dpt_path], capsys)
+    assert code == 0, err
+    assert json.loads((out / "annotate.json").read_text())["depth"] != recorded["depth"]
 
 
 def test_docstring_examples():

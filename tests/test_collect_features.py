@@ -110,6 +110,9 @@ def test_interrupted_run_resumes_only_the_missing_shard(world, tmp_path, monkeyp
     extract_features(world.images, out, world.enc, root=world.root, shard_size=2, progress=False)
     before = {name: read_feature_shard(out / name) for name in shards(out)}
     (out / shard_name(1)).unlink()  # "interrupted" before shard 1 was written
+    # the pairing step would mine the rest as if it were every image
+    with pytest.raises(ValueError, match=r"holds 3 of the 5 features its features.json records"):
+        load_features(out)
     mtimes = {s: (out / shard_name(s)).stat().st_mtime_ns for s in (0, 2)}
     loaded = []
     monkeypatch.setattr(
@@ -303,6 +306,15 @@ def test_list_images_and_ids(tmp_path):
     assert image_ids(["x/y.png"]) == ["x/y.png"]
     with pytest.raises(ValueError, match="is not a directory"):
         list_images(tmp_path / "a.png")
+    # linked folders are followed (they were skipped: a collection of links held nothing),
+    # a loop back up the tree ends there, and a folder reached twice is listed once
+    links = tmp_path.parent / f"{tmp_path.name}-links"
+    links.mkdir()
+    (links / "set1").symlink_to(tmp_path / "b", target_is_directory=True)
+    assert image_ids(list_images(links), links) == ["set1/c/z.webp", "set1/x.JPG"]
+    (tmp_path / "b" / "c" / "up").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "z").symlink_to(tmp_path / "b", target_is_directory=True)
+    assert image_ids(list_images(tmp_path), tmp_path) == ["a.png", "b/c/z.webp", "b/x.JPG", "c.jpeg"]  # fmt: skip
 
 
 def test_docstring_examples():

@@ -100,6 +100,9 @@ def test_unknown_task_missing_and_bad_slots_raise_naming_them():
         template_instruction("recolor", 0, color="  ")
     with pytest.raises(ValueError, match="slot 'caption' contains an image reference"):
         template_instruction("text_to_image", 0, caption="a copy of {image}")
+    for loose in ("cat in { Image }", "a {x}", "a }"):  # written, then refused by the LCU check
+        with pytest.raises(ValueError, match="slot 'object' contains a brace"):
+            template_instruction("remove", 0, object=loose)
     with pytest.raises(ValueError, match="needs slot"):
         fill_template("add {a_object} to {image}")
 

@@ -8,6 +8,7 @@ import json
 import re
 import runpy
 import shlex
+import shutil
 import sys
 from dataclasses import replace
 from itertools import combinations
@@ -436,9 +437,10 @@ def test_thresholds_at_their_limits_keep_and_join_exact_copies():
 # ------------------------------------------------------------------ bad input
 
 
-def test_negative_seed():
-    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
-        PairingConfig(seed=-1)
+def test_seed_out_of_range():
+    for seed in (-1, 2**31):  # faiss's k-means takes a C int: an OverflowError traceback
+        with pytest.raises(ValueError, match=rf"seed must be an int in \[0, 2\*\*31\), got {seed}"):
+            PairingConfig(seed=seed)
 
 
 @pytest.mark.parametrize(
@@ -448,7 +450,7 @@ def test_negative_seed():
         ("cluster_size", "10", "cluster_size must be an int >= 1, got '10'"),
         ("clusters", 2.5, "clusters must be an int >= 1 or None, got 2.5"),
         ("max_pairs_per_set", 0, "max_pairs_per_set must be an int >= 1 or None, got 0"),
-        ("seed", 1.5, "seed must be an int >= 0, got 1.5"),
+        ("seed", 1.5, "seed must be an int in [0, 2**31), got 1.5"),
         ("min_side", float("nan"), "min_side must be a number >= 0, got nan"),  # dropped all
         ("min_side", "256", "min_side must be a number >= 0, got '256'"),
     ],
@@ -559,6 +561,20 @@ def test_cli_pixel_features(collection, tmp_path, capsys):
     assert code == 0, stderr
     assert json.loads((out / "pairs.json").read_text())["features"] == "pixels"
     assert LCUManifest(out).validate() == []
+
+
+def test_cli_a_run_that_fails_leaves_no_earlier_result(collection, tmp_path, capsys):
+    """An unreadable image stops the feature stage, naming it; the earlier run's manifest
+    and counts in --out are gone, not left to pass for this run's result."""
+    root = tmp_path / "images"
+    shutil.copytree(collection[0], root)
+    out = tmp_path / "px"
+    argv = ["--images", root, "--out", out, "--pixel-features", *CLI]
+    assert script("collect_pairs.py", argv, capsys)[0] == 0 and (out / "manifest.jsonl").exists()
+    (root / "zz.png").write_bytes(b"not a png")
+    code, _, stderr = script("collect_pairs.py", argv, capsys)
+    assert code == 2 and re.search(r"unreadable image .*zz.png", stderr), stderr
+    assert not (out / "manifest.jsonl").exists() and not (out / "pairs.json").exists()
 
 
 def test_cli_with_a_tiny_siglip_model(tmp_path, capsys):
@@ -712,7 +728,8 @@ def test_cli_with_no_pair_writes_counts_and_no_manifest(collection, tmp_path, ca
     [
         (["--instruction", "put {image1} into {image}"], "--instruction 'put {image1} into"),
         (["--instruction", "make {image01} red"], "{image01}, which is not an image name"),
-        (["--seed", -1], "--seed must be >= 0, got -1"),
+        (["--seed", -1], r"--seed must be in \[0, 2\*\*31\), got -1"),
+        (["--seed", 5000000000], r"--seed must be in \[0, 2\*\*31\), got 5000000000"),
         (["--out", "{tmp}/file.png/pairs"], "--out .*/file.png/pairs: .*/file.png is not a dir"),
     ],
 )

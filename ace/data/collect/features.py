@@ -53,7 +53,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ace.atomic import atomic_write
-from ace.data.collect.store import PATTERN, load_features, save_feature_shard, shard_name
+from ace.data.collect.store import META, PATTERN, load_features, save_feature_shard, shard_name
 from ace.device import default_device
 from ace.images import open_image
 
@@ -75,7 +75,6 @@ __all__ = [
 SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 """Image file suffixes ``list_images`` collects (compared case-insensitively)."""
 
-META = "features.json"
 """The file in a feature directory that records what made its shards."""
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
@@ -95,14 +94,21 @@ def list_images(root: str | Path, suffixes: Sequence[str] = SUFFIXES) -> list[Pa
 
     A file counts when its suffix, lower-cased, is one of ``suffixes``; anything whose path
     below ``root`` has a part starting with "." is skipped (temporary files, caches).
+    Linked folders are followed (a collection is often assembled from links), each real
+    folder once, so a link back up the tree ends the walk there.
     """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image root {root} is not a directory")
     wanted = {s.lower() for s in suffixes}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # reached again through a link: a loop, or a second way in
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # first way in wins
         found += [
             Path(dirpath) / f
             for f in filenames

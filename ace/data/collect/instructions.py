@@ -289,6 +289,8 @@ def _check_slots(task: str, slots: dict[str, Any]) -> dict[str, str]:
             raise ValueError(f"slot {name!r} must be a non-empty string, got {value!r}")
         if image_refs(value):
             raise ValueError(f"slot {name!r} contains an image reference: {value!r}")
+        if "{" in value or "}" in value:  # "{ Image }", "{x}": the LCU check refuses them
+            raise ValueError(f"slot {name!r} contains a brace: {value!r}")
         given[name] = " ".join(value.split())
     return given
 

@@ -124,8 +124,8 @@ class PairingConfig:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not is_int(self.seed) or not 0 <= self.seed < 2**31:  # faiss takes a C int
+            raise ValueError(f"seed must be an int in [0, 2**31), got {self.seed!r}")
         if not isinstance(self.min_side, numbers.Real) or isinstance(self.min_side, bool):
             raise ValueError(f"min_side must be a number >= 0, got {self.min_side!r}")
         if not self.min_side >= 0:  # NaN too: it dropped every pair

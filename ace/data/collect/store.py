@@ -14,6 +14,7 @@ is always complete; a reader takes every ``features-*.safetensors`` in name orde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,9 @@ from safetensors.torch import save_file
 from ace.atomic import atomic_write
 
 PATTERN = "features-*.safetensors"
+META = "features.json"
+"""Beside the shards, when ``features.extract_features`` made them: what made them,
+with the number of images and a hash of their ids (``check_complete``)."""
 
 
 def shard_name(index: int) -> str:
@@ -84,4 +88,30 @@ def load_features(root: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     dims = {x.shape[1] for x in parts}
     if len(dims) > 1:
         raise ValueError(f"feature shards in {root} disagree on the dimension: {sorted(dims)}")
+    check_complete(root, ids)
     return ids, np.concatenate(parts)
+
+
+def check_complete(root: Path, ids: list[str]) -> None:
+    """ValueError unless the shards hold every image ``META`` records (when there is one):
+    an extraction killed midway, or one process of several that died, leaves a subset,
+    which would be mined as if it were all."""
+    path = root / META
+    if not path.is_file():
+        return
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable {path}: {e}") from e
+    count = meta.get("count")
+    if count is not None and len(ids) != count:
+        raise ValueError(
+            f"{root} holds {len(ids)} of the {count} features its {META} records: the "
+            "extraction did not finish; rerun it (it computes only the missing shards)"
+        )
+    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    if meta.get("ids_sha256", digest) != digest:
+        raise ValueError(
+            f"{root}: its shards hold other images (or another order) than its {META} "
+            "records; extract again into an empty directory"
+        )
