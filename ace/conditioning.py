@@ -3,7 +3,7 @@
 Follows the released ACE inference (scepter ``ace_inference.py``; ACE_REFERENCE.md
 sections 1-2). Images: centre crop to aspect ratio <= 4, bicubic resize to
 multiples of 16 with (H/16) * (W/16) <= max seq len (never enlarged), scaled to
-[-1, 1]. Masks: cropped like their image, resized nearest-exact, binarised at
+[-1, 1]. Masks: cropped like their image, resized with PIL's nearest, binarised at
 > 128 (0-255 scale; integer tensors whose maximum is 1 and bool tensors are read as
 0/1); a missing or all-zero mask means "whole image" (all ones).
 Inpainting requests set the masked input pixels to -1 (``fill_masked``; the
@@ -160,7 +160,8 @@ def preprocess_mask(
     1, which the released rule would read as empty. A mode "1" mask is read as 0/255
     (the released code compares its bool array with 128, so it is empty there too).
     Floats are set where > 128/255.
-    Cropped like its image, resized nearest-exact. None or an all-zero result gives all
+    Cropped like its image, resized with PIL's nearest (as torchvision's NEAREST_EXACT
+    resizes the released code's PIL masks), a tensor too. None or an all-zero result gives all
     ones (warned when the mask did mark pixels, all at 128 or below). ``image_size``, if
     given, is the image's original (H, W).
     """
@@ -186,7 +187,7 @@ def preprocess_mask(
         pil = mask.convert("L")  # mode "1" -> 0 / 255
         marked = pil.getextrema()[1]  # the largest value: 1 for a 0/1 mask (a saved numpy 0/1)
         pil = pil.crop((left, top, left + cw, top + ch))
-        pil = pil.resize((w_out, h_out), Image.Resampling.NEAREST)  # PIL nearest == nearest-exact
+        pil = pil.resize((w_out, h_out), Image.Resampling.NEAREST)  # torchvision's NEAREST_EXACT
         threshold = 0 if marked == 1 else MASK_THRESHOLD
         out = torch.from_numpy(np.asarray(pil) > threshold)[None].float()  # (1, H', W')
     else:
@@ -197,7 +198,11 @@ def preprocess_mask(
             m = m > MASK_THRESHOLD / 255
         elif m.dtype != torch.bool:  # integer: 0/1 when its maximum is 1, else 0-255
             m = m > (0 if marked == 1 else MASK_THRESHOLD)
-        out = F.interpolate(m[None].float(), size=(h_out, w_out), mode="nearest-exact")[0]
+        # resized as the PIL path is (PIL's nearest picks other pixels than torch's
+        # nearest-exact at some sizes), so a tensor mask gives what its image file gives
+        pil = Image.fromarray(m[0].cpu().numpy().astype(np.uint8) * 255)
+        pil = pil.resize((w_out, h_out), Image.Resampling.NEAREST)
+        out = torch.from_numpy(np.asarray(pil) > 0)[None].float()  # (1, H', W')
     if out.any():
         return out
     if marked:  # the released rule below, on a mask that does mark something: say so

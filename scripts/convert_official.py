@@ -17,7 +17,9 @@ guidance 4.5, rescale 0.5). The directory appears only when complete.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -44,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, choices=sorted(RELEASED_STEPS), required=True)
     p.add_argument("--out", required=True, help="the pipeline directory to write (must not exist)")
     p.add_argument(
-        "--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="dtype of the T5 encoder"
+        "--dtype",
+        default="bf16",
+        choices=["fp32", "bf16", "fp16"],
+        help="dtype of the T5 encoder (bf16 as released; T5 overflows in fp16)",
     )
     p.add_argument(
         "--dit-config",
@@ -99,6 +104,22 @@ def build(args: argparse.Namespace):
         if not Path(getattr(args, flag)).is_dir():
             raise UserError(f"--{flag} {getattr(args, flag)} is not a directory")
     # the small and quick parts first: a bad tokenizer should not wait for T5-XXL's 10 GB
+    spiece_only = (
+        not (Path(args.tokenizer) / "tokenizer.json").is_file()
+        and (Path(args.tokenizer) / "spiece.model").is_file()
+    )
+    if spiece_only and importlib.util.find_spec("sentencepiece") is None:
+        raise UserError(
+            f"--tokenizer {args.tokenizer} holds spiece.model but no tokenizer.json: reading "
+            "it needs the sentencepiece package (pip install sentencepiece protobuf)"
+        )
+    named = re.findall(r"(512|1024)px", str(args.dit))
+    if named and int(named[-1]) != args.resolution:  # the same weights shape: nothing else tells
+        raise UserError(
+            f"--dit {args.dit} is named for {named[-1]} px but --resolution is "
+            f"{args.resolution}: the preset sets the RoPE table and the step count; give "
+            f"--resolution {named[-1]}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     except (OSError, ValueError) as e:

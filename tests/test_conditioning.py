@@ -231,6 +231,12 @@ def test_preprocess_mask_cropped_like_image_and_pil_equals_tensor():
     r = np.random.default_rng(2).integers(0, 256, (100, 1003), dtype=np.uint8)
     pil = preprocess_mask(Image.fromarray(r), (48, 208))
     assert torch.equal(pil, preprocess_mask(torch.from_numpy(r), (48, 208)))
+    # a size where torch's nearest-exact picks other pixels than PIL's nearest (the
+    # released resize of its PIL masks): a tensor mask is resized as its file would be
+    r = np.random.default_rng(3).integers(0, 256, (768, 1024), dtype=np.uint8)
+    pil = preprocess_mask(Image.fromarray(r), (432, 576))
+    assert torch.equal(pil, preprocess_mask(torch.from_numpy(r), (432, 576)))
+    assert torch.equal(pil, preprocess_mask(torch.from_numpy(r > 128), (432, 576)))
 
 
 def test_fill_masked_and_downsample_mask():

@@ -477,6 +477,33 @@ def test_convert_official_bad_files_exit_2_in_one_line(
     assert not (tmp_path / "pipe").exists()
 
 
+def test_convert_official_names_a_resolution_the_file_contradicts(released, tmp_path, capsys):
+    """Both released DiTs have the same shapes: only the name tells a 1024 px checkpoint
+    converted with --resolution 512 (the 512 px RoPE budget and 20 steps) apart."""
+    named = tmp_path / "ace_0.6b_1024px.pth"
+    shutil.copy(released[0] / "dit.pth", named)
+    args = convert_args(released[0], tmp_path / "pipe", 512)
+    args[args.index(released[0] / "dit.pth")] = named
+    code, _, err = script("convert_official.py", args, capsys)
+    assert code == 2 and "is named for 1024 px but --resolution is 512" in err, err
+    assert not (tmp_path / "pipe").exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentencepiece") is not None, reason="sentencepiece is installed"
+)
+def test_convert_official_says_what_a_sentencepiece_tokenizer_needs(released, tmp_path, capsys):
+    """A T5 tokenizer directory with spiece.model alone (no tokenizer.json) needs the
+    sentencepiece package; transformers' own error said tiktoken."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "spiece.model").write_bytes(b"\x00")
+    args = convert_args(released[0], tmp_path / "pipe")
+    args[args.index("--tokenizer") + 1] = tok
+    code, _, err = script("convert_official.py", args, capsys)
+    assert code == 2 and "needs the sentencepiece package" in err, err
+
+
 def test_convert_official_refuses_a_t5_of_another_width(released, tmp_path, capsys):
     """T5-XL (2048 wide) given for the XXL the DiT reads: refused, not a pipeline that
     fails at its first call."""
