@@ -479,6 +479,17 @@ def test_caption_with_unfilled_braces_is_no_instruction(raw):
         caption_to_instruction(raw)
 
 
+@pytest.mark.parametrize(
+    "raw", ["in the left image, the second image shows a red car", "make it look like image 2", "Match the edited picture's colours"]
+)  # fmt: skip
+def test_a_caption_naming_the_target_is_no_instruction(raw):
+    """It would read "in {image}, the second image shows ...": an image the LCU lacks."""
+    from ace.data.collect.captioner import caption_to_instruction
+
+    with pytest.raises(ValueError, match="names the target image"):
+        caption_to_instruction(raw)
+
+
 def test_caption_to_instruction_rejects_an_empty_answer():
     from ace.data.collect.captioner import caption_to_instruction
 

@@ -38,6 +38,11 @@ _SOURCE = re.compile(
     r"|(?:image|picture|photo)\s+(?:on\s+the\s+left|1|one))\b",
     re.IGNORECASE,
 )
+_TARGET = re.compile(
+    r"\b(?:the\s+)?(?:(?:right|second|target|edited|output|final|resulting)\s+(?:image|picture|photo)"
+    r"|(?:image|picture|photo)\s+(?:on\s+the\s+right|2|two))\b",
+    re.IGNORECASE,
+)
 _NUMBERED_REF = re.compile(r"\{image(\d+)\}")
 
 
@@ -68,10 +73,18 @@ def caption_to_instruction(text: str) -> str:
     (``clean_generation``), phrases naming the source ("the left image", "the first
     picture", "image 1") replaced by ``{image}``, braces dropped from other references
     (``{image1}`` -> ``image1``: the turn has one image), and "in {image}, " put in front
-    if the source is still not named. ValueError if nothing is left."""
+    if the source is still not named. ValueError if nothing is left, or if it names the
+    target ("the right image", "the second picture", "image 2"): the LCU holds only the
+    source."""
     out = _NUMBERED_REF.sub(r"image\1", _SOURCE.sub("{image}", clean_generation(text)))
     if not out:
         raise ValueError(f"the captioner's output holds no instruction: {text!r}")
+    named = _TARGET.search(out)
+    if named:  # "make it like the right image": the turn holds the source alone
+        raise ValueError(
+            f"the captioner's output names the target image ({named.group(0)!r}), which an "
+            f"instruction cannot show: {text!r}"
+        )
     if STRAY_BRACE.search(out):  # an unfilled "{color}" or "{{image}}": no instruction
         raise ValueError(f"the captioner's output has braces that are no image reference: {text!r}")
     if "{image}" not in out:
