@@ -96,11 +96,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     # of its standard error, the same verdicts; BENCHMARKS.md, session 18)
     p.add_argument("--n", type=int, default=256, help="held-out LCUs to evaluate (default 256)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: every step, tiny sizes")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: every step, tiny sizes (it evaluates 4 LCUs at 2 steps, whatever "
+        "--n and --steps)",
+    )
     p.add_argument(
         "--fresh", action="store_true", help="also remake the toy data, VAE and cache of OUT"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value in (("--n", args.n), ("--steps", args.steps)):
+        if value < 1:  # before OUT is cleared and 15 minutes of training
+            p.error(f"{flag} must be >= 1, got {value}")
+    return args
 
 
 def run(name: str, cmd: list[str], timings: dict) -> None:
@@ -238,12 +247,15 @@ def prepare_out(out: Path, quick: bool, fresh: bool) -> None:
 
     made = {"overrides": QUICK if quick else [], "version": MADE_VERSION, "cache": FORMAT}
     marker = out / "made.json"
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in MADE) if out.is_dir() else []
-    if (out.exists() and not out.is_dir()) or (foreign and not marker.is_file()):
-        # the run deletes folders inside OUT: never in one the demo did not make
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [name for name in held if name not in MADE]
+    if (out.exists() and not out.is_dir()) or (held and not marker.is_file()):
+        # the run deletes folders inside OUT: never in one the demo did not make (a
+        # train.py run of configs/toy.yaml fills outputs/demo's folders, without made.json)
+        what = ", ".join(foreign or held)
         raise SystemExit(
-            f"demo.py: error: --out {out} holds files demo.py did not make ({', '.join(foreign)}"
-            "); give a new or empty directory"
+            f"demo.py: error: --out {out} holds files demo.py did not make ({what}); give a "
+            "new or empty directory, or delete it"
         )
     before = _read_json(marker)
     before = before if isinstance(before, dict) else {}
@@ -251,6 +263,8 @@ def prepare_out(out: Path, quick: bool, fresh: bool) -> None:
     stale = ["cache"] if before.get("cache") != FORMAT else []
     for name in ["train", "edits", *(["data", "vae", "cache"] if fresh else stale)]:
         shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("report.json", "report.png", "summary.md", "summary.json"):
+        (out / name).unlink(missing_ok=True)  # an interrupted rerun must not show the last run's
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(made) + "\n")
 

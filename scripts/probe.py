@@ -11,8 +11,9 @@ manifest (``--data``), and prints per task family (see ``ace.eval.probe``):
 - x0 MSE at each noise level, and copy MSE (the first input taken as the answer; "nan"
   for text-to-image, which has none);
 - x0 PSNR at each noise level: the clean image the model implies, decoded, against the
-  target (dB), next to the mean of the family's other targets ("mean psnr", the
-  baseline text-to-image and analysis tasks must beat) and the VAE's ceiling;
+  target (dB), next to the mean target ("mean psnr", the baseline text-to-image and
+  analysis tasks must beat: on toy LCUs the mean of 256 training targets of the family,
+  as the evaluation's; with --data, of the family's other targets) and the VAE's ceiling;
 - text effect: how much blanking the current instruction moves the prediction;
 - copy attention: the strongest same-position target -> input attention, best layer.
 

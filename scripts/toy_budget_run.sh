@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # How far does the demo's recipe get with more compute? Train configs/toy.yaml for as many
 # steps as a wall-clock budget allows on this machine (CUDA when there is one), then score
-# the model on the demo's held-out set.
+# the model on 128 held-out toy LCUs at 20 steps (not the demo's 256 at 10: compare its
+# scores with each other, not with the demo's summary.md).
 #
 #   scripts/toy_budget_run.sh OUTDIR [BUDGET_SECONDS] [train.py overrides...]
 #   scripts/toy_budget_run.sh outputs/toy-budget 1800 data.toy_n=8192

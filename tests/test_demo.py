@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,11 +88,16 @@ def test_rerun_keeps_data_only_when_made_in_the_same_mode(tmp_path):
     def left():
         return sorted(p.name for p in out.iterdir() if p.is_dir())
 
-    made()  # a directory from before made.json: remade
+    made()  # the demo's folders without made.json (a train.py run of configs/toy.yaml)
+    with pytest.raises(SystemExit, match=r"holds files demo\.py did not make"):
+        demo.prepare_out(out, quick=True, fresh=False)
+    assert left() == ["cache", "data", "edits", "train", "vae"]  # nothing deleted
+    shutil.rmtree(out)
     demo.prepare_out(out, quick=True, fresh=False)
-    assert left() == []
     made()
+    (out / "summary.md").write_text("the last run's")
     demo.prepare_out(out, quick=True, fresh=False)  # same mode: the DiT only
+    assert not (out / "summary.md").exists()  # an interrupted rerun shows none
     assert left() == ["cache", "data", "vae"]
     demo.prepare_out(out, quick=False, fresh=False)  # a --quick run's data is no full run's
     assert left() == []
@@ -114,6 +120,15 @@ def test_rerun_keeps_data_only_when_made_in_the_same_mode(tmp_path):
     with pytest.raises(SystemExit, match=r"holds files demo.py did not make \(notes.txt\)"):
         demo.prepare_out(mine, quick=True, fresh=False)
     assert (mine / "data").is_dir() and (mine / "notes.txt").is_file()
+
+
+def test_bad_counts_stop_before_out_is_cleared(capsys):
+    """--n 0 used to clear OUT and train for 15 minutes before evaluate.py refused it."""
+    demo = load_demo()
+    for argv in (["--n", "0"], ["--steps", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            demo.parse_args(argv)
+        assert info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
 
 
 def test_verdicts_use_the_baseline_each_family_faces():
