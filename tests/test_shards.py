@@ -464,6 +464,31 @@ def test_an_endless_stream_of_unreadable_shards_ends(tmp_path):
         assert list(stream) == []  # after as many empty epochs as shards, not forever
 
 
+def test_an_endless_stream_of_broken_samples_ends(tmp_path):
+    """Samples that are read but never decode (no record) counted as read, so the endless
+    stream never saw an empty epoch and training hung without an error."""
+    write_tar(tmp_path / "shard-000000.tar", [{"__key__": f"{k:09d}", "txt": b"x"} for k in range(3)])  # fmt: skip
+    stream = ShardStream(str(tmp_path / "shard-000000.tar"), repeat=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = list(itertools.islice(stream, 100))  # it ends: no LCU, and not 100 of them
+    assert got == [] and stream.skipped == 3
+
+
+def test_a_stream_of_samples_too_small_to_train_on_stops_the_run(monkeypatch):
+    """The trainer's filter of a stream (images too small for a patch) skipped forever."""
+    import ace.train.data as data
+
+    small = Image.new("RGB", (8, 8))  # resizes to no 16 px square
+    tiny = LCU(ConditionUnit("x {image}", [small]), target=small)
+    monkeypatch.setattr(data, "UNTRAINABLE_IN_A_ROW", 5)
+    source = data._Trainable(itertools.repeat(tiny), max_seq_len=1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="5 streamed samples in a row could not be trained on"):
+            next(iter(source))
+
+
 def test_a_resume_does_not_count_a_replayed_shard_error_again(shard_dir):
     urls = [str(shard_dir / "missing.tar")] + [str(shard_dir / f"shard-{k:06d}.tar") for k in range(3)]  # fmt: skip
     with warnings.catch_warnings():

@@ -264,6 +264,23 @@ def test_a_tokenizer_with_the_same_words_but_other_ids_is_another_fingerprint(ma
     assert fa["text_encoder"] == fb["text_encoder"] and fa["tokenizer"] != fb["tokenizer"]
 
 
+def test_the_fingerprint_is_the_same_before_and_after_the_tokenizer_pads(manifest, parts):
+    """transformers writes padding and truncation into a fast tokenizer on its first
+    padded call (the indicator table's, before the trainer opens its cache): a cache built
+    by a fresh process was refused. A transformers upgrade (the T5 config's
+    transformers_version) must not refuse it either."""
+    from ace.train.word_encoder import word_text_encoder
+
+    tok, enc = word_text_encoder(["red blue", "green"])
+    conditioner = ConditionTokenizer(tok, enc, parts[0].vae)
+    before = cache_fingerprint(manifest, conditioner, MAX_SEQ_LEN)
+    conditioner.indicator_table()  # pads and truncates to 120
+    assert json.loads(tok.backend_tokenizer.to_str())["padding"] is not None
+    assert cache_fingerprint(manifest, conditioner, MAX_SEQ_LEN) == before
+    enc.config.transformers_version = "0.0.1"
+    assert cache_fingerprint(manifest, conditioner, MAX_SEQ_LEN) == before
+
+
 def test_an_image_edited_in_place_at_the_same_byte_size_is_seen(parts, tmp_path):
     """Byte sizes alone miss an edit that keeps the size; the modification time is in the
     fingerprint too, so a finished cache of the old image is refused, as make would."""

@@ -424,13 +424,15 @@ class ShardStream(IterableDataset):
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}:{epoch}:{rank}:{worker}")
                 src = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(src)
-            n = seen[0] = 0
+            n = seen[0] = decoded = 0
+            whole = pos == 0  # not an epoch resumed midway
             for n, sample in enumerate(src, start=1):
                 seen[0] = n
                 if n <= pos:
                     continue  # resuming: discard what was handed out, before decoding
                 try:
                     lcu = sample_to_lcu(sample)
+                    decoded += 1
                 except Exception as e:  # never crash on one sample
                     skips += 1
                     lcu = None
@@ -439,11 +441,15 @@ class ShardStream(IterableDataset):
                 yield (worker, epoch, n, skips, False), lcu
             # at the end of an epoch the position moves to the next one. A worker stops
             # after one epoch; an endless one when it has no shards, or when as many epochs
-            # in a row as there are shards gave it nothing (every shard unreadable: never
-            # spin on no data). One empty or unreadable shard only empties the epochs that
-            # deal it to this worker alone, and shard shuffling deals it elsewhere next.
+            # in a row as there are shards gave it nothing it could decode (every shard
+            # unreadable, or every sample broken: never spin on no data). One empty or
+            # unreadable shard only empties the epochs that deal it to this worker alone,
+            # and shard shuffling deals it elsewhere next.
             epoch, pos = epoch + 1, 0
-            empty = empty + 1 if n == 0 else 0
+            if decoded:
+                empty = 0
+            elif whole:  # a resumed epoch's tail may hold nothing new: it does not count
+                empty += 1
             done = not self.repeat or not shards or empty >= len(self.urls)
             if self.repeat and n == 0 and shards:
                 warnings.warn(f"ShardStream: worker {worker} read no samples", stacklevel=2)

@@ -63,8 +63,9 @@ from ace.train.batch import prepare_training_lcu
 
 CACHE_FILE = "cache.json"
 BUILDING_FILE = "building.json"  # the fingerprint and shard size of a build in progress
-FORMAT = 7  # 6: 0/1 PIL masks read as 0/1; 7: history images filled by their own turn's
-# task (prepare_lcu). Bump when what a shard holds, or the fingerprint means, changes
+FORMAT = 8  # 6: 0/1 PIL masks read as 0/1; 7: history images filled by their own turn's
+# task (prepare_lcu); 8: the tokenizer digest leaves out padding and truncation, the module
+# digest transformers_version. Bump when what a shard holds, or the fingerprint means, changes
 CHUNK = 32  # LCUs per encoder call while building
 
 
@@ -88,15 +89,21 @@ class EncodedLCU:
 def _module_digest(module: torch.nn.Module) -> str:
     """sha256 of a module's config and of (name, shape, dtype, sum, sum of |x|) per tensor.
 
-    Config keys that start with "_" are left out: they say where the weights were loaded
-    from and by which library version (``_name_or_path``, ``_diffusers_version``), not
-    what the module computes, so the same VAE read through another path still matches.
+    Config keys that start with "_", and ``transformers_version``, are left out: they say
+    where the weights were loaded from and by which library version (``_name_or_path``,
+    ``_diffusers_version``), not what the module computes, so the same VAE read through
+    another path, or the same T5 after a transformers upgrade, still matches.
     """
     h = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:
         as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        as_dict = {k: v for k, v in as_dict.items() if not str(k).startswith("_")}
+        # the library version that made the config says nothing of what it computes
+        as_dict = {
+            k: v
+            for k, v in as_dict.items()
+            if not str(k).startswith("_") and k != "transformers_version"
+        }
         h.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, t in module.state_dict().items():
@@ -106,13 +113,21 @@ def _module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """sha256 of what a tokenizer maps text to: the whole definition of a fast tokenizer
-    (normalizer, pre-tokenizer, vocabulary), else its class and vocabulary. The word
-    encoder refits its vocabulary every run, and the same words can get other ids."""
+def tokenizer_digest(tokenizer, legacy: bool = False) -> str:
+    """sha256 of what a tokenizer maps text to: the definition of a fast tokenizer
+    (normalizer, pre-tokenizer, vocabulary) less its padding and truncation, which
+    transformers sets on the first padded call (the conditioner pads and truncates to its
+    own length either way), else its class and vocabulary. The word encoder refits its
+    vocabulary every run, and the same words can get other ids. ``legacy``: the digest
+    before padding and truncation were left out (checkpoints of earlier runs hold it)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         text = backend.to_str()
+        if not legacy:
+            definition = json.loads(text)
+            definition.pop("padding", None)
+            definition.pop("truncation", None)
+            text = json.dumps(definition, sort_keys=True)
     else:
         text = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -828,8 +828,9 @@ class Trainer:
         own = path / "config.json"  # the run's config, saved with its checkpoint
         check_resumable(self.cfg, own if own.is_file() else path.parent / "config.json")
         state = json.loads((path / "trainer_state.json").read_text())
-        digest = tokenizer_digest(self.conditioner.tokenizer)
-        if state.get("tokenizer", digest) != digest:  # text_encoder=words refits every run
+        tok = self.conditioner.tokenizer
+        digests = (tokenizer_digest(tok), tokenizer_digest(tok, legacy=True))
+        if state.get("tokenizer", digests[0]) not in digests:  # text_encoder=words refits every run
             raise ValueError(
                 f"train.resume: {path} was trained with another tokenizer vocabulary than this "
                 "run's (the same words can get other ids); resume with the code and data it "
