@@ -189,6 +189,38 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     ACEPipeline.from_pretrained(out / "pipeline")
 
 
+def test_token_costs_are_the_first_ranks(data, monkeypatch):
+    """Token-budget packing reads image headers for its costs: a header one rank alone
+    failed to read gave that rank other batches for the whole run (samples twice, others
+    never). The first rank reads them and the others take its list."""
+    import torch.distributed as dist
+
+    import ace.data.batching as batching
+    from ace.train.config import DataConfig
+    from ace.train.data import ManifestBatches, build_dataset
+
+    dataset = build_dataset(DataConfig(manifest=str(data)))
+    read, sent = [], {}
+    real = batching.dataset_costs
+    monkeypatch.setattr(batching, "dataset_costs", lambda *a, **k: read.append(1) or real(*a, **k))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+
+    def broadcast(holder, src):
+        assert src == 0
+        if holder[0] is None:  # another rank: receives what the first sent
+            holder[0] = sent["costs"]
+        else:
+            sent["costs"] = list(holder[0])
+
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    cfg = DataConfig(manifest=str(data), max_tokens=300)
+    first = ManifestBatches(dataset, cfg, 0, 0, 2, 256)
+    sent["costs"][5] = None  # as if rank 0 alone had failed that header: rank 1 follows
+    second = ManifestBatches(dataset, cfg, 0, 1, 2, 256)
+    assert len(read) == 1 and second.costs == sent["costs"] and second.costs[5] is None
+    assert first.costs[5] is not None  # (what rank 0 kept before the edit above)
+
+
 def test_two_nodes_of_one_process_on_one_machine(tmp_path):
     """torchrun --nnodes 2 on one machine (the README's multi-node launch, shrunk): the
     second node's process is its node's local main (LOCAL_RANK 0) but not the main process

@@ -118,6 +118,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return order
 
 
+def shared_costs(dataset, max_seq_len: int, patch_pixels: int, rank: int, world: int) -> list:
+    """The token costs of the manifest's records (``batching.dataset_costs``), read by the
+    first process and sent to the others: every rank packs the epochs from them, and a
+    header one rank alone failed to read (a network file system's hiccup) gave that rank
+    other batches for the whole run, some samples twice and others never."""
+    import torch.distributed as dist
+
+    from ace.data.batching import dataset_costs
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return dataset_costs(dataset, max_seq_len, patch_pixels, progress=True)
+    holder = [dataset_costs(dataset, max_seq_len, patch_pixels, progress=True) if rank == 0 else None]  # fmt: skip
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 class ManifestBatches:
     """Map-style batches of a manifest; bad samples are skipped with a warning and counted."""
 
@@ -141,9 +157,7 @@ class ManifestBatches:
         self._counts: list[int] = []
         self._packed: tuple[int, list[list[int]]] = (-1, [])
         if cfg.max_tokens:
-            from ace.data.batching import dataset_costs
-
-            self.costs = dataset_costs(dataset, max_seq_len, patch_pixels)
+            self.costs = shared_costs(dataset, max_seq_len, patch_pixels, rank, world)
 
     def indices(self, step: int) -> list[int]:
         if not self.cfg.max_tokens:
