@@ -4,13 +4,15 @@ a request names the line that made the request, not a line of ``ace``."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-_SKIPPED = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+# the folders themselves: "/x/ace/" does not hold "/x/ace_experiments/run.py"
+_SKIPPED = tuple(str(Path(f).resolve().parent) + os.sep for f in (__file__, torch.__file__))
 
 
 def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
