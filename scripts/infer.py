@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Create or edit one image with an ACE pipeline directory.
+"""Create or edit images with an ACE pipeline directory: one request from the flags, or
+many from a JSONL file (--requests, below).
 
     # text-to-image
     python scripts/infer.py --pipeline DIR --instruction "a red circle" --output out.png
@@ -101,7 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rescale", type=float, default=0.5, help="guidance rescale in [0, 1]")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the initial noise (0 <= seed < 2**64)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initial noise (0 <= seed < 2**64); with --requests, the seed of "
+        "request i (from 0) is SEED + i unless its line gives one",
     )
     p.add_argument(
         "--task",
