@@ -399,6 +399,8 @@ class Entry(NamedTuple):
 def read_requests(args: argparse.Namespace) -> list[Entry]:
     """The requests file's lines, each a JSON object, with its seed and output path (both
     checked; no image read yet)."""
+    from ace.request import is_int
+
     file, root = Path(args.requests), Path(args.output)
     if not file.is_file():
         raise UserError(f"--requests {file}: no such file")
@@ -420,7 +422,7 @@ def read_requests(args: argparse.Namespace) -> list[Entry]:
             raise UserError(f"{where}: expected a request (a JSON object), got {line.strip()}")
         index = len(entries)
         seed = request.get("seed", args.seed + index)
-        if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64):
+        if not (is_int(seed) and 0 <= seed < 2**64):
             raise UserError(f"{where}: seed must be an int in [0, 2**64), got {json.dumps(seed)}")
         name = request.get("output", f"{index:05d}.png")
         if not isinstance(name, str) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
@@ -441,7 +443,7 @@ def read_requests(args: argparse.Namespace) -> list[Entry]:
     return entries
 
 
-def load_request(entry: Entry, base: Path, args: argparse.Namespace) -> dict:
+def load_request(entry: Entry, base: Path) -> dict:
     """An entry's request for ``ACEPipeline.generate``: images, masks and history read."""
     request, where = entry.request, entry.where
     unit = load_unit(request, base, where, REQUEST_KEYS)
@@ -449,27 +451,25 @@ def load_request(entry: Entry, base: Path, args: argparse.Namespace) -> dict:
     if history is not None:
         history = load_turns(history, base, f"{where}: history", prefix=f"{where}: ")
     negative = request.get("negative_prompt", "")
-    height, width = request.get("height"), request.get("width")
     if not isinstance(negative, str):
         raise UserError(f"{where}: negative_prompt must be a str, got {json.dumps(negative)}")
-    try:
-        check_request(
-            args,
-            unit.instruction,
-            unit.images,
-            unit.masks,
-            history,
-            unit.task,
-            height,
-            width,
-        )
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from e
     return {
         "instruction": unit.instruction, "images": unit.images, "masks": unit.masks,
         "history": history, "task": unit.task, "negative_prompt": negative,
-        "height": height, "width": width,
+        "height": request.get("height"), "width": request.get("width"),
     }  # fmt: skip
+
+
+def check_entry(entry: Entry, base: Path, args: argparse.Namespace) -> None:
+    """An entry read and checked as ``check_request`` checks the flags' request."""
+    r = load_request(entry, base)
+    try:
+        check_request(
+            args, r["instruction"], r["images"], r["masks"], r["history"], r["task"],
+            r["height"], r["width"],
+        )  # fmt: skip
+    except UserError as e:
+        raise UserError(f"{entry.where}: {e}") from e
 
 
 def run_requests(args: argparse.Namespace) -> tuple[list[Path], int]:
@@ -488,7 +488,7 @@ def run_requests(args: argparse.Namespace) -> tuple[list[Path], int]:
     todo = [e for e in entries if not (args.skip_existing and e.output.is_file())]
     base = Path(args.requests).parent
     for entry in tqdm(todo, desc="check", unit="request", disable=len(todo) < 64):
-        load_request(entry, base, args)  # read and checked, then let go: memory stays one batch's
+        check_entry(entry, base, args)  # read and checked, then let go: memory stays one batch's
     device = pick_device(args.device)
     written: list[Path] = []
     if not todo:
@@ -501,7 +501,7 @@ def run_requests(args: argparse.Namespace) -> tuple[list[Path], int]:
         batch = todo[start : start + args.batch_size]
         try:
             result = pipe.generate(
-                [load_request(e, base, args) for e in batch],
+                [load_request(e, base) for e in batch],  # checked above
                 num_inference_steps=steps,
                 guidance_scale=args.guidance,
                 guidance_rescale=args.rescale,
