@@ -37,7 +37,6 @@ computes only the missing ones (an interrupted run resumes). With an accelerate
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -53,7 +52,14 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ace.atomic import atomic_write
-from ace.data.collect.store import META, PATTERN, load_features, save_feature_shard, shard_name
+from ace.data.collect.store import (
+    META,
+    PATTERN,
+    ids_digest,
+    load_features,
+    save_feature_shard,
+    shard_name,
+)
 from ace.device import default_device
 from ace.images import open_image
 
@@ -317,7 +323,7 @@ def extract_features(
         "dim": None,
         "shard_size": shard_size,
         "count": len(ids),
-        "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+        "ids_sha256": ids_digest(ids),
         "dtype": dtype,
         "normalize": bool(normalize),
     }

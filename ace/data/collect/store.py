@@ -92,6 +92,11 @@ def load_features(root: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return ids, np.concatenate(parts)
 
 
+def ids_digest(ids: list[str]) -> str:
+    """``META``'s ``ids_sha256``: the image ids, in order."""
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
 def check_complete(root: Path, ids: list[str]) -> None:
     """ValueError unless the shards hold every image ``META`` records (when there is one):
     an extraction killed midway, or one process of several that died, leaves a subset,
@@ -109,7 +114,7 @@ def check_complete(root: Path, ids: list[str]) -> None:
             f"{root} holds {len(ids)} of the {count} features its {META} records: the "
             "extraction did not finish; rerun it (it computes only the missing shards)"
         )
-    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    digest = ids_digest(ids)
     if meta.get("ids_sha256", digest) != digest:
         raise ValueError(
             f"{root}: its shards hold other images (or another order) than its {META} "
