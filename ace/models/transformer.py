@@ -135,14 +135,23 @@ class ACETransformer(ModelMixin, ConfigMixin):
     def from_preset(cls, name: str, **overrides) -> ACETransformer:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(overrides) - known)
+        unknown = cls.unknown_arguments(overrides)
         if unknown:
             raise ValueError(
                 f"unknown ACETransformer argument(s) {unknown} over preset {name!r}; "
-                f"known: {sorted(known)}"
+                f"known: {sorted(cls.arguments())}"
             )
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def arguments(cls) -> set[str]:
+        """The names ``__init__`` takes (a preset's overrides may set them)."""
+        return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+    @classmethod
+    def unknown_arguments(cls, overrides) -> list[str]:
+        """The keys of ``overrides`` that are no ``__init__`` argument, sorted."""
+        return sorted(set(overrides) - cls.arguments())
 
     def initialize_weights(self) -> None:
         """PixArt / DiT initialisation, all in one place.

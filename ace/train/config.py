@@ -8,7 +8,6 @@ configs), raised as ``ValueError``.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,11 +299,11 @@ def _check(cfg: Config) -> None:
         raise ValueError(
             f"model.preset must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}"
         )
-    known = set(inspect.signature(ACETransformer.__init__).parameters) - {"self"}
-    unknown = sorted(set(cfg.model.overrides) - known)
+    unknown = ACETransformer.unknown_arguments(cfg.model.overrides)
     if unknown:
         raise ValueError(
-            f"model.overrides: unknown ACETransformer argument(s) {unknown}; known: {sorted(known)}"
+            f"model.overrides: unknown ACETransformer argument(s) {unknown}; "
+            f"known: {sorted(ACETransformer.arguments())}"
         )
     if cfg.model.attention_backend not in BACKENDS:
         raise ValueError(
