@@ -755,6 +755,11 @@ def test_toy_settings_against_an_existing_split_are_warned(data, tmp_path):
     message = r"data.toy_seed=3 \(the split's: 0\); data.toy_size=64 \(the split's: 32\); data.toy_weights=\{'recolor': 2.0\} \(the split's: \{\}\): not used"  # fmt: skip
     with pytest.warns(UserWarning, match=message):
         build_dataset(DataConfig(**{**made, **other}))
+    # a record that cannot be read only costs that check, and says so
+    for broken in ("{not json", "[1, 2]"):
+        (tmp_path / "toy" / "toy.json").write_text(broken)
+        with pytest.warns(UserWarning, match=r"toy\.json: unreadable .* training on the split"):
+            assert len(build_dataset(DataConfig(**{**made, **other}))) == 6
 
 
 def test_a_resume_on_a_changed_manifest_is_warned(data, tmp_path):

@@ -72,7 +72,7 @@ def build_dataset(cfg: DataConfig, accelerator=None):
         raise ValueError(f"data.manifest: {manifest} holds no LCUs")
     if cfg.toy_n > 0 and is_main:
         made = manifest.parent / TOY_RECORD
-        then = json.loads(made.read_text()) if made.is_file() else {}
+        then = read_toy_record(made)
         then["toy_n"] = len(dataset)
         now = toy_settings(cfg)
         differ = [f"data.{k}={now[k]} (the split's: {then[k]})" for k in now if k in then and then[k] != now[k]]  # fmt: skip
@@ -89,6 +89,25 @@ def build_dataset(cfg: DataConfig, accelerator=None):
 
 TOY_RECORD = "toy.json"
 """Beside a generated toy split's manifest: the data.toy_* settings that made it."""
+
+
+def read_toy_record(path: Path) -> dict:
+    """The settings in a toy split's ``toy.json``; {} where there is none, or (warned) where it
+    cannot be read: it only serves the warning about a split made with other settings."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        record = e
+    if not isinstance(record, dict):
+        warnings.warn(
+            f"{path}: unreadable ({record!r:.80}), so this run cannot tell which data.toy_* "
+            "settings made the split beside it; training on the split as it is",
+            stacklevel=3,
+        )
+        return {}
+    return record
 
 
 def toy_settings(cfg: DataConfig) -> dict:
