@@ -781,6 +781,26 @@ def test_a_resume_on_a_changed_manifest_is_warned(data, tmp_path):
         Trainer(load_config(CONFIG, [*args(own, out, 5), "train.resume=latest"])).train()
 
 
+def test_a_resume_on_other_token_costs_is_warned(data, tmp_path):
+    """Token-budget mode packs every epoch from the records' costs: a resume on the same
+    ones is silent; one where a file read then cannot be read now (so its record is left
+    out) warns that the batches are not those an uninterrupted run would see."""
+    import warnings
+
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    out, budget = tmp_path / "run", "data.max_tokens=40"
+    Trainer(load_config(CONFIG, args(own, out, 3, budget, "train.checkpoint_every=3"))).train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Trainer(load_config(CONFIG, [*args(own, out, 4, budget), "train.resume=latest"])).train()
+    assert not [w for w in seen if "token costs differ" in str(w.message)]
+    first = json.loads((own / "manifest.jsonl").read_text().splitlines()[0])
+    (own / first["target"]).write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match=r"token costs differ .* \(0 record\(s\) left out then, 1 now\)"):  # fmt: skip
+        Trainer(load_config(CONFIG, [*args(own, out, 5, budget), "train.resume=latest"])).train()
+
+
 def test_mixed_precision_no_survives_yaml(data, tmp_path):
     """YAML 1.1 reads a bare no as False: train.mixed_precision=no (the documented value)
     and ``mixed_precision: no`` in a file both mean no mixed precision."""

@@ -137,6 +137,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return order
 
 
+def costs_digest(costs: list) -> str:
+    """A digest of a token-budget run's per-record costs, which decide every epoch's packing:
+    ``"{left out}:{sha256[:16]}"``, where left out counts the records whose cost is unknown."""
+    h = hashlib.sha256(json.dumps(costs).encode())
+    return f"{sum(c is None for c in costs)}:{h.hexdigest()[:16]}"
+
+
 def shared_costs(dataset, max_seq_len: int, patch_pixels: int, rank: int, world: int) -> list:
     """The token costs of the manifest's records (``batching.dataset_costs``), read by the
     first process and sent to the others: every rank packs the epochs from them, and a

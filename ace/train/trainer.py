@@ -43,7 +43,7 @@ from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
 from ace.train.cache import tokenizer_digest
 from ace.train.config import Config, OptimConfig, to_dict
-from ace.train.data import build_dataset, make_batches, records_digest
+from ace.train.data import build_dataset, costs_digest, make_batches, records_digest
 from ace.train.ema import load_ema_shard, local_part, save_ema_shard
 from ace.train.lock import check_free, run_lock
 
@@ -483,6 +483,8 @@ class Trainer:
         self.batches = make_batches(
             cfg.data, self.accelerator, t.seed, self.max_seq_len, dataset, patch_pixels=token_px
         )
+        costs = getattr(self.batches, "costs", None)  # token-budget mode: they pack the epochs
+        self.costs_digest = costs_digest(costs) if costs is not None else None
         if cfg.data.cache:  # read T5 states and VAE posteriors instead of running the encoders
             from ace.train.cache import build_cache
 
@@ -773,6 +775,7 @@ class Trainer:
             state["world_size"] = acc.num_processes
             state["data"] = self.data_digest  # the manifest's records (shards: None; the
             # stream refuses a resume on other shard names itself)
+            state["costs"] = self.costs_digest
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             fsync_tree(tmp)  # on disk before its name says it is complete
             self._remove_checkpoint(self.step)
@@ -849,6 +852,16 @@ class Trainer:
                 f"train.resume: the manifest differs from the one {path} was trained "
                 f"on ({then.split(':')[0]} records then, {self.data_digest.split(':')[0]} now): "
                 "the resumed run will not see the samples an uninterrupted run would have",
+                stacklevel=2,
+            )
+        then = state.get("costs")
+        if then is not None and self.costs_digest is not None and then != self.costs_digest:
+            warnings.warn(  # e.g. a file unreadable now that was read then, or the reverse
+                f"train.resume: the records' token costs differ from those {path} was trained "
+                f"on ({then.split(':')[0]} record(s) left out then, "
+                f"{self.costs_digest.split(':')[0]} now): data.max_tokens packs every epoch "
+                "from them, so the resumed run will not see the batches an uninterrupted run "
+                "would have",
                 stacklevel=2,
             )
         if self.fsdp:
