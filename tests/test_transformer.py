@@ -70,17 +70,45 @@ def test_matches_reference(case, with_indicators):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex", "dense"])
-def test_every_backend_matches_dense_oracle(backend):
-    _, ours = make_pair()
+def test_every_backend_matches_reference(backend):
+    ref, ours = make_pair()
     frames, masks, texts = batch(*CASES["three_frames_mixed"])
     t, ind = torch.tensor([3.0, 300.0, 900.0]), torch.randn(10, 24)
     with torch.no_grad():
-        ours.set_attention_backend("dense")
-        oracle = ours.predict(frames, masks, texts, t, ind)
+        expected = ref(frames, masks, texts, t, ind)
         ours.set_attention_backend(backend)
         got = ours.predict(frames, masks, texts, t, ind)
-    for g, e in zip(got, oracle):
+    for g, e in zip(got, expected):
         assert rel_err(g, e) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"qk_norm": False},
+        {"pred_sigma": False},
+        {"in_channels": 8},
+        {"patch_size": 1},
+        {"patch_size": 4},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_other_configurations_match_reference(overrides):
+    """The released configuration above; the toy preset's 8 channels, no q/k norm, no learned
+    sigma and other patch sizes here (latent sides multiples of every patch, and at most 64 tokens
+    a frame: rope_max_len)."""
+    ref, ours = make_pair(**overrides)
+    c = overrides.get("in_channels", 4)
+    g = torch.Generator().manual_seed(5)
+    frames = [[torch.randn(c, 8, 8, generator=g), torch.randn(c, 4, 8, generator=g)]]
+    masks = [[None, (torch.rand(1, 4, 8, generator=g) > 0.5).float()]]
+    texts = [[torch.randn(4, 24, generator=g), torch.randn(7, 24, generator=g)]]
+    t, ind = torch.tensor([400.0]), torch.randn(10, 24, generator=g)
+    with torch.no_grad():
+        expected = ref(frames, masks, texts, t, ind)[0]
+        got = ours.predict(frames, masks, texts, t, ind)[0]
+    assert got.shape == expected.shape == (c, 8, 8)
+    assert rel_err(got, expected) <= 1e-5
 
 
 @pytest.mark.skipif(
