@@ -121,11 +121,19 @@ def test_a_shared_qk_norm_model_trains_like_the_released_one():
 
 
 def test_wrappers_prefixes_and_ignored_keys():
+    """DDP's module. and scepter's model. prefixes, a state_dict wrapper, PixArt's null
+    caption and cached RoPE tables change nothing: the same keys and the same values."""
     sd = ReferenceDiT(**CFG).state_dict()
-    wrapped = {"module." + k: v for k, v in sd.items()}
-    wrapped["y_embedder.y_embedding"] = torch.zeros(120, 16)  # PixArt's null caption, unused here
-    out = official_dit_to_ace({"state_dict": wrapped})
-    ACETransformer(**CFG).load_state_dict(out, strict=True)
+    bare = official_dit_to_ace(sd)
+    for prefix in ("module.", "model."):
+        wrapped = {prefix + k: v for k, v in sd.items()}
+        wrapped["y_embedder.y_embedding"] = torch.zeros(120, 16)  # PixArt's, unused here
+        wrapped[prefix + "blocks.0.attn.freqs_cis"] = torch.zeros(64, 4, dtype=torch.complex64)
+        wrapped[prefix + "blocks.1.cross_attn.freqs"] = torch.zeros(64, 4)
+        out = official_dit_to_ace({"state_dict": wrapped})
+        assert out.keys() == bare.keys()
+        assert all(torch.equal(out[k], bare[k]) for k in bare)
+        ACETransformer(**CFG).load_state_dict(out, strict=True)
 
 
 def test_bad_checkpoints_raise():
