@@ -23,7 +23,6 @@ latents, 5. pack once, 6. denoise (both CFG halves in one transformer call per s
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from ace.conditioning import (
     to_numpy,
     vae_factor_of,
 )
+from ace.ddim import for_sampling
 from ace.diffusion import apply_guidance
 from ace.lcu import LCU, ConditionUnit, as_history
 from ace.models.cuda_graph import GraphCache, GraphedForward, layout_key
@@ -290,7 +290,8 @@ class ACEPipeline(DiffusionPipeline):
         # 2-4. preprocess, encode, initial noise
         conditioner = self.conditioner
         steps, cfg = int(num_inference_steps), guidance_scale > 1.0
-        state = self._prepare(lcu, request, steps, cfg, generator, self.scheduler, conditioner)
+        scheduler = for_sampling(self.scheduler)  # its copy: DDIM stepping to its next timestep
+        state = self._prepare(lcu, request, steps, cfg, generator, scheduler, conditioner)
         # 5-6. pack and denoise
         self._denoise([state], guidance_scale, guidance_rescale, conditioner.device, graphs=True)
         # 7. decode
@@ -365,7 +366,7 @@ class ACEPipeline(DiffusionPipeline):
             states = []
             for k, (lcu, request) in enumerate(checked[start : start + batch_size]):
                 # a copy of the pipeline's scheduler (its settings, set_shift included)
-                scheduler = copy.deepcopy(self.scheduler)
+                scheduler = for_sampling(self.scheduler)
                 try:
                     states.append(
                         self._prepare(

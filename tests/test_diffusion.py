@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+from ace.ddim import ScheduleDDIMScheduler, for_sampling
 from ace.diffusion import (
     DDPMEpsilon,
     RectifiedFlow,
@@ -50,6 +51,64 @@ def test_ddim_sampler_matches_hand_ddim(k):
         ref = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
     rel = (x.double() - ref).norm() / ref.norm()
     assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("k", [3, 4, 7, 20, 30, 64, 999])
+def test_sampling_ddim_matches_hand_ddim_at_any_step_count(k):
+    """for_sampling's DDIM steps from each timestep of the schedule to the next (the last to
+    alpha 1), as the hand loop does, also where k does not divide 1000; where it does, each
+    step is DDIMScheduler.step's, bit for bit."""
+    plain = DDPMEpsilon().make_scheduler()
+    sched = for_sampling(plain)
+    assert isinstance(sched, ScheduleDDIMScheduler) and sched is not plain
+    sched.set_timesteps(k)
+    plain.set_timesteps(k)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(k))
+    x, same = x0.clone(), []
+    for t in sched.timesteps:
+        eps = _eps_fn(x, t)
+        theirs = plain.step(eps, t, x).prev_sample  # diffusers' step from the same point
+        x = sched.step(eps, t, x).prev_sample
+        same.append(torch.equal(theirs, x))
+    assert all(same) == (1000 % k == 0)
+
+    abar, steps = _ref_abar(), [int(v) for v in sched.timesteps]
+    ref = x0.double()
+    for i, t in enumerate(steps):
+        a_t = abar[t]
+        a_prev = abar[steps[i + 1]] if i + 1 < k else torch.tensor(1.0, dtype=torch.float64)
+        eps = _eps_fn(ref, t)
+        x0_hat = (ref - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        ref = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
+    rel = (x.double() - ref).norm() / ref.norm()
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("k", [6, 7, 15, 64])
+def test_sampling_ddim_ends_on_the_data_of_a_point_mass(k):
+    """Data that is one point c: the exact epsilon is known, and a DDIM loop must end on c.
+    diffusers' DDIMScheduler ends at t = 0 when k does not divide 1000 (noise left)."""
+    abar = _ref_abar()
+    c = torch.full((1, 4, 4, 4), 0.3, dtype=torch.float64)
+    ends = []
+    for sched in (for_sampling(DDPMEpsilon().make_scheduler()), DDPMEpsilon().make_scheduler()):
+        sched.set_timesteps(k)
+        x = torch.randn(c.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        for t in sched.timesteps:
+            eps = (x - abar[t].sqrt() * c) / (1 - abar[t]).sqrt()
+            x = sched.step(eps, t, x).prev_sample
+        ends.append((x - c).abs().max().item())
+    assert ends[0] < 1e-5 and ends[1] > 1e-3, ends
+
+
+def test_sampling_ddim_refuses_a_timestep_off_its_schedule():
+    sched = for_sampling(DDPMEpsilon().make_scheduler())
+    sched.set_timesteps(7)
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(
+        ValueError, match=r"timestep 500 is not in the scheduler's timesteps \[999, 856"
+    ):
+        sched.step(x, 500, x)
 
 
 def test_released_scheduler_config():
