@@ -314,4 +314,10 @@ def apply_guidance(cond: Tensor, uncond: Tensor, scale: float, rescale: float = 
     eps = uncond + scale * (cond - uncond)  # (B, ...)
     if rescale == 0.0:
         return eps
-    return rescale_noise_cfg(eps.float(), cond.float(), guidance_rescale=rescale).to(eps.dtype)
+    out = rescale_noise_cfg(eps.float(), cond.float(), guidance_rescale=rescale)
+    # diffusers divides by std(eps) unguarded: a sample whose guided prediction is constant
+    # (a freshly initialised model predicts exactly 0) would be NaN. There it is scaled by
+    # 1 - rescale, the released rule's value where std(c) is 0 too (its std(eps) + 1e-12)
+    flat = eps.float().flatten(1).std(dim=1) == 0  # (B,)
+    flat = flat.reshape(-1, *[1] * (eps.ndim - 1))  # (B, 1, ...)
+    return torch.where(flat, eps.float() * (1 - rescale), out).to(eps.dtype)

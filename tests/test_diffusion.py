@@ -313,6 +313,19 @@ def test_loss_backward_reaches_model_params():
 # ---------------------------------------------------------------- guidance
 
 
+def test_guidance_rescale_of_a_constant_prediction_is_finite():
+    """A sample whose guided prediction has no spread (a fresh model predicts 0) is scaled
+    by 1 - rescale, not divided by std 0 into NaN; the other samples are untouched."""
+    g = torch.Generator().manual_seed(0)
+    c, u = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    c[1], u[1] = 0.0, 0.0
+    c[2], u[2] = 0.25, 0.25  # constant, not zero
+    out = apply_guidance(c, u, 4.5, 0.5)
+    assert torch.equal(out[1], torch.zeros(4, 2, 2))
+    torch.testing.assert_close(out[2], torch.full((4, 2, 2), 0.125))
+    torch.testing.assert_close(out[:1], apply_guidance(c[:1], u[:1], 4.5, 0.5))
+
+
 @pytest.mark.parametrize("rescale", [0.0, 0.5, 1.0])
 def test_apply_guidance_matches_released_rule(rescale):
     c, u = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6)
