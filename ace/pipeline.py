@@ -23,6 +23,7 @@ latents, 5. pack once, 6. denoise (both CFG halves in one transformer call per s
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -389,6 +390,12 @@ class ACEPipeline(DiffusionPipeline):
         """Step 1: a DDIM schedule spaces its steps over the training timesteps, so it has
         at most that many (diffusers would say so after T5 and the VAE have run)."""
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            if self.scheduler.config.get("use_dynamic_shifting"):
+                raise ValueError(
+                    "the scheduler has use_dynamic_shifting=True, which needs a shift (mu) per "
+                    "image size that ACE does not define; load it with "
+                    "use_dynamic_shifting=False and a fixed shift (set_shift)"
+                )
             return  # its sigmas are given, any number of them
         total = self.scheduler.config.get("num_train_timesteps")
         if total is not None and num_inference_steps > total:
@@ -484,8 +491,6 @@ class ACEPipeline(DiffusionPipeline):
             raise ValueError(
                 f"latents shape {tuple(latents.shape)}, expected {shape} for a {h * f}x{w * f} target"
             )
-        # DDIM scales the initial noise (by 1); flow-matching schedulers have no such factor
-        latents = latents.to(device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
         # the scheduler's arithmetic stays on the CPU, on python numbers: with its timesteps on
         # the GPU, each step would index CPU tables with GPU scalars (a host sync each time)
         if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
@@ -494,6 +499,9 @@ class ACEPipeline(DiffusionPipeline):
             scheduler.set_timesteps(sigmas=sigmas, device="cpu")
         else:
             scheduler.set_timesteps(num_inference_steps, device="cpu")
+        # DDIM scales the initial noise by 1, flow matching has no such factor; a scheduler
+        # whose factor follows its schedule (Euler's) has it only once the schedule is set
+        latents = latents.to(device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
         return _Sampling(
             texts=texts,
             frames=[x.to(device, dtype) for x in cond_latents],
@@ -566,7 +574,7 @@ class ACEPipeline(DiffusionPipeline):
                 mine = preds[k * halves : (k + 1) * halves]  # this request's samples
                 pair = torch.stack(mine).float()  # (halves, C, h, w)
                 pred = apply_guidance(pair[:1], pair[1:], guidance_scale, rescale) if cfg else pair
-                s.latents = s.scheduler.step(pred, t, s.latents, generator=s.generator).prev_sample
+                s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs).prev_sample
 
     def _decode(
         self,
@@ -603,6 +611,12 @@ class _Sampling:
     latents: Tensor  # (1, C, h, w) float32: the initial noise, then the denoised target
     scheduler: object  # its own: a scheduler keeps the index of its step
     generator: torch.Generator | None
+
+    @property
+    def step_kwargs(self) -> dict:
+        """The generator, for a scheduler whose ``step`` takes one (PNDM's does not)."""
+        takes = "generator" in inspect.signature(self.scheduler.step).parameters
+        return {"generator": self.generator} if takes else {}
 
 
 REQUEST_KEYS = (

@@ -4,6 +4,7 @@ denoising run checked against an obvious loop written here from ACE_REFERENCE.""
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from ace.conditioning import ConditionTokenizer, downsample_mask, preprocess_image
@@ -538,6 +539,42 @@ def test_pipeline_equals_an_obvious_denoising_loop(pipe, steps):
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_a_swapped_scheduler_scales_the_noise_of_its_own_schedule(monkeypatch):
+    """Euler's initial-noise factor follows the schedule set (leading spacing: sqrt(max
+    sigma^2 + 1), which its scale_model_input divides out again): the first model input is
+    the given noise. Read before set_timesteps, it was the 1000-step schedule's factor."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")  # fmt: skip
+    seen = []
+    scale = EulerDiscreteScheduler.scale_model_input
+
+    def spy(self, sample, timestep):
+        seen.append(out := scale(self, sample, timestep))
+        return out
+
+    monkeypatch.setattr(EulerDiscreteScheduler, "scale_model_input", spy)
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    pipe("a red square", height=32, width=32, num_inference_steps=20, latents=noise, output_type="latent")  # fmt: skip
+    torch.testing.assert_close(seen[0], noise)
+
+
+def test_schedulers_without_a_generator_or_with_dynamic_shifting():
+    """PNDM's step takes no generator (it is passed only where step takes one); a flow
+    scheduler with dynamic shifting needs a mu ACE does not define: refused in step 1."""
+    from diffusers import PNDMScheduler
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    out = pipe("a red square", height=32, width=32, num_inference_steps=3, output_type="latent")
+    assert out.images.shape == (1, 4, 4, 4) and torch.isfinite(out.images).all()
+    flow = tiny_pipeline(objective="rectified-flow")
+    flow.scheduler = FlowMatchEulerDiscreteScheduler.from_config(flow.scheduler.config, use_dynamic_shifting=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"use_dynamic_shifting=True, which needs a shift \(mu\)"):
+        flow("a red square", height=32, width=32, num_inference_steps=3)
 
 
 def test_flow_pipeline_equals_an_obvious_euler_loop():
