@@ -148,7 +148,9 @@ class PackedBatch:
                 )
             n_sample = 0
             for f, ((h, w), n_text) in enumerate(zip(sizes, lengths)):
-                if h % p or w % p or h <= 0 or w <= 0:
+                if h <= 0 or w <= 0:
+                    raise ValueError(f"sample {b} frame {f}: latent size {h}x{w} is empty")
+                if h % p or w % p:
                     raise ValueError(
                         f"sample {b} frame {f}: latent size {h}x{w} is not divisible by patch size {p}"
                     )

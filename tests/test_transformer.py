@@ -1,5 +1,7 @@
 """ACETransformer against the independent per-sample reference (ace.reference)."""
 
+import re
+
 import pytest
 import torch
 
@@ -291,14 +293,28 @@ def test_bad_input_raises_value_error_naming_the_problem():
         _predict(ours, [(4, 4)], [0])
     with pytest.raises(ValueError, match=r"latent shape \(3, 4, 4\), expected \(4, h, w\)"):
         ours.predict([[torch.randn(3, 4, 4)]], None, [[torch.randn(2, 24)]], torch.tensor([1.0]))
-    with pytest.raises(ValueError, match=r"indicator table has 3 rows"):
-        ours.predict(
-            [[torch.randn(4, 4, 4)]],
-            None,
-            [[torch.randn(2, 24)]],
-            torch.tensor([1.0]),
-            torch.randn(3, 24),
-        )
+    one, text, t = [[torch.randn(4, 4, 4)]], [[torch.randn(2, 24)]], torch.tensor([1.0])
+    for table in (torch.randn(3, 24), torch.randn(10, 16), torch.randn(10)):
+        shape = re.escape(str(tuple(table.shape)))
+        with pytest.raises(ValueError, match=rf"indicator table shape {shape}, the model expects \(10, 24\)"):  # fmt: skip
+            ours.predict(one, None, text, t, table)
+    with pytest.raises(ValueError, match=r"sample 0 frame 0: text shape \(2, 16\), expected \(L, 24\)"):  # fmt: skip
+        ours.predict(one, None, [[torch.randn(2, 16)]], t)
+    with pytest.raises(ValueError, match=r"sample 0: frames and texts must be lists .* got Tensor and list"):  # fmt: skip
+        ours.predict([torch.randn(4, 4, 4)], None, text, t)
+    with pytest.raises(ValueError, match=r"sample 0 frame 1: latent size 0x4 is empty"):
+        _predict(ours, [(4, 4), (0, 4)], [2, 2])
+    packed = ours.pack([[(4, 4)]], [[2]])
+    x, y = torch.randn(4, 20), torch.randn(2, 24)
+    with pytest.raises(ValueError, match=r"x shape \(4, 19\), expected \(T, 20\): \(C\+1\)\*p\*p"):
+        ours(torch.randn(4, 19), y, t, packed)
+    with pytest.raises(ValueError, match=r"text shape \(2, 16\), expected \(Tt, 24\)"):
+        ours(x, torch.randn(2, 16), t, packed)
+    with pytest.raises(ValueError, match=r"x on cpu, text on meta, .* put them where the model is \(cpu\)"):  # fmt: skip
+        ours(x, y.to("meta"), t, packed)
+    # timesteps are moved to the model: a CPU tensor or a list of numbers is fine
+    got = ours.predict(one, None, text, [1.0])[0]
+    torch.testing.assert_close(got, ours.predict(one, None, text, t)[0])
     with pytest.raises(ValueError, match=r"heads of an even dim"):
         ACETransformer(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match=r"at least 6"):  # head dim 4: no row or column RoPE

@@ -83,6 +83,8 @@ class GraphedForward:
                 raise ValueError(
                     f"{name} shape {tuple(new.shape)} differs from the captured {tuple(old.shape)}"
                 )
+            if new.dtype != old.dtype:  # copy_ would cast: float timesteps cut to integers
+                raise ValueError(f"{name} dtype {new.dtype} differs from the captured {old.dtype}")
             old.copy_(new)
         if (indicators is None) != (self.indicators is None):
             raise ValueError("indicators must be given exactly when they were at capture")

@@ -72,7 +72,7 @@ class TextProjection(nn.Module):
 
 def _qk_norms(dim: int, qk_norm: bool, share: bool) -> tuple[nn.Module, nn.Module | None]:
     """(norm_q, norm_k). ``share``: no norm_k; k is normalised with norm_q, as the released
-    model does (ACE_REFERENCE section 4), so fine-tuning trains the one weight it has."""
+    model does (ACE_REFERENCE section 3), so fine-tuning trains the one weight it has."""
     if not qk_norm:
         return nn.Identity(), nn.Identity()
     return RMSNorm(dim), (None if share else RMSNorm(dim))

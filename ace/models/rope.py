@@ -38,7 +38,7 @@ def frequencies(head_dim: int, theta: float = 10000.0) -> Tensor:
     parts = []
     for n in axis_pairs(head_dim):
         j = torch.arange(n, dtype=torch.float64)
-        parts.append(theta ** (-j / n) if n else j)
+        parts.append(theta ** (-j / n))  # n >= 1: axis_pairs needs head_dim >= 6
     return torch.cat(parts)
 
 

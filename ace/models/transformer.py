@@ -234,16 +234,29 @@ class ACETransformer(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"timesteps shape {tuple(timesteps.shape)}, expected ({packed.num_samples},)"
             )
-        dtype, proj = self.dtype, self.x_embedder.proj
+        cfg, proj = self.config, self.x_embedder.proj
+        width = (cfg.in_channels + 1) * cfg.patch_size**2
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"x shape {tuple(x.shape)}, expected (T, {width}): (C+1)*p*p")
+        if text.ndim != 2 or text.shape[1] != cfg.text_dim:
+            raise ValueError(f"text shape {tuple(text.shape)}, expected (Tt, {cfg.text_dim})")
+        if indicators is not None and tuple(indicators.shape) != (cfg.num_indicators, cfg.text_dim):
+            raise ValueError(
+                f"indicator table shape {tuple(indicators.shape)}, the model expects "
+                f"({cfg.num_indicators}, {cfg.text_dim})"
+            )
+        where = {str(v.device) for v in (x, text, timesteps, proj.weight)}
+        if len(where) > 1:
+            raise ValueError(
+                f"x on {x.device}, text on {text.device}, timesteps on {timesteps.device}: "
+                f"put them where the model is ({proj.weight.device})"
+            )
+        dtype = self.dtype
         x = nn.functional.linear(
             x.to(dtype), proj.weight.flatten(1), proj.bias
         )  # (T, d): the p x p conv
         y = self.y_embedder(text.to(dtype))  # (Tt, d)
         if indicators is not None:
-            if indicators.shape[0] != self.config.num_indicators:
-                raise ValueError(
-                    f"indicator table has {indicators.shape[0]} rows, the model expects {self.config.num_indicators}"
-                )
             ind = self.y_embedder(indicators.to(dtype))  # (K, d)
             ind_x, ind_y = packed.indicator_rows(ind)  # (T, d), (Tt, d)
             x = x + ind_x  # each frame gets its row ...
@@ -287,6 +300,11 @@ class ACETransformer(ModelMixin, ConfigMixin):
         if masks is not None and len(masks) != len(frames):
             raise ValueError(f"got masks for {len(masks)} samples but frames for {len(frames)}")
         for b, (fs, ts) in enumerate(zip(frames, texts)):
+            if not isinstance(fs, (list, tuple)) or not isinstance(ts, (list, tuple)):
+                raise ValueError(
+                    f"sample {b}: frames and texts must be lists (one tensor per frame), got "
+                    f"{type(fs).__name__} and {type(ts).__name__}"
+                )
             if len(fs) != len(ts):
                 raise ValueError(
                     f"sample {b}: {len(ts)} texts for {len(fs)} frames; ACE pairs one text with each frame"
@@ -297,10 +315,18 @@ class ACETransformer(ModelMixin, ConfigMixin):
                         f"sample {b} frame {f}: latent shape {tuple(x.shape)}, expected "
                         f"({self.config.in_channels}, h, w)"
                     )
+            for f, t in enumerate(ts):
+                if t.ndim != 2 or t.shape[1] != self.config.text_dim:
+                    raise ValueError(
+                        f"sample {b} frame {f}: text shape {tuple(t.shape)}, expected "
+                        f"(L, {self.config.text_dim})"
+                    )
+        device = self.x_embedder.proj.weight.device
+        timesteps = torch.as_tensor(timesteps).to(device)
         packed = self.pack(
             [[tuple(x.shape[-2:]) for x in fs] for fs in frames],
             [[t.shape[0] for t in ts] for ts in texts],
-            device=timesteps.device,
+            device=device,
         )
         out = self(
             packed.pack_frames(frames, masks),
