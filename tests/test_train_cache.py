@@ -98,6 +98,7 @@ def test_cache_layout_and_every_sample(cache, manifest):
     info = json.loads((cache.root / "cache.json").read_text())
     assert info["num_shards"] == 3 and len(cache) == len(manifest) == 10
     assert sorted(p.name for p in cache.root.iterdir()) == [
+        ".lock",  # the build's (one at a time), left as train.output_dir's is
         "cache.json",
         "shard-00000.safetensors",
         "shard-00001.safetensors",
@@ -243,6 +244,74 @@ def test_shards_of_an_interrupted_build_of_other_data_are_not_reused(parts, tmp_
     build_cache(LCUManifest(old), conditioner, tmp_path / "emb32", MAX_SEQ_LEN, shard_size=4, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="different manifest"):
         build_cache(LCUManifest(data), conditioner, tmp_path / "emb32", MAX_SEQ_LEN, shard_size=4)  # fmt: skip
+
+
+def test_a_second_build_in_the_same_directory_is_refused(manifest, parts, tmp_path):
+    """Two runs building one data.cache at once would delete or mix each other's shards:
+    the second is refused at once; once the first is done, it opens the finished cache."""
+    from ace.train.lock import run_lock
+
+    conditioner, _ = parts
+    root = tmp_path / "emb"
+    busy = r"data\.cache .*emb is in use by another run \(pid \d+\)"
+    with run_lock(root, "data.cache"), pytest.raises(ValueError, match=busy):  # a build elsewhere
+        build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
+    assert not list(root.glob("shard-*"))
+    built = build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
+    assert len(built) == len(manifest)
+
+
+def test_a_damaged_shard_is_rebuilt_or_named(manifest, parts, tmp_path, cache, monkeypatch):
+    """A resumed build takes a shard that is there for done only if its header reads (a
+    file cut short is built again, warned); a finished cache with a damaged shard is
+    refused when opened, naming it, not mid-run by safetensors."""
+    conditioner, _ = parts
+    root = tmp_path / "emb"
+    interrupted_build(manifest, conditioner, root, monkeypatch)
+    shard_path(root, 0).write_bytes(shard_path(root, 0).read_bytes()[:100])  # cut short
+    with pytest.warns(UserWarning, match=r"shard-00000\.safetensors is unreadable .* building it again"):  # fmt: skip
+        finished = build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)  # fmt: skip
+    for i in range(len(manifest)):
+        a, b = finished[i], cache[i]
+        assert all(torch.equal(x, y) for x, y in zip(a.means + a.texts, b.means + b.texts))
+    shard_path(root, 1).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"emb: shard-00001\.safetensors is unreadable .* delete the directory"):  # fmt: skip
+        build_cache(manifest, conditioner, root, MAX_SEQ_LEN, shard_size=4, progress=False)
+
+
+def test_the_vae_fingerprint_covers_only_what_encodes(manifest, parts):
+    """The cache holds unscaled posteriors: a decoder fine-tuned alone, or another scaling
+    factor, keeps it; a changed encoder weight does not."""
+    conditioner, _ = parts
+    base = cache_fingerprint(manifest, conditioner, MAX_SEQ_LEN)
+    state = conditioner.vae.state_dict()
+
+    def fingerprint(change, **config):
+        vae = tiny_vae() if not config else type(conditioner.vae).from_config({**conditioner.vae.config, **config})  # fmt: skip
+        vae.load_state_dict(state)
+        with torch.no_grad():
+            change(vae)
+        other = ConditionTokenizer(conditioner.tokenizer, conditioner.text_encoder, vae)
+        return cache_fingerprint(manifest, other, MAX_SEQ_LEN)
+
+    assert fingerprint(lambda v: v.decoder.conv_out.weight.add_(0.1)) == base
+    assert fingerprint(lambda v: v.post_quant_conv.bias.add_(0.1)) == base
+    assert fingerprint(lambda v: None, scaling_factor=0.5) == base
+    assert fingerprint(lambda v: v.encoder.conv_in.weight.add_(0.1))["vae"] != base["vae"]
+    assert fingerprint(lambda v: v.quant_conv.bias.add_(0.1))["vae"] != base["vae"]
+
+
+def test_a_file_name_the_file_system_refuses_is_fingerprinted(parts, tmp_path):
+    """A manifest naming a file too long for the file system: the fingerprint records it as
+    missing (the sample skips when read), not an OSError."""
+    conditioner, _ = parts
+    data = tmp_path / "data"
+    write_manifest((s.lcu for s in sample_stream(2, seed=3, size=32)), data, progress=False)
+    lines = (data / "manifest.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["target"] = "images/" + "x" * 300 + ".png"
+    (data / "manifest.jsonl").write_text(lines[0] + "\n" + json.dumps(record) + "\n")
+    assert cache_fingerprint(LCUManifest(data), conditioner, MAX_SEQ_LEN)["num_samples"] == 2
 
 
 def test_a_tokenizer_with_the_same_words_but_other_ids_is_another_fingerprint(manifest, parts):

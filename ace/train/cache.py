@@ -41,10 +41,12 @@ ValueError that names what changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import stat
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -57,15 +59,17 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ace.atomic import atomic_write, nearest_existing
+from ace.atomic import atomic_write, fsync_dir, fsync_tree, nearest_existing
 from ace.conditioning import downsample_mask
 from ace.train.batch import prepare_training_lcu
+from ace.train.lock import run_lock
 
 CACHE_FILE = "cache.json"
 BUILDING_FILE = "building.json"  # the fingerprint and shard size of a build in progress
-FORMAT = 8  # 6: 0/1 PIL masks read as 0/1; 7: history images filled by their own turn's
+FORMAT = 9  # 6: 0/1 PIL masks read as 0/1; 7: history images filled by their own turn's
 # task (prepare_lcu); 8: the tokenizer digest leaves out padding and truncation, the module
-# digest transformers_version. Bump when what a shard holds, or the fingerprint means, changes
+# digest transformers_version; 9: the VAE digest covers only what encodes (no decoder, no
+# scaling factor). Bump when what a shard holds, or the fingerprint means, changes
 CHUNK = 32  # LCUs per encoder call while building
 
 
@@ -86,8 +90,21 @@ class EncodedLCU:
 # ---------------------------------------------------------------------------
 
 
-def _module_digest(module: torch.nn.Module) -> str:
-    """sha256 of a module's config and of (name, shape, dtype, sum, sum of |x|) per tensor.
+VAE_DECODING = frozenset(
+    {"out_channels", "up_block_types", "use_post_quant_conv", "scaling_factor", "shift_factor",
+     "latents_mean", "latents_std", "force_upcast"}
+)  # fmt: skip
+"""VAE config keys that do not change the posteriors a cache stores (they are unscaled)."""
+VAE_ENCODING = ("encoder.", "quant_conv.")
+"""The VAE weights that make the posteriors: a decoder fine-tuned alone keeps the cache."""
+
+
+def _module_digest(
+    module: torch.nn.Module, only: tuple[str, ...] = (), drop: frozenset = frozenset()
+) -> str:
+    """sha256 of a module's config and of (name, shape, dtype, sum, sum of |x|) per tensor;
+    with ``only``, of the tensors whose names start with one of those prefixes, and without
+    the config keys in ``drop``.
 
     Config keys that start with "_", and ``transformers_version``, are left out: they say
     where the weights were loaded from and by which library version (``_name_or_path``,
@@ -102,11 +119,13 @@ def _module_digest(module: torch.nn.Module) -> str:
         as_dict = {
             k: v
             for k, v in as_dict.items()
-            if not str(k).startswith("_") and k != "transformers_version"
+            if not str(k).startswith("_") and k != "transformers_version" and k not in drop
         }
         h.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, t in module.state_dict().items():
+            if only and not name.startswith(only):
+                continue
             x = t.detach().double()
             h.update(f"{name}{tuple(t.shape)}{t.dtype}{x.sum().item():.10e}".encode())
             h.update(f"{x.abs().sum().item():.10e}".encode())
@@ -148,9 +167,12 @@ def _manifest_digest(dataset) -> str:
             paths += [*turn.get("images", []), *(turn.get("masks") or [])]
         for rel in paths:
             if rel is not None:
-                file = dataset.root / rel
-                st = file.stat() if file.is_file() else None
-                size, mtime = (st.st_size, st.st_mtime_ns) if st else (-1, -1)
+                try:  # missing, or a name the file system refuses: the sample skips later
+                    st = (dataset.root / rel).stat()
+                    regular = stat.S_ISREG(st.st_mode)
+                    size, mtime = (st.st_size, st.st_mtime_ns) if regular else (-1, -1)
+                except OSError:
+                    size, mtime = -1, -1
                 h.update(f"{rel}:{size}:{mtime};".encode())
     return h.hexdigest()[:16]
 
@@ -164,8 +186,7 @@ def cache_fingerprint(dataset, conditioner, max_seq_len: int) -> dict[str, Any]:
         "num_samples": len(dataset),
         "tokenizer": tokenizer_digest(conditioner.tokenizer),
         "text_encoder": _module_digest(conditioner.text_encoder),
-        "vae": _module_digest(conditioner.vae),
-        "scaling_factor": float(conditioner.vae.config.scaling_factor),
+        "vae": _module_digest(conditioner.vae, VAE_ENCODING, VAE_DECODING),
         "max_seq_len": int(max_seq_len),
         "max_length": int(conditioner.max_length),
     }
@@ -203,7 +224,7 @@ def build_shards(
     todo = [
         s
         for s in range(num_shards(len(dataset), shard_size))
-        if s % world_size == rank and not shard_path(root, s).is_file()
+        if s % world_size == rank and not _usable_shard(shard_path(root, s))
     ]
     empty = conditioner.encode_text([""])[0].float().cpu().contiguous()  # (L0, E)
     skipped = 0
@@ -233,11 +254,37 @@ def build_shards(
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             save_file(tensors, tmp, metadata={"samples": json.dumps(samples)})
-            os.replace(tmp, path)
+            fsync_tree(tmp)  # on disk before its name says it is done: a resumed build
+            os.replace(tmp, path)  # takes a shard that is there for complete
+            fsync_dir(root)
         finally:
             tmp.unlink(missing_ok=True)
     bar.close()
     return skipped
+
+
+def read_shard_samples(path: Path) -> dict:
+    """The sample table in a shard's header; ValueError naming the shard if it cannot be
+    read (a damaged file, or one cut short)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["samples"])
+    except Exception as e:  # safetensors' own error types, OSError, KeyError, JSON errors
+        raise ValueError(f"{path.name} is unreadable ({type(e).__name__}: {e})") from e
+
+
+def _usable_shard(path: Path) -> bool:
+    """Whether a resumed build can keep the shard at ``path``; a damaged one is deleted
+    (warned) and built again."""
+    if not path.is_file():
+        return False
+    try:
+        read_shard_samples(path)
+    except ValueError as e:
+        warnings.warn(f"embedding cache {path.parent}: {e}; building it again", stacklevel=3)
+        path.unlink()
+        return False
+    return True
 
 
 def _encode_chunk(chunk, conditioner, tensors: dict, samples: dict) -> None:
@@ -282,26 +329,34 @@ def build_cache(
     rank = 0 if accelerator is None else accelerator.process_index
     world = 1 if accelerator is None else accelerator.num_processes
     is_main = rank == 0
-    if is_main:  # shards are reused only by a build of the same fingerprint and shard size
-        _start_build(root, fingerprint, shard_size)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    skipped = build_shards(
-        dataset, conditioner, root, max_seq_len, shard_size, rank, world, progress and is_main
-    )
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    if is_main:
-        info = {
-            "fingerprint": fingerprint,
-            "shard_size": shard_size,
-            "num_shards": num_shards(len(dataset), shard_size),
-            "skipped_by_rank0": skipped,
-        }
-        _write_json(root / CACHE_FILE, info)
-        (root / BUILDING_FILE).unlink(missing_ok=True)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+
+    def barrier():
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    # one build at a time per directory: another run's build (a sweep sharing data.cache)
+    # would delete this one's shards in progress, or mix its own into them
+    with run_lock(root, "data.cache") if is_main else contextlib.nullcontext():
+        built = (root / CACHE_FILE).is_file()  # by the run that held the lock before
+        if is_main and not built:  # shards are reused only by a build of the same
+            _start_build(root, fingerprint, shard_size)  # fingerprint and shard size
+        barrier()
+        if not built:
+            skipped = build_shards(
+                dataset, conditioner, root, max_seq_len, shard_size, rank, world,
+                progress and is_main,
+            )  # fmt: skip
+        barrier()
+        if is_main and not built:
+            info = {
+                "fingerprint": fingerprint,
+                "shard_size": shard_size,
+                "num_shards": num_shards(len(dataset), shard_size),
+                "skipped_by_rank0": skipped,
+            }
+            _write_json(root / CACHE_FILE, info)
+            (root / BUILDING_FILE).unlink(missing_ok=True)
+        barrier()
     return EmbeddingCache(root, fingerprint)
 
 
@@ -372,11 +427,16 @@ class EmbeddingCache:
                 f"embedding cache {self.root} was built for a different {', '.join(changed)}; "
                 "delete it, or point data.cache at a new directory"
             )
-        for s in range(num_shards):
-            if not shard_path(self.root, s).is_file():
+        for s in range(num_shards):  # every header read now, not a damaged one mid-run
+            path = shard_path(self.root, s)
+            if not path.is_file():
+                raise ValueError(f"embedding cache {self.root}: {path.name} is missing")
+            try:
+                read_shard_samples(path)
+            except ValueError as e:
                 raise ValueError(
-                    f"embedding cache {self.root}: {shard_path(self.root, s).name} is missing"
-                )
+                    f"embedding cache {self.root}: {e}; delete the directory to rebuild it"
+                ) from e
         self._open: dict[int, tuple[Any, dict]] = {}
 
     def __len__(self) -> int:

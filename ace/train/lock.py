@@ -28,12 +28,12 @@ except ImportError:  # Windows
 LOCK_NAME = ".lock"
 
 
-def _busy(out: Path, fd: int) -> ValueError:
+def _busy(out: Path, fd: int, what: str = "train.output_dir") -> ValueError:
     """The refusal, naming the pid the holder wrote into the lock file ``fd``."""
     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
     return ValueError(
-        f"train.output_dir {out} is in use by another run (pid {holder}); wait for it to "
-        "finish, or give another train.output_dir"
+        f"{what} {out} is in use by another run (pid {holder}); wait for it to "
+        f"finish, or give another {what}"
     )
 
 
@@ -57,10 +57,11 @@ def check_free(out: Path) -> None:
 
 
 @contextmanager
-def run_lock(out: Path) -> Iterator[None]:
+def run_lock(out: Path, what: str = "train.output_dir") -> Iterator[None]:
     """Hold ``out/.lock`` (``out`` is created); ValueError at once if another process, or
-    another ``run_lock`` of this one, holds it. The file keeps the holder's pid, for the
-    message."""
+    another ``run_lock`` of this one, holds it, naming ``out`` as the setting ``what``. The
+    file keeps the holder's pid, for the message. (An embedding cache's build holds one
+    too: ``data.cache``.)"""
     if fcntl is None:
         yield
         return
@@ -70,7 +71,7 @@ def run_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _busy(out, fd) from None
+            raise _busy(out, fd, what) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
