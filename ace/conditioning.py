@@ -141,7 +141,9 @@ def preprocess_image(image: ImageLike, max_seq_len: int) -> torch.Tensor:
         top, left, ch, cw = _crop_box(int(image.shape[1]), int(image.shape[2]))
         size = target_size(ch, cw, max_seq_len)
         _check_unit_range(image, "image tensor")
-        x = image[:, top : top + ch, left : left + cw].float()
+        # on the CPU, as a PIL image's is: its mask is made there, and the VAE stacks it
+        # with the LCU's other images
+        x = image[:, top : top + ch, left : left + cw].detach().cpu().float()
         if size != (ch, cw):
             x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True)[0].clamp(0, 1)
     else:
@@ -285,6 +287,15 @@ class ConditionTokenizer:
     ) -> None:
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length: expected a positive int, got {max_length!r}")
+        config = vae.config
+        shift = config.get("shift_factor") if hasattr(config, "get") else None
+        stats = [k for k in ("latents_mean", "latents_std") if getattr(config, k, None) is not None]  # fmt: skip
+        if shift not in (None, 0, 0.0) or stats:
+            raise ValueError(
+                f"the VAE's config sets {'shift_factor' if shift else ', '.join(stats)}: ACE's "
+                "latents are scaling_factor * z, as the released SD VAE's (no shift or "
+                "per-channel statistics); this VAE's latents would be read wrongly"
+            )
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
@@ -397,7 +408,8 @@ class ConditionTokenizer:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) -> images (B, 3, 8h, 8w), nominally [-1, 1], not clamped."""
+        """Scaled latents (B, C, h, w) -> images (B, 3, f*h, f*w) (f = ``vae_factor``),
+        nominally [-1, 1], not clamped."""
         c = self.vae.config.latent_channels
         if not _is_tensor(latents, 4):
             raise _expected("latents", "a float tensor (B, C, h, w)", latents)

@@ -285,7 +285,7 @@ class LCU:
                 f"task: the LCU's task is {self.task!r} but its current turn's is "
                 f"{self.current.task!r}; give one (the current turn's tag is the LCU's task)"
             )
-        self.history = _as_list(self.history, "history")
+        self.history = [] if self.history is None else _as_list(self.history, "history")
         for i, cu in enumerate(self.history):
             if not isinstance(cu, ConditionUnit):
                 raise ValueError(f"history[{i}]: expected a ConditionUnit, got {_describe(cu)}")

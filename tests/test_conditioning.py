@@ -428,6 +428,25 @@ def test_value_errors(ct):
         convert_ldm_vae({"foo": torch.zeros(1)}, TINY_VAE)
 
 
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"shift_factor": 0.1159}, "shift_factor"),
+        ({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}, "latents_mean, latents_std"),
+    ],
+)
+def test_a_vae_with_a_latent_shift_is_refused(ct, config, named):
+    """ACE's latents are scaling_factor * z: a VAE whose config shifts or standardises its
+    latents (Flux's, SD3's) would be read wrongly, so it is refused, naming the setting."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(ct.vae.config, **config)
+    with pytest.raises(ValueError, match=rf"the VAE's config sets {named}: ACE's latents are"):
+        ConditionTokenizer(ct.tokenizer, ct.text_encoder, vae)
+    unshifted = AutoencoderKL.from_config(ct.vae.config, shift_factor=0.0)
+    ConditionTokenizer(ct.tokenizer, ct.text_encoder, unshifted)  # 0: no shift
+
+
 def test_valid_rows_of_prefix_and_scattered_masks():
     """encode_text keeps the rows where the attention mask is 1, as h[mask.bool()] would."""
     from ace.conditioning import _valid_rows

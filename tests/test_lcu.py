@@ -105,6 +105,7 @@ def test_renaming_multi_image_current_turn_with_history():
 def test_no_history_keeps_names():
     cu = ConditionUnit("swap {image1} and {image}", [rgb(), rgb()])
     assert LCU(cu).instructions() == ["swap {image1} and {image}"]
+    assert LCU(cu, history=None).history == []  # None is no history, as images=None is none
 
 
 # ---------------------------------------------------------------------------

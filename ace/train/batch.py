@@ -70,8 +70,8 @@ def encode_batch(
     device: torch.device,
     dtype: torch.dtype,
 ) -> TrainBatch:
-    """Preprocess, encode (T5 once for every instruction of the batch, the VAE once per
-    image size) and pack a list of LCUs that each carry a target; or pack a list of
+    """Preprocess, encode (T5 once for every instruction of the batch, the VAE in calls
+    shared by equal-size images) and pack a list of LCUs that each carry a target; or pack a list of
     ``EncodedLCU`` read from an embedding cache (``ace.train.cache``), which skips both
     encoders. With the same generator the two give the same batch (up to float rounding
     of batched encoder calls): the same dropout draws, then the same posterior noise."""

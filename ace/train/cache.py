@@ -288,7 +288,8 @@ def _usable_shard(path: Path) -> bool:
 
 
 def _encode_chunk(chunk, conditioner, tensors: dict, samples: dict) -> None:
-    """Encode the prepared LCUs of a chunk: one T5 call, one VAE call per image size."""
+    """Encode the prepared LCUs of a chunk: one T5 call, VAE calls shared by
+    equal-size images (``encode_posteriors``)."""
     prompts = [t for _, item in chunk for t in item.turns]
     states = iter(conditioner.encode_text(prompts))
     posteriors = iter(conditioner.encode_posteriors([f for _, item in chunk for f in item.frames]))
