@@ -79,6 +79,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def open_pipeline(path: str, flag: str = "--pipeline", **kwargs):
+    """``ACEPipeline.from_pretrained(path, **kwargs)``; a missing or broken component (a
+    model_index.json without ``_class_name``, a missing weight file) is a UserError naming
+    the directory, not diffusers' traceback."""
+    from ace.pipeline import ACEPipeline
+
+    try:
+        return ACEPipeline.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{flag} {path}: cannot load it ({type(e).__name__}: {first})") from e
+
+
 class OneLineParser(argparse.ArgumentParser):
     """``ArgumentParser`` whose errors are one line, ``PROG: error: ...``, exit code 2
     (not the usage block followed by the error)."""

@@ -20,7 +20,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, pick_device, text_table
+from ace.cli import (
+    HelpFormatter,
+    OneLineParser,
+    UserError,
+    check_out,
+    open_pipeline,
+    pick_device,
+    text_table,
+)
 
 SUITES = ("toy",)
 PROG = "evaluate.py"
@@ -58,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--mix",
         choices=["balanced", "train"],
         default="balanced",
-        help="task families: equally often (default), or in the training mix",
+        help="task families: equally often (default), or in the toy world's default mix",
     )
     p.add_argument(
         "--batch-size",
@@ -98,8 +106,9 @@ def check(args: argparse.Namespace) -> list[str] | None:
         check_guidance(args.guidance, args.rescale)
     except ValueError as e:
         raise UserError(f"--guidance / --rescale: {e}") from e
-    if Path(args.out).suffix.lower() != ".json":  # the sheet goes beside it, as .png
-        raise UserError(f"--out must end with .json, got {args.out}")
+    name = Path(args.out).name
+    if not name.lower().endswith(".json") or len(name) <= len(".json"):  # sheet: beside, .png
+        raise UserError(f"--out must be a file name ending in .json, got {args.out}")
     check_out(Path(args.out), "--out", ".png")
     if args.pipeline != "tiny" and not (Path(args.pipeline) / "model_index.json").is_file():
         raise UserError(
@@ -116,13 +125,10 @@ def run(args: argparse.Namespace):
 
     from ace.eval import evaluate
     from ace.eval.harness import scoring_size
-    from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
     device = pick_device(args.device)
-    pipe = (
-        tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
-    )
+    pipe = tiny_pipeline() if args.pipeline == "tiny" else open_pipeline(args.pipeline)
     try:
         size = scoring_size(pipe, args.size)
     except ValueError as e:
@@ -166,8 +172,9 @@ def main(argv=None) -> int:
         return 2
     from ace.eval import contact_sheet
 
+    # the sheet first: the report names a finished run, so it lands last, beside its sheet
+    sheet = contact_sheet(report.rows, Path(args.out).with_suffix(".png"), labels=report.labels)
     out = report.save(args.out)
-    sheet = contact_sheet(report.rows, out.with_suffix(".png"), labels=report.labels)
     print(table(report))
     if any(m.get("keep_is_whole") for m in report.tasks.values()):
         print("* keep over the whole image: some samples of the task change everything")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ace.atomic import atomic_write
-from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, pick_device
+from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, open_pipeline, pick_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -322,15 +322,11 @@ def token_budget(pipeline: str) -> int:
 
 def load_pipeline(args: argparse.Namespace, device):
     from ace.device import DTYPES
-    from ace.pipeline import ACEPipeline
 
     if args.offload and device.type == "cpu":
         raise UserError("--offload moves components to an accelerator as they run; there is none")
     name = args.dtype if args.dtype != "auto" else auto_dtype(device)
-    try:
-        pipe = ACEPipeline.from_pretrained(args.pipeline, dtype=DTYPES[name])
-    except (OSError, ValueError) as e:  # a missing or broken component
-        raise UserError(f"--pipeline {args.pipeline}: {str(e).splitlines()[0]}") from e
+    pipe = open_pipeline(args.pipeline, dtype=DTYPES[name])
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

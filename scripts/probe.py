@@ -27,7 +27,15 @@ import json
 import sys
 from pathlib import Path
 
-from ace.cli import HelpFormatter, OneLineParser, UserError, check_out, pick_device, text_table
+from ace.cli import (
+    HelpFormatter,
+    OneLineParser,
+    UserError,
+    check_out,
+    open_pipeline,
+    pick_device,
+    text_table,
+)
 
 PROG = "probe.py"
 
@@ -121,15 +129,12 @@ def run(args: argparse.Namespace):
 
     from ace.eval.harness import mean_targets, scoring_size
     from ace.eval.probe import probe
-    from ace.pipeline import ACEPipeline
     from ace.testing import tiny_pipeline
 
     device = pick_device(args.device)
     if args.data is not None:
         items = lcus(args, size=0)  # a manifest keeps its sizes; read before the load
-    pipe = (
-        tiny_pipeline() if args.pipeline == "tiny" else ACEPipeline.from_pretrained(args.pipeline)
-    )
+    pipe = tiny_pipeline() if args.pipeline == "tiny" else open_pipeline(args.pipeline)
     means = None
     if args.data is None:  # toy LCUs, with the evaluation's mean baseline (256 training targets)
         try:

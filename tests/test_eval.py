@@ -3,6 +3,7 @@ contact sheet, and scripts/evaluate.py end to end on the tiny pipeline and the t
 
 import json
 import math
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from ace.lcu import LCU, ConditionUnit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "evaluate.py"
-HAVE_TOY = (ROOT / "ace" / "data" / "toy.py").is_file()
 
 # ---------------------------------------------------------------------------------- psnr
 
@@ -214,7 +214,6 @@ def test_baselines_on_constructed_cases(fake_toy):
             assert math.isnan(report.overall[k])
 
 
-@pytest.mark.skipif(not HAVE_TOY, reason="ace/data/toy.py is not there yet")
 def test_vae_ceiling_is_the_target_through_the_pipelines_vae():
     import torch
 
@@ -237,7 +236,6 @@ def test_vae_ceiling_is_the_target_through_the_pipelines_vae():
     assert report.tasks["recolor"]["vae_change"] < PSNR_CAP  # a random VAE is no identity
 
 
-@pytest.mark.skipif(not HAVE_TOY, reason="ace/data/toy.py is not there yet")
 def test_batched_sampling_scores_what_one_call_per_sample_scores():
     """batch_size > 1 runs ACEPipeline.generate, sample i still with seed + i: the same
     outputs as one call each, up to float rounding, in the same order."""
@@ -308,7 +306,6 @@ def test_contact_sheet_rows_and_padding(fake_toy, tmp_path):
         contact_sheet([], tmp_path / "none.png")
 
 
-@pytest.mark.skipif(not HAVE_TOY, reason="ace/data/toy.py is not there yet")
 def test_bad_size_is_refused_before_any_sample():
     pipe = EchoPipe()
     for size in (16, 20):
@@ -425,8 +422,6 @@ def test_the_default_size_is_the_one_the_pipelines_vae_records(tmp_path, capsys,
     ],
 )
 def test_script_bad_input(args, match, tmp_path, capsys, monkeypatch):
-    if not HAVE_TOY and "--tasks" in args:
-        pytest.skip("ace/data/toy.py is not there yet")
     monkeypatch.chdir(tmp_path)
     code, out, err = script([*args, "--out", "tmp/report.json"], capsys)
     assert code == 2 and out == ""
@@ -434,7 +429,30 @@ def test_script_bad_input(args, match, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-@pytest.mark.skipif(not HAVE_TOY, reason="ace/data/toy.py is not there yet")
+def test_script_names_a_broken_pipeline_and_a_bare_json_name(tmp_path, capsys, monkeypatch):
+    """A pipeline directory whose model_index.json diffusers cannot use is one line naming
+    it, not a KeyError traceback; --out .json (no name before the suffix) says what it
+    wants. Nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    for args, match in [
+        (["--pipeline", "pipe", "--out", "tmp/r.json"], r"--pipeline pipe: cannot load it \(KeyError"),
+        (["--pipeline", "tiny", "--out", "tmp/.json"], "--out must be a file name ending in .json, got tmp/.json"),
+    ]:  # fmt: skip
+        code, _, err = script([*args, "--suite", "toy", "--n", "1", "--steps", "1"], capsys)
+        assert code == 2 and err.count("\n") == 1 and re.search(match, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_tasks_named_twice_are_scored_once_and_max_rows_is_checked():
+    from ace.eval.harness import check_tasks
+
+    assert check_tasks("recolor, recolor,grayscale,recolor") == ["recolor", "grayscale"]
+    with pytest.raises(ValueError, match=r"max_rows must be an int >= 1 \(contact sheet rows\), got 0"):  # fmt: skip
+        evaluate(None, n=1, max_rows=0)
+
+
 def test_script_end_to_end_on_tiny(tmp_path, capsys, monkeypatch):
     from ace.data.toy import sample_stream
 

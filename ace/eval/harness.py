@@ -9,8 +9,8 @@
 
 Each sample of ``sample_stream(n, seed, split="eval", balanced=True)`` (seeds disjoint from
 every training split; sample i of family ``tasks[i % len(tasks)]``, so that each family
-is scored on n // len(tasks) samples or one more, where the training mix would leave the
-rare ones with one or two; ``balanced=False`` draws the training mix) runs through the
+is scored on n // len(tasks) samples or one more, where the toy world's default mix would
+leave the rare ones with one or two; ``balanced=False`` draws that mix) runs through the
 pipeline on its LCU's current turn with its history. Against the exact target, per sample:
 
 - ``*_change``: PSNR over ``change_mask``, the pixels that should change;
@@ -143,7 +143,7 @@ def check_tasks(tasks: str | Iterable[str] | None) -> list[str] | None:
     from ace.data.toy import TASKS
 
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    names = [t for t in names if t]
+    names = list(dict.fromkeys(t for t in names if t))  # each once, in order
     if not names:
         raise ValueError("tasks: expected at least one task name")
     known = list(TASKS)
@@ -184,6 +184,8 @@ def evaluate(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be an int >= 1 (contact sheet rows), got {max_rows!r}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     check_size(size)  # a multiple of 16, at least 32

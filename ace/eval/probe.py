@@ -17,9 +17,11 @@ one network call per LCU and noise level, on LCUs that carry their target:
   head that copies the input gives close to 1.
 - ``x0_psnr@L``: PSNR (dB, whole image) of that implied clean target, decoded by the VAE,
   against the target's pixels: the model's best single guess, which a sampler's draw
-  only matches where the model is sure. ``mean_psnr`` is the same for the mean of the
-  task family's OTHER targets in the probe (leave one out; NaN for a family probed once),
-  the baseline ``ace.eval.harness`` scores text-to-image and analysis tasks against, and
+  only matches where the model is sure. ``mean_psnr`` is the same for the mean target
+  the caller gives per family (``scripts/probe.py`` on toy data: the mean of 256 training
+  targets, the baseline ``ace.eval.harness`` scores text-to-image and analysis tasks
+  against; otherwise the mean of the family's OTHER probed targets, NaN for a family
+  probed once), and
   ``vae_psnr`` for the target through the VAE, the ceiling. A family whose ``x0_psnr``
   at high noise stays under ``mean_psnr`` has not learned what its instruction and
   inputs say the image is; one above it that still loses when sampled is hurt by the
