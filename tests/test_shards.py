@@ -387,7 +387,8 @@ def test_sample_to_lcu_reads_what_the_manifest_reads(tmp_path):
     lcus = [s.lcu for s in sample_stream(6, seed=1)]
     write_manifest(lcus, tmp_path / "ds", progress=False)
     (path,) = write_shards(tmp_path / "ds", tmp_path / "out", progress=False)
-    samples = wds.tarfile_samples(iter([{"url": str(path)}]))
+    samples = list(wds.tarfile_samples(iter([{"url": str(path)}])))
+    assert len(samples) == 6
     for i, sample in enumerate(samples):
         assert_same_lcu(LCUManifest(tmp_path / "ds")[i], sample_to_lcu(sample))
 

@@ -97,6 +97,17 @@ def test_resume_is_exact(data, tmp_path):
     ].size == (64, 64)
 
 
+def test_the_seed_decides_the_run(data, tmp_path):
+    """The same seed repeats a run bitwise (what exact resume rests on); another seed draws
+    other batches, noise and timesteps, so other losses from the first step."""
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        Trainer(load_config(CONFIG, args(data, tmp_path / name, 2, f"train.seed={seed}"))).train()
+        runs[name] = losses(tmp_path / name)
+    assert runs["a"] == runs["b"]
+    assert all(x != y for x, y in zip(runs["a"], runs["c"])), runs
+
+
 def test_a_resume_runs_the_adamw_of_its_own_config(data, tmp_path):
     """load_state restores the checkpoint's param-group settings, optim.fused's among them:
     a run resumed with another optim.fused ran the checkpoint's AdamW; it now runs its own,

@@ -184,17 +184,23 @@ def test_bf16_autocast_forward_and_backward_run_and_follow_fp32(backend):
 
 
 def test_gradient_checkpointing_gives_same_gradients():
+    """The same gradients, and checkpointing really on: each block runs twice per step
+    (forward, then again in backward), not once."""
     _, ours = make_pair()
     ours.train()
     frames, masks, texts = batch(*CASES["two_frames_masked"])
     t, ind = torch.tensor([400.0]), torch.randn(10, 24)
-    grads = []
+    grads, runs = [], []
+    # a pre-hook: the recompute stops once it has what backward needs, before post-hooks
+    ours.blocks[0].register_forward_pre_hook(lambda *_: runs.append(1))
     for ckpt in (False, True):
         ours.zero_grad()
         if ckpt:
             ours.enable_gradient_checkpointing()
+        runs.clear()
         out = ours.predict(frames, masks, texts, t, ind)
         sum(o.square().sum() for o in out).backward()
+        assert len(runs) == (2 if ckpt else 1)
         grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
