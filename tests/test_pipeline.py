@@ -1,6 +1,8 @@
 """ACEPipeline on the tiny random pipeline: behaviour, errors, save/load, chat, and one
 denoising run checked against an obvious loop written here from ACE_REFERENCE."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -552,6 +554,35 @@ def test_pipeline_equals_an_obvious_denoising_loop(pipe, steps, scale, monkeypat
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_output_types_are_the_decoded_latent_by_hand(pipe):
+    """The same sample three ways: "np" is clamp((VAE(z) + 1) / 2 + 0.5/255, 0, 1) of the
+    "latent" output z, and "pil" that times 255, truncated to uint8 (the released rule)."""
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    kw = dict(height=32, width=32, num_inference_steps=2, latents=noise)
+    z = pipe("a red circle", output_type="latent", **kw).images
+    arr = pipe("a red circle", output_type="np", **kw).images
+    pil = pipe("a red circle", output_type="pil", **kw).images
+    with torch.no_grad():
+        pixels = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample[0]  # (3, H, W)
+    by_hand = ((pixels.permute(1, 2, 0) + 1) / 2 + 0.5 / 255).clamp(0, 1).numpy()
+    np.testing.assert_allclose(arr[0], by_hand, rtol=0, atol=1e-6)
+    assert np.array_equal(np.asarray(pil[0]), (arr[0] * 255).astype(np.uint8))
+
+
+def test_a_bf16_transformer_samples_what_the_fp32_one_does(pipe):
+    """Weights in bf16 (the released inference dtype): the same sampled latent as fp32 to
+    bf16's precision, not merely an image of the right size."""
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    kw = dict(height=32, width=32, num_inference_steps=4, latents=noise, output_type="latent")
+    fp32 = pipe("make it blue", **kw).images
+    half = copy.deepcopy(pipe)
+    half.transformer.to(torch.bfloat16)
+    bf16 = half("make it blue", **kw).images
+    assert bf16.dtype == torch.float32  # the sampler's latents stay float32
+    rel = ((bf16 - fp32).norm() / fp32.norm()).item()
+    assert 0 < rel < 2e-2, rel
 
 
 def test_a_swapped_scheduler_scales_the_noise_of_its_own_schedule(monkeypatch):
