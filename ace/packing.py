@@ -58,6 +58,23 @@ class PackedBatch:
         """(B, ...) per-sample values -> (T, ...) one row per image token."""
         return self._expand(v, self.token_sample, self.self_attn.q_lens, "token")
 
+    def by_sample(self, x: Tensor) -> Tensor:
+        """(T, ...) token rows -> (B, n, ...) (a view) when every sample has n tokens, else
+        ``x`` itself: what ``per_sample_rows`` values broadcast against."""
+        lens = self.self_attn.q_lens
+        if len(set(lens)) == 1:
+            return x.unflatten(0, (len(lens), lens[0]))
+        return x
+
+    def per_sample_rows(self, v: Tensor) -> Tensor:
+        """(B, ...) per-sample values -> (B, 1, ...) when every sample has the same number of
+        tokens (they broadcast over ``by_sample``'s (B, n, ...), and nothing of size T is
+        made: in training, T rows of each modulation would be kept for backward), else
+        ``per_token``'s (T, ...)."""
+        if len(set(self.self_attn.q_lens)) == 1:
+            return v[:, None]
+        return self.per_token(v)
+
     def per_target(self, v: Tensor) -> Tensor:
         """(B, ...) per-sample values -> (T0, ...) one row per target token."""
         lens = [

@@ -132,6 +132,29 @@ def peak_memory_gib(fn, device, model: torch.nn.Module | None = None) -> float |
     return (peak - before + own) / 2**30
 
 
+def saved_for_backward_mib(fn, model: torch.nn.Module | None = None) -> float:
+    """MiB of the tensors autograd keeps for backward after ``fn()`` (a forward with grad):
+    each storage once, less ``model``'s own parameters and buffers (which are there
+    anyway). The activation memory of a training step, on any device (on a GPU the peak
+    adds the gradients, the optimizer state and the kernels' scratch)."""
+    storages: dict[tuple, int] = {}
+    own = set()
+    if model is not None:
+        own = {(t.device.type, t.untyped_storage().data_ptr()) for t in model.state_dict().values()}  # fmt: skip
+
+    def pack(t):
+        s = t.untyped_storage()
+        key = (s.device.type, s.data_ptr())
+        if key not in own:
+            storages[key] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values()) / 2**20
+
+
 def matmul_peak_tflops(device, dtype) -> tuple[float, str]:
     """Measured matmul rate: 8192^3 bf16 on CUDA, 2048^3 in `dtype` elsewhere."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, dtype)
@@ -308,6 +331,16 @@ def bench_config(name: str, args, peak: float, peak_dtype: str) -> dict:
             row[f"{kind}_{impl}_ms"], row[f"{kind}_{impl}_peak_gib"] = ms, mem
             row[f"{kind}_{impl}_pct_peak"] = pct_of_peak(kind, ms)
         row[f"{kind}_speedup"] = speedup(kind, row[f"{kind}_ace_ms"])
+    for impl, model in (("ref", ref), ("ace", ours)):  # activation memory, any device
+        try:
+            row[f"fwd_bwd_{impl}_saved_mib"] = saved_for_backward_mib(
+                lambda m=model: call(m), model
+            )
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            row[f"fwd_bwd_{impl}_saved_mib"] = None
+            torch.cuda.empty_cache()
     if args.cuda_graph:  # the denoise step's forward as one recorded graph, before compiling
         try:
             row.update(time_cuda_graph(ours, tokens, text, t2, packed, ind, args, device))
@@ -494,7 +527,9 @@ def report_tables(report: dict) -> str:
         out.append(
             f"{r['config']} (rel err {r['rel_err']:.1e}, {r['params_m']}M params): training "
             f"throughput {num(r['train_tokens_per_s_ace'], '.0f')} image tokens/s "
-            f"(reference {num(r['train_tokens_per_s_ref'], '.0f')})"
+            f"(reference {num(r['train_tokens_per_s_ref'], '.0f')}); kept for backward "
+            f"{num(r['fwd_bwd_ace_saved_mib'], '.0f')} MiB "
+            f"(reference {num(r['fwd_bwd_ref_saved_mib'], '.0f')})"
         )
     if pipeline:
         out.append(

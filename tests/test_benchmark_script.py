@@ -38,6 +38,29 @@ def test_tiny_config_json(capsys):
         assert 0 < row[f"{kind}_ace_pct_peak"] < 100
         assert row[f"{kind}_ace_peak_gib"] is None  # memory is measured on CUDA only
     assert row["fwd_bwd_tflop"] == pytest.approx(3 * row["forward_tflop"])
+    assert row["fwd_bwd_ace_saved_mib"] > 0 and row["fwd_bwd_ref_saved_mib"] > 0
+
+
+def test_saved_for_backward_counts_each_storage_once():
+    """By hand: x * w with only x needing a gradient keeps w (1 MiB), however many times,
+    and a view of it is the same storage; x * x keeps x once."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import benchmark
+    finally:
+        sys.path.pop(0)
+    x = torch.randn(1024, 256, requires_grad=True)  # 1 MiB each
+    w = torch.randn(1024, 256)
+    assert benchmark.saved_for_backward_mib(lambda: (x * w).sum()) == 1.0
+    assert benchmark.saved_for_backward_mib(lambda: (x * w + x * w[:, :1]).sum()) == 1.0
+    assert benchmark.saved_for_backward_mib(lambda: (x * x).sum()) == 1.0
+    assert benchmark.saved_for_backward_mib(lambda: (x * w).exp().sum()) == 2.0  # + exp's out
+    # a model's own weights are there anyway: only the input a linear layer keeps counts
+    linear = torch.nn.Linear(256, 1024)  # 1 MiB of weight
+    assert benchmark.saved_for_backward_mib(lambda: linear(x).sum(), linear) == 1.0
+    assert benchmark.saved_for_backward_mib(lambda: linear(x).sum()) == 2.0
 
 
 def test_bad_arguments_are_reported(capsys):

@@ -164,14 +164,17 @@ class ACEBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, y: Tensor, t0: Tensor, packed, backend: str) -> Tensor:
-        # t0: (B, 6, d) per sample -> per token (T, d) each
-        mod = packed.per_token(self.scale_shift_table[None] + t0)  # (T, 6, d)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
-        h = layer_norm(x) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attn(h, packed.rope_cos, packed.rope_sin, packed.self_attn, backend)
+        # t0: (B, 6, d) per sample. Samples of equal length: tokens as (B, n, d) and the
+        # modulation (B, 1, d) broadcast over them; ragged: (T, d) both (packing.py)
+        mod = packed.per_sample_rows(self.scale_shift_table[None] + t0)  # (B, 1, 6, d) | (T, 6, d)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(-2)
+        rows = packed.by_sample  # (T, d) -> (B, n, d) | (T, d)
+        h = (layer_norm(rows(x)) * (1 + scale_msa) + shift_msa).reshape(x.shape)  # (T, d)
+        a = self.attn(h, packed.rope_cos, packed.rope_sin, packed.self_attn, backend)  # (T, d)
+        x = (rows(x) + gate_msa * rows(a)).reshape(x.shape)
         x = x + self.cross_attn(x, y, packed.cross_attn, backend)
-        h = layer_norm(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.mlp(h)
+        h = layer_norm(rows(x)) * (1 + scale_mlp) + shift_mlp
+        return (rows(x) + gate_mlp * self.mlp(h)).reshape(x.shape)  # (T, d)
 
 
 class FinalLayer(nn.Module):
