@@ -275,7 +275,8 @@ class ACEPipeline(DiffusionPipeline):
             latents: the initial noise of the target, (1, C, H/8, W/8), scaled latent space.
             output_type: "pil", "np" (float arrays in [0, 1]) or "latent".
             task: ``"inpainting"`` sets the masked pixels of the inputs to -1 first, as the
-                released inpainting requests do; otherwise masks only mark the region.
+                released inpainting requests do (an image whose mask is None is then a
+                reference, left whole); otherwise masks only mark the region.
         """
         # 1. check inputs
         check_inputs(

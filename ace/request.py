@@ -141,24 +141,33 @@ def prepare_lcu(lcu: LCU, max_seq_len: int, size: tuple[int, int] | None = None)
     cropped and resized with their image, binarised, all-zero or None = whole image. An
     image whose turn has an inpainting task (``INPAINTING_TASKS``; the current turn's is
     ``lcu.task``, a history turn's its ``ConditionUnit.task``) has its masked pixels set to
-    -1, an image without a mask wholly, as the released code does with its per-image task
-    list (history tasks first, then the request's). The target is
+    -1, as the released code does with its per-image task list (history tasks first, then
+    the request's). In a turn where some images have masks, an image without one is a
+    reference and is left as it is (the released chat tags only the masked image as
+    inpainting; here a turn has one task); in a turn with no masks at all every image is
+    blanked wholly, as released (requests refuse that: ``check_inpainting_masks``). The
+    target is
     ``size`` when given (a pipeline's height and width), else the size of the LCU's first
     image; its mask is that image's mask, resized to the target's size with nearest
     neighbours. Without images ``size`` is required and the mask is all ones.
     """
     images, masks = [], []
-    tasks = [cu.task for cu in lcu.history for _ in cu.images]  # each image's turn's task
-    tasks += [lcu.task] * len(lcu.current.images)
+    # per image: is it filled? its turn is an inpainting one, and it has a mask or no image
+    # of its turn has one
+    tasks = [(cu.task if cu is not lcu.current else lcu.task, cu) for cu in lcu.turns for _ in cu.images]  # fmt: skip
+    fills = [
+        task in INPAINTING_TASKS and (mask is not None or all(m is None for m in cu.masks))
+        for (task, cu), mask in zip(tasks, lcu.masks)
+    ]
     names = [f"history[{t}] images[{j}]" for t, cu in enumerate(lcu.history) for j in range(len(cu.images))]  # fmt: skip
     names += [f"images[{j}]" for j in range(len(lcu.current.images))]
-    for image, mask, task, name in zip(lcu.images, lcu.masks, tasks, names):
+    for image, mask, fill, name in zip(lcu.images, lcu.masks, fills, names):
         try:
             x = preprocess_image(image, max_seq_len)  # (3, H, W)
             m = preprocess_mask(mask, tuple(x.shape[1:]))  # (1, H, W); None -> ones
         except ValueError as e:  # which input: the LCU may hold nine
             raise ValueError(f"{name}: {e}") from e
-        if task in INPAINTING_TASKS:
+        if fill:
             x = fill_masked(x, m)
         images.append(x)
         masks.append(m)

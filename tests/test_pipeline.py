@@ -263,6 +263,21 @@ def test_inpainting_blanks_an_unmasked_current_image_wholly_as_released():
     assert torch.equal(plain.images[0], preprocess_image(cur, 256))  # no inpainting: whole
 
 
+def test_an_inpainting_turn_keeps_its_unmasked_images_as_references(pipe):
+    """ "Fill {image} with the object in {image1}": where some images of an inpainting turn
+    have masks, one without is a reference, left whole (the released chat tags only the
+    masked image as inpainting); it used to be blanked with no word said."""
+    cur, ref, mask = img(32, 32, 4), img(32, 32, 5), box_mask(32, 32)
+    lcu = LCU(ConditionUnit("fill {image} with {image1}", [cur, ref], [mask, None]), task="inpainting")  # fmt: skip
+    prepared = prepare_lcu(lcu, 256)
+    assert torch.equal(prepared.images[1], preprocess_image(ref, 256))  # the reference: whole
+    m = (torch.from_numpy(np.array(mask)) > 128)[None].expand(3, -1, -1)
+    filled = preprocess_image(cur, 256).masked_fill(m, -1.0)  # by hand: -1 under the mask
+    assert torch.equal(prepared.images[0], filled) and 0 < m.float().mean() < 1
+    out = pipe("fill {image} with {image1}", images=[cur, ref], masks=[mask, None], task="inpainting", num_inference_steps=1)  # fmt: skip
+    assert out.images[0].size == (32, 32)
+
+
 def test_history_images_are_filled_by_their_own_turns_task_as_released():
     """Released: task = history tasks + [request task], one per image. A history turn that
     was an inpainting request has its image blanked (wholly: no mask) whatever the current
