@@ -22,9 +22,15 @@ if TYPE_CHECKING:
 class ChatSession:
     """Multi-turn editing that keeps the history.
 
-    A turn without images edits the previous output, which it names ``{image}``. After
-    each turn its CU (instruction, input images, masks) joins the history, so later
-    instructions are read in the context of earlier turns, as the released chat does.
+    A turn without images edits the previous output, which it names ``{image}``; a turn
+    that passes its own ``images`` reads those alone (pass ``chat.outputs[-1]`` among them
+    to keep the previous output). After each turn its CU (instruction, input images, masks)
+    joins the history, so later instructions are read in the context of earlier turns, as
+    the released chat does. The model reads a history turn's instruction only beside its
+    images, so a turn without images (text-to-image) is left out of later LCUs, as the
+    released chat leaves it out of its history. The target's size and mask are those of the
+    first image of the combined list (history first), as released: after an inpainting
+    turn its region stays the target's mask until that turn leaves the history.
 
     An LCU holds at most ``MAX_INPUT_IMAGES`` (9) images over all its turns, so a turn
     reads the most recent history turns that fit beside its own images, and at most
@@ -81,12 +87,13 @@ class ChatSession:
         return self.pipe.build_lcu(instruction, images, masks, self._history(n_current), task)
 
     def _history(self, n_current: int) -> list[ConditionUnit]:
-        """The most recent history turns (at most ``max_history``) whose images fit an LCU
-        beside ``n_current`` images of the current turn."""
+        """The most recent history turns with images (at most ``max_history``) whose images
+        fit an LCU beside ``n_current`` images of the current turn."""
+        read = [cu for cu in self.history if cu.images]  # no image, no frame to read its text
         if self.max_history is None:
-            history = self.history
+            history = read
         else:  # the latest max_history turns ([-0:] would be all of them)
-            history = self.history[-self.max_history :] if self.max_history else []
+            history = read[-self.max_history :] if self.max_history else []
         while history and sum(len(cu.images) for cu in history) + n_current > MAX_INPUT_IMAGES:
             history = history[1:]
         return list(history)
@@ -98,6 +105,13 @@ class ChatSession:
             )
         if "history" in kwargs:
             raise ValueError("a chat session keeps its own history: use the pipeline for one")
+        known = set(inspect.signature(type(self.pipe).__call__).parameters) - {"self"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:  # a TypeError from the pipeline otherwise
+            raise ValueError(
+                f"unknown setting(s) {unknown} for a turn; the pipeline takes "
+                f"{sorted(known - {'history', 'images', 'masks', 'instruction'})}"
+            )
         lcu = self.lcu(instruction, images, masks, kwargs.get("task"))
         out = self.pipe(
             instruction,
@@ -106,8 +120,11 @@ class ChatSession:
             history=lcu.history,
             **{**self.defaults, **kwargs},
         )
-        self.history.append(replace(lcu.current, task=lcu.task))  # the turn's own task
-        # a copy: drawing on the returned image must not change the next turn's input
+        # the turn's own task, and copies: drawing on an image passed in, or on the one
+        # returned, must not change what later turns read
+        own = replace(lcu.current, images=[_copy(x) for x in lcu.current.images], task=lcu.task)
+        own.masks = [_copy(m) for m in own.masks]
+        self.history.append(own)
         self.outputs.append(out.images[0].copy())
         return out.images[0]
 
@@ -122,3 +139,10 @@ class ChatSession:
         """Forget every turn; the defaults stay."""
         self.history.clear()
         self.outputs.clear()
+
+
+def _copy(x):
+    """A PIL image's ``copy()``, a tensor's ``clone()``; None stays None."""
+    if x is None:
+        return None
+    return x.clone() if hasattr(x, "clone") else x.copy()

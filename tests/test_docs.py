@@ -29,7 +29,7 @@ def test_readme_python_examples_run_in_order(capsys):
             pytest.fail(f"README python block {i} failed: {e!r}\n{block}")
     out = capsys.readouterr().out
     assert "(64, 64) (64, 64) (64, 64)" in out
-    assert "['a red square', 'make {image} blue', 'add a circle to {image1}', 'and a star']" in out
+    assert "['make {image} blue', 'add a circle to {image1}', 'and a star']" in out
     assert "'put the hat in {image1} on the dog'" in out
     assert "[2, 0, 1]" in out
     assert "[(4, 8, 8), (4, 6, 6)]" in out

@@ -299,7 +299,41 @@ def test_chat_keeps_each_turns_task_for_the_next(pipe):
     chat("a red square")
     chat("fill {image}", masks=[box_mask(32, 32)], task="inpainting")
     lcu = chat.lcu("now make {image} blue")
-    assert [cu.task for cu in lcu.history] == ["", "inpainting"] and lcu.task == ""
+    assert [cu.task for cu in lcu.history] == ["inpainting"] and lcu.task == ""
+
+
+def test_chat_leaves_text_to_image_turns_out_of_the_history(pipe):
+    """A history turn's instruction is read only beside its images (frame_turns): a
+    text-to-image turn has none, so it is left out of later LCUs, as the released chat
+    leaves it out; max_history then counts the turns that are read."""
+    chat = pipe.chat(height=32, width=32, num_inference_steps=1, max_history=1)
+    chat("a red square")
+    assert chat.lcu("make {image} blue").history == []
+    chat("make {image} blue")
+    lcu = chat.lcu("and a star")
+    assert [cu.instruction for cu in lcu.history] == ["make {image} blue"]
+    assert lcu.images == [chat.outputs[0], chat.outputs[1]]
+    assert len(chat.history) == 2  # undo still forgets turn by turn
+    chat.undo()
+    assert chat.lcu("x").history == []
+
+
+def test_chat_keeps_copies_of_what_it_was_given(pipe):
+    """Drawing on an image (or zeroing a tensor) after passing it changes no later turn."""
+    chat = pipe.chat(height=32, width=32, num_inference_steps=1)
+    mine, tensor = img(32, 32, 3), torch.rand(3, 32, 32)
+    chat("put {image1} on {image}", images=[mine, tensor])
+    mine.paste((0, 255, 0), (0, 0, 32, 32))
+    tensor.zero_()
+    stored = chat.lcu("and a star").history[0].images
+    assert stored[0].getpixel((0, 0)) != (0, 255, 0) and stored[1].sum() > 0
+
+
+def test_chat_names_an_unknown_setting_of_a_turn(pipe):
+    chat = pipe.chat(height=32, width=32, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['steps'\] for a turn; the pipeline takes"):  # fmt: skip
+        chat("a red square", steps=2)
+    assert chat.history == [] and chat.outputs == []
 
 
 def test_negative_prompt_replaces_only_the_last_image_text_as_released(pipe):
@@ -421,15 +455,17 @@ def test_chat_builds_the_same_lcu_and_images_as_explicit_history(pipe):
     second = chat("make {image} blue", generator=torch.Generator().manual_seed(1))
     lcu3 = chat.lcu("add a circle to {image}")
     third = chat("add a circle to {image}", generator=torch.Generator().manual_seed(2))
-    # the explicit call: turn 1 was text-to-image, turn 2 edited the first output
-    history = [ConditionUnit("a red square"), ConditionUnit("make {image} blue", [first])]
+    # the explicit call: turn 2 edited the first output (turn 1, text-to-image, has no
+    # image for its text to go with: the chat leaves it out, and it would change nothing)
+    history = [ConditionUnit("make {image} blue", [first])]
     explicit = pipe.build_lcu("add a circle to {image}", [second], None, history)
     assert (
         lcu3.instructions()
         == explicit.instructions()
-        == ["a red square", "make {image} blue", "add a circle to {image1}"]
+        == ["make {image} blue", "add a circle to {image1}"]
     )
-    assert lcu3.frame_texts() == explicit.frame_texts()
+    with_t2i = pipe.build_lcu("add a circle to {image}", [second], None, [ConditionUnit("a red square"), *history])  # fmt: skip
+    assert lcu3.frame_texts() == explicit.frame_texts() == with_t2i.frame_texts()
     assert all(same(a, b) for a, b in zip(lcu3.images, explicit.images))
     again = pipe(
         "add a circle to {image}",
@@ -455,9 +491,9 @@ def test_chat_keeps_going_past_nine_images_with_the_turns_that_fit(pipe):
     assert same(lcu.images[-1], chat.outputs[-1])
     assert len(pipe.chat(max_history=2).lcu("x").history) == 0  # no turns yet
     roomy = pipe.chat(max_history=20)  # more than the turns so far: all of them that fit
-    roomy.history = chat.history[:3]
+    roomy.history = chat.history[:3]  # the text-to-image turn, then two edits
     assert [cu.instruction for cu in roomy.lcu("x").history] == [
-        cu.instruction for cu in chat.history[:3]
+        cu.instruction for cu in chat.history[1:3]
     ]
     short = pipe.chat(height=32, width=32, num_inference_steps=1, max_history=1)
     short("a red square")
