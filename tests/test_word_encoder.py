@@ -92,3 +92,16 @@ def test_words_needs_a_manifest():
     cfg = load_config(CONFIG, ["model.text_encoder=words", "data.manifest=''", "data.shards=x.tar"])
     with pytest.raises(ValueError, match=r"set data\.manifest"):
         Trainer(cfg)
+
+
+def test_a_vocabulary_past_thirty_thousand_words_keeps_them_all():
+    """The tokenizers trainer keeps 30,000 tokens unless told otherwise, and cut the image
+    names first ("{" sorts after letters): {image9} became <unk>. Every word and every
+    image name keeps its own id."""
+    from ace.lcu import INDICATOR_NAMES
+    from ace.train.word_encoder import fit_word_tokenizer
+
+    tok = fit_word_tokenizer([" ".join(f"w{i}" for i in range(35_000))])
+    assert len(tok) == 35_000 + len(INDICATOR_NAMES) + 3  # + <pad>, </s>, <unk>
+    ids = tok("w34999 w5 {image9}").input_ids
+    assert tok.unk_token_id not in ids and len(set(ids)) == 4

@@ -47,11 +47,18 @@ def fit_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(WORD, behavior="isolated")]
     )
-    trainer = WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=0)
+    # no cap (the trainer's default keeps 30,000 tokens, cutting image names first: "{"
+    # sorts after letters); for a vocabulary under the cap the ids are the same
+    trainer = WordLevelTrainer(
+        special_tokens=list(SPECIAL_TOKENS), min_frequency=0, vocab_size=2**31 - 1
+    )
     texts = list(texts)
     if not any(t.strip() for t in texts):  # every non-space character is a token
         raise ValueError("fit_word_tokenizer: the texts hold no words to build a vocabulary from")
     tok.train_from_iterator([*texts, " ".join(INDICATOR_NAMES)], trainer=trainer)
+    missing = [n for n in INDICATOR_NAMES if tok.token_to_id(n) is None]
+    if missing:  # cannot happen with no cap; the indicator table depends on it
+        raise ValueError(f"fit_word_tokenizer: image names {missing} missing from the vocabulary")
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
