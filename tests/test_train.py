@@ -653,6 +653,11 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
     state_file.write_text(json.dumps({**state, "tokenizer": "0123456789abcdef"}))
     with pytest.raises(ValueError, match="another tokenizer vocabulary"):
         Trainer(load_config(CONFIG, [*args(data, out, 6, "train.resume=latest")])).train()
+    # a VAE whose encoder or scaling factor changed (one deleted and trained again, say)
+    assert state["vae"].endswith(":0.18215")
+    state_file.write_text(json.dumps({**state, "vae": "0123456789abcdef:0.18215"}))
+    with pytest.raises(ValueError, match=r"trained on another VAE's latents than this run's model\.vae \(tiny"):  # fmt: skip
+        Trainer(load_config(CONFIG, [*args(data, out, 6, "train.resume=latest")])).train()
     state_file.write_text(json.dumps({**state, "world_size": 2}))  # the global batch differs
     with pytest.raises(ValueError, match="trained on 2 processes, this run has 1"):
         Trainer(load_config(CONFIG, [*args(data, out, 6, "train.resume=latest")])).train()

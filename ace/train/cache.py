@@ -132,6 +132,13 @@ def _module_digest(
     return h.hexdigest()[:16]
 
 
+def vae_digest(vae) -> str:
+    """What a VAE's latents mean to a DiT trained on them: the digest of what encodes
+    (``VAE_ENCODING``) and its scaling factor, which scales every latent."""
+    digest = _module_digest(vae, VAE_ENCODING, VAE_DECODING)
+    return f"{digest}:{float(vae.config.scaling_factor)!r}"
+
+
 def tokenizer_digest(tokenizer, legacy: bool = False) -> str:
     """sha256 of what a tokenizer maps text to: the definition of a fast tokenizer
     (normalizer, pre-tokenizer, vocabulary) less its padding and truncation, which

@@ -41,7 +41,7 @@ from ace.conditioning import ConditionTokenizer, resize_budget
 from ace.device import fused_adamw
 from ace.diffusion import make_objective
 from ace.train.batch import encode_batch, noisy_tokens
-from ace.train.cache import tokenizer_digest
+from ace.train.cache import tokenizer_digest, vae_digest
 from ace.train.config import Config, OptimConfig, to_dict
 from ace.train.data import build_dataset, costs_digest, make_batches, records_digest
 from ace.train.ema import load_ema_shard, local_part, save_ema_shard
@@ -772,6 +772,7 @@ class Trainer:
             self.write_config(tmp)  # the checkpoint's own: what a resume is checked against
             state = {"step": self.step, "nonfinite": self.nonfinite, "skipped": skipped}
             state["tokenizer"] = tokenizer_digest(self.conditioner.tokenizer)
+            state["vae"] = vae_digest(self.conditioner.vae)
             state["world_size"] = acc.num_processes
             state["data"] = self.data_digest  # the manifest's records (shards: None; the
             # stream refuses a resume on other shard names itself)
@@ -838,6 +839,14 @@ class Trainer:
                 f"train.resume: {path} was trained with another tokenizer vocabulary than this "
                 "run's (the same words can get other ids); resume with the code and data it "
                 "was trained with"
+            )
+        then = state.get("vae")  # checkpoints before this check hold none
+        if then is not None and then != vae_digest(self.conditioner.vae):
+            raise ValueError(
+                f"train.resume: {path} was trained on another VAE's latents than this run's "
+                f"model.vae ({self.cfg.model.vae}: its encoder weights or scaling factor "
+                "differ), so the model would go on in another latent space; resume with the "
+                "VAE it was trained with, or start a new train.output_dir"
             )
         world = state.get("world_size", self.accelerator.num_processes)
         if world != self.accelerator.num_processes:  # the global batch, hence the position
