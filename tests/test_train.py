@@ -1243,6 +1243,31 @@ def test_a_kept_toy_vae_trained_otherwise_is_warned(tmp_path):
         ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=4000"]), other)
         ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=0"]), main)  # not asked
     assert {p.name: p.stat().st_mtime_ns for p in vae.iterdir()} == before
+    # every rank meets the barrier, whether it found the VAE there or trained it
+    barriers = []
+    counted = SimpleNamespace(is_main_process=False, wait_for_everyone=lambda: barriers.append(1))
+    ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=1"]), counted)
+    assert barriers == [1]
+
+
+def test_a_toy_vae_directory_that_holds_no_vae(tmp_path, monkeypatch):
+    """An empty model.vae directory (made ahead, say) is trained into; one holding other
+    files but no config.json is refused, naming it, not left to a diffusers OSError."""
+    from types import SimpleNamespace
+
+    import ace.train.vae as vae_module
+    from ace.train.trainer import ensure_vae
+
+    trained = []
+    monkeypatch.setattr(vae_module, "train_toy_vae", lambda out, **kw: trained.append(out))
+    main = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, device="cpu")
+    (tmp_path / "empty").mkdir()
+    ensure_vae(load_config(TOY, [f"model.vae={tmp_path / 'empty'}", "model.vae_toy_steps=1"]), main)  # fmt: skip
+    assert trained == [str(tmp_path / "empty")]
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"model\.vae=.*junk is there but holds no VAE \(no config\.json\)"):  # fmt: skip
+        ensure_vae(load_config(TOY, [f"model.vae={tmp_path / 'junk'}", "model.vae_toy_steps=1"]), main)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["manifest", "shards"])

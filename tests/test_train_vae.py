@@ -476,3 +476,18 @@ def test_script_out_under_a_file_is_refused_before_training(tmp_path, capsys, mo
     monkeypatch.setattr(ace.train.vae, "train_vae", lambda *a, **k: pytest.fail("trained"))
     code, _, err = script(["--out", tmp_path / "afile" / "vae", "--steps", 1], capsys)
     assert code == 2 and "afile is not a directory" in err and err.count("\n") == 1
+
+
+def test_save_vae_replaces_an_empty_directory_and_clears_a_killed_saves_leftovers(tmp_path):
+    """A directory made ahead is filled; the temporary and set-aside directories a save
+    killed midway left beside it are removed by the next save."""
+    from ace.testing import tiny_vae
+    from ace.train.vae import save_vae
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / ".vae.tmp-0badc0de").mkdir()
+    (tmp_path / ".vae.old-0badc0de").mkdir()
+    save_vae(tiny_vae(), tmp_path / "vae", {"steps": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
+    names = sorted(p.name for p in (tmp_path / "vae").iterdir())
+    assert names == ["config.json", "diffusion_pytorch_model.safetensors", "training.json"]

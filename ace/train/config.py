@@ -129,8 +129,9 @@ class EMAConfig:
     enabled: bool = False
     """Keep an exponential moving average; the exported weights are then the EMA weights."""
     decay: float = 0.9999
-    """EMA decay, in [0, 1). diffusers' EMAModel uses min(decay, (1 + n) / (10 + n)) at its
-    n-th update, so early on the average follows the weights closely."""
+    """EMA decay, in [0, 1). diffusers' EMAModel uses 0 at its first update (a copy of the
+    weights) and min(decay, n / (9 + n)) at the n-th after (2/11, 3/12, ...), so early on
+    the average follows the weights closely."""
 
 
 @dataclass

@@ -78,7 +78,13 @@ def ensure_vae(cfg: Config, accelerator) -> None:
     m = cfg.model
     if m.vae == "tiny" or m.pretrained or m.vae_toy_steps <= 0:
         return
-    if Path(m.vae).exists():  # kept as it is, however it was trained: say when that differs
+    there = Path(m.vae).exists() and not (Path(m.vae).is_dir() and not any(Path(m.vae).iterdir()))
+    if there and not (Path(m.vae) / "config.json").is_file():
+        raise ValueError(
+            f"model.vae={m.vae} is there but holds no VAE (no config.json); delete it to "
+            f"train the toy VAE into it (model.vae_toy_steps={m.vae_toy_steps})"
+        )
+    if there:  # kept as it is, however it was trained: say when that differs
         from ace.train.vae import toy_vae_mismatch
 
         differ = toy_vae_mismatch(m.vae, m.vae_toy_steps, cfg.data.toy_size)
@@ -89,8 +95,7 @@ def ensure_vae(cfg: Config, accelerator) -> None:
                 "the VAE this config asks for",
                 stacklevel=2,
             )
-        return
-    if accelerator.is_main_process:
+    elif accelerator.is_main_process:
         from ace.train.vae import train_toy_vae
 
         with torch.random.fork_rng(devices=[]):
@@ -101,6 +106,8 @@ def ensure_vae(cfg: Config, accelerator) -> None:
                 device=accelerator.device,
                 size=cfg.data.toy_size,
             )
+    # every rank, however it found model.vae: one that looked after the main process had
+    # saved it would otherwise skip this barrier while the others wait at it
     accelerator.wait_for_everyone()
 
 
@@ -639,7 +646,9 @@ class Trainer:
                 f"{self.unloaded} micro-batches in a row at step {self.step} had a rank whose "
                 "every sample failed to load (see the warnings): is the data there?"
             )
-        if stepped and self.ema is not None:
+        # the average follows the steps taken: not one fp16's GradScaler skipped, which
+        # would only advance its warm-up counter
+        if stepped and not self.optimizer.step_was_skipped and self.ema is not None:
             self.ema.step(self.model.parameters())
         return loss_sum, tokens, samples, finite, loaded
 

@@ -43,6 +43,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ace.atomic import fsync_dir, fsync_tree
 from ace.device import fused_adamw
 
 ImageSource = torch.Tensor | str | Path | Iterable[Any]
@@ -575,13 +576,18 @@ def save_vae(vae: AutoencoderKL, out: str | Path, info: dict | None = None) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
+    for kind in ("tmp", "old"):  # what a save killed midway left
+        for stale in out.parent.glob(f".{out.name}.{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
         if info is not None:
             (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        fsync_tree(tmp)  # on disk before its name says it is complete (a run reuses it)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
