@@ -96,10 +96,8 @@ def check(args: argparse.Namespace) -> list[str] | None:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.seed + args.n > 2**64:
-        raise UserError(
-            f"--seed + --n must be at most 2**64 (sample i uses seed + i), got {args.seed + args.n}"
-        )
+    if args.seed >= 2**32:
+        raise UserError(f"--seed must be < 2**32 (the toy world's seed), got {args.seed}")
     if args.size is not None and (args.size < 32 or args.size % 16):
         raise UserError(f"--size must be a multiple of 16, at least 32, got {args.size}")
     try:

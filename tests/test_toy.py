@@ -330,3 +330,14 @@ def test_bad_input_raises_naming_it():
         sample_stream(3, 0, tasks=[])
     with pytest.raises(ValueError, match="weights or balanced"):
         sample_stream(3, 0, weights={"add": 1.0}, balanced=True)
+
+
+def test_seeds_past_one_word_are_refused():
+    """default_rng([split, seed, i]) splits a seed of 2**32 or more into two words, and
+    numpy pads the shorter sequence with zeros: seed 5 + 3 * 2**32 replayed seed 5's
+    sample 3. Seeds and counts are kept to one word."""
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\), got 4294967301"):
+        sample_stream(1, 5 + 2**32, size=32)
+    with pytest.raises(ValueError, match=r"n must be an int in \[0, 2\*\*32\]"):
+        sample_stream(2**32 + 1, 0, size=32)
+    assert len(list(sample_stream(1, 2**32 - 1, size=32))) == 1

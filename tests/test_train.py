@@ -678,6 +678,7 @@ def test_resume_refuses_other_weights_or_optimizer_settings(data, tmp_path):
         (["data.cond_dropout=1.5"], "cond_dropout"),
         (["data.toy_size=40"], "data.toy_size: impossible image size 40: need a multiple of 16"),
         (["train.checkpoint_every=0"], "train.checkpoint_every must be >= 1"),
+        ([f"data.toy_seed={2**32}"], r"data\.toy_seed must lie in \[0, 2\*\*32\)"),
         (["train.log_every=0"], "train.log_every must be >= 1"),
         (["train.keep_last=0"], "train.keep_last must be >= 1"),
         (["train.max_nonfinite=0"], "train.max_nonfinite must be >= 1"),

@@ -372,7 +372,9 @@ class ToySample:
     change_mask: np.ndarray
     """(size, size) bool: the pixels that should change from the current turn's first
     input image to the target (for multi-turn, what the last edit changes); all True
-    without an input image or when everything changes (maps, t2i, reference)."""
+    without an input image, where everything changes (maps), or where the target is a new
+    image rather than an edit of the input (reference: pixels that happen to share the
+    input's colour count as changed too)."""
 
 
 def make_sample(task: str, rng: np.random.Generator, size: int = 64) -> ToySample:
@@ -403,10 +405,12 @@ def sample_stream(
     """
     _check_choice(split, tuple(SPLIT_IDS), "split")
     check_size(size)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    # each is one 32-bit word of the seed sequence: a larger one would take two, and numpy
+    # pads with zeros, so seed a + b * 2**32 would replay seed a's sample b
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= 2**32:
+        raise ValueError(f"n must be an int in [0, 2**32], got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     if isinstance(tasks, str):
         tasks = [tasks]
     names = list(dict.fromkeys(TASKS if tasks is None else tasks))

@@ -189,8 +189,8 @@ def evaluate(
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     check_size(size)  # a multiple of 16, at least 32
-    if seed + n > 2**64:
-        raise ValueError(f"seed + n must be at most 2**64 (sample i uses seed + i), got {seed + n}")
+    if seed >= 2**32:  # the toy stream's seed word
+        raise ValueError(f"seed must be < 2**32 (the toy world's seed), got {seed}")
 
     samples = list(sample_stream(n, seed, split="eval", tasks=names, size=size, balanced=balanced))
     task_of = [s.lcu.task for s in samples]

@@ -237,6 +237,8 @@ def _check(cfg: Config) -> None:
         )
     if t.seed >= 2**32:  # accelerate's set_seed seeds numpy too
         raise ValueError(f"train.seed must be < 2**32, got {t.seed}")
+    if not 0 <= d.toy_seed < 2**32:  # one word of the toy world's seed sequence
+        raise ValueError(f"data.toy_seed must lie in [0, 2**32), got {d.toy_seed}")
     check_trackers(t.trackers)
     if t.mixed_precision == "False":  # YAML 1.1 reads a bare no (or off, false) as False
         t.mixed_precision = "no"
