@@ -1229,7 +1229,7 @@ def test_a_kept_toy_vae_trained_otherwise_is_warned(tmp_path):
     from ace.train.vae import train_toy_vae
 
     vae = tmp_path / "vae"
-    train_toy_vae(vae, steps=1, n_images=4, eval_images=2, batch_size=4, progress=False, size=32)
+    train_toy_vae(vae, steps=1, n_images=8, eval_images=2, progress=False, size=32)
     before = {p.name: p.stat().st_mtime_ns for p in vae.iterdir()}
     main = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     other = SimpleNamespace(is_main_process=False, wait_for_everyone=lambda: None)
@@ -1238,6 +1238,8 @@ def test_a_kept_toy_vae_trained_otherwise_is_warned(tmp_path):
         ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=4000"]), main)
     with pytest.warns(UserWarning, match=r"\(32 px, not 64 px\)"):
         ensure_vae(load_config(TOY, [f"model.vae={vae}", "model.vae_toy_steps=1", "data.toy_size=64"]), main)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"\(seed 0, not 7\)"):  # ensure_vae trains with train.seed
+        ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=1", "train.seed=7"]), main)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ensure_vae(load_config(TOY, [*asked, "model.vae_toy_steps=1"]), main)  # as asked

@@ -87,12 +87,12 @@ def ensure_vae(cfg: Config, accelerator) -> None:
     if there:  # kept as it is, however it was trained: say when that differs
         from ace.train.vae import toy_vae_mismatch
 
-        differ = toy_vae_mismatch(m.vae, m.vae_toy_steps, cfg.data.toy_size)
+        differ = toy_vae_mismatch(m.vae, m.vae_toy_steps, cfg.data.toy_size, cfg.train.seed)
         if differ and accelerator.is_main_process:
             warnings.warn(
                 f"model.vae={m.vae} is used as it is, but its training.json differs from "
-                f"model.vae_toy_steps and data.toy_size ({differ}); delete it to train "
-                "the VAE this config asks for",
+                f"what model.vae_toy_steps, data.toy_size and train.seed ask for ({differ}); "
+                "delete it to train the VAE this config asks for",
                 stacklevel=2,
             )
     elif accelerator.is_main_process:

@@ -594,21 +594,30 @@ def save_vae(vae: AutoencoderKL, out: str | Path, info: dict | None = None) -> P
     return out
 
 
-def toy_vae_mismatch(path: str | Path, steps: int, size: int) -> str | None:
-    """How the toy VAE saved at ``path`` differs from one of ``steps`` steps on ``size`` px
-    images, as its ``training.json`` records them ("1000 steps, not 4000 steps"), or None when it
-    matches or records neither (a VAE from elsewhere, or an unreadable file)."""
+def toy_vae_mismatch(path: str | Path, steps: int, size: int, seed: int = 0) -> str | None:
+    """How the toy VAE saved at ``path`` differs from the one ``train_toy_vae(steps=steps,
+    size=size, seed=seed)`` would train with its other defaults (what a training run asks
+    for), as its ``training.json`` records them ("1000 steps, not 4000 steps"; a VAE trained
+    on a ``--data`` manifest differs too), or None when it matches or records none of them
+    (a VAE from elsewhere, or an unreadable file)."""
     try:
         info = json.loads((Path(path) / "training.json").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(info, dict):
         return None
+    want = {
+        "steps": (steps, " steps"), "size": (size, " px"), "seed": (seed, ""),
+        "batch_size": (8, ""), "lr": (2e-3, ""), "weights": (dict(TOY_VAE_WEIGHTS), ""),
+        "swatch_fraction": (TOY_VAE_SWATCHES, ""),
+    }  # fmt: skip
     differ = [
-        f"{info[key]}{unit}, not {want}{unit}"
-        for key, unit, want in (("steps", " steps", steps), ("size", " px", size))
-        if key in info and info[key] != want
+        f"{info[key]}{unit}, not {value}{unit}" if unit else f"{key} {info[key]}, not {value}"
+        for key, (value, unit) in want.items()
+        if key in info and info[key] != value
     ]
+    if info.get("data"):
+        differ.append(f"trained on {info['data']}, not the toy world")
     return "; ".join(differ) or None
 
 
