@@ -141,7 +141,13 @@ def train(args: argparse.Namespace) -> dict:
             size=64 if args.size is None else args.size,
         )
     images = load_images(args.data, limit=args.n_images)
-    size = images.shape[-1]  # held-out toy images of the manifest's size
+    height, size = images.shape[-2:]  # held-out toy images of the manifest's size
+    if height != size or size < 32 or size % 16:
+        raise UserError(
+            f"--data {args.data}: its images are {height}x{size} px; the VAE is scored on "
+            "held-out toy images of the same size, which are square, a multiple of 16 and at "
+            "least 32 px"
+        )
     held_out = toy_images(args.eval_images, seed=args.seed, split="eval", size=size)
     start = time.perf_counter()
     vae = train_vae(

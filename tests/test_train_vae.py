@@ -456,6 +456,21 @@ def test_script_bad_manifest_exits_2(tmp_path, capsys):
     assert code == 2 and "invalid JSON" in err and not (tmp_path / "vae").exists()
 
 
+def test_script_names_data_of_a_size_it_cannot_score_at(tmp_path, capsys):
+    """Held-out toy images score the VAE at its data's size: 40 px images (a multiple of 8,
+    so loadable) are refused naming --data, not as "impossible image size 40"."""
+    from PIL import Image
+
+    from ace.data.manifest import write_manifest
+    from ace.lcu import LCU, ConditionUnit
+
+    lcus = [LCU(ConditionUnit(f"a plain colour {i}"), target=Image.new("RGB", (40, 40), (i, 0, 0))) for i in range(2)]  # fmt: skip
+    write_manifest(lcus, tmp_path / "data", progress=False)
+    code, _, err = script(["--out", tmp_path / "vae", "--data", tmp_path / "data", "--steps", 1], capsys)  # fmt: skip
+    assert code == 2 and "--data" in err and "its images are 40x40 px" in err, err
+    assert not (tmp_path / "vae").exists()
+
+
 def test_script_failing_save_leaves_nothing(tmp_path, capsys, monkeypatch):
     def broken(self, path, **kwargs):
         Path(path).mkdir(parents=True)
