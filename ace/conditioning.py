@@ -40,7 +40,7 @@ INDICATOR_STRINGS: tuple[str, ...] = INDICATOR_NAMES  # row r of the indicator t
 MAX_ASPECT_RATIO = 4  # longer side / shorter side after the centre crop
 SIZE_MULTIPLE = 16  # image sides: VAE factor 8 x patch size 2
 MASK_THRESHOLD = 128  # mask set where the 0-255 value is > 128 (float masks: > 128/255)
-VAE_MAX_PIXELS = 8 * 512 * 512  # pixels per VAE encode call; more are split into calls
+VAE_MAX_PIXELS = 8 * 512 * 512  # pixels per VAE call (encode, or decode in a batch); more are split
 _WHITESPACE = re.compile(r"\s+")
 
 

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ace.conditioning import (
     MAX_TEXT_TOKENS,
+    VAE_MAX_PIXELS,
     ConditionTokenizer,
     clean_text,
     downsample_mask,
@@ -584,17 +585,27 @@ class ACEPipeline(DiffusionPipeline):
         conditioner: ConditionTokenizer,
         single: bool,
     ):
-        """Step 7: the VAE decodes each final latent (its own size); one call's output holds
-        what ``__call__`` returns, a batch's one entry per request."""
+        """Step 7: the VAE decodes the final latents, those of one size in shared calls;
+        one call's output holds what ``__call__`` returns, a batch's one entry per request."""
         if output_type == "latent":
             self.maybe_free_model_hooks()
             if single:
                 return ImagePipelineOutput(images=states[0].latents)
             return ImagePipelineOutput(images=[s.latents for s in states])
-        images = []
-        for s in states:
-            pixels = conditioner.decode(s.latents.to(self.vae.dtype))  # (1, 3, H, W)
-            images.append(postprocess(pixels) if output_type == "pil" else to_numpy(pixels))
+        # equal-size latents share VAE calls (of at most VAE_MAX_PIXELS pixels, as encoding)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(states):
+            groups.setdefault(tuple(s.latents.shape), []).append(i)
+        images: list = [None] * len(states)
+        f = conditioner.vae_factor
+        for shape, idx in groups.items():
+            per_call = max(1, VAE_MAX_PIXELS // (shape[-2] * shape[-1] * f * f))
+            for start in range(0, len(idx), per_call):
+                part = idx[start : start + per_call]
+                z = torch.cat([states[i].latents for i in part]).to(self.vae.dtype)  # (n, C, h, w)
+                pixels = conditioner.decode(z)  # (n, 3, H, W)
+                for i, x in zip(part, pixels.split(1)):
+                    images[i] = postprocess(x) if output_type == "pil" else to_numpy(x)
         self.maybe_free_model_hooks()  # after the decode: the VAE goes back to the CPU too
         if single:
             return ImagePipelineOutput(images=images[0])
