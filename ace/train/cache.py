@@ -445,21 +445,21 @@ class EmbeddingCache:
                 raise ValueError(
                     f"embedding cache {self.root}: {e}; delete the directory to rebuild it"
                 ) from e
-        self._open: dict[int, tuple[Any, dict]] = {}
+        self._open: dict[int, tuple[Any, dict, Tensor]] = {}
 
     def __len__(self) -> int:
         return self._n
 
     def _shard(self, s: int):
-        if s not in self._open:
+        if s not in self._open:  # the empty prompt's states: read once per shard
             f = safe_open(str(shard_path(self.root, s)), framework="pt")
-            self._open[s] = (f, json.loads(f.metadata()["samples"]))
+            self._open[s] = (f, json.loads(f.metadata()["samples"]), f.get_tensor("empty_text"))
         return self._open[s]
 
     def __getitem__(self, i: int) -> EncodedLCU:
         if not 0 <= i < self._n:
             raise IndexError(f"sample {i} out of range for a cache of {self._n}")
-        f, samples = self._shard(i // self.shard_size)
+        f, samples, empty = self._shard(i // self.shard_size)
         meta = samples.get(str(i))
         if meta is None:
             raise ValueError(f"sample {i} failed to load when the cache was built")
@@ -468,7 +468,7 @@ class EmbeddingCache:
         get = f.get_tensor
         return EncodedLCU(
             texts=[get(f"{i}/text/{t}") for t in range(num_turns)],
-            empty_text=get("empty_text"),
+            empty_text=empty,
             frame_turns=frame_turns,
             means=[get(f"{i}/mean/{k}") for k in range(num_frames)],
             stds=[get(f"{i}/std/{k}") for k in range(num_frames)],
