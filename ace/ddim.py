@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import copy
 
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, SchedulerMixin
+from torch import Tensor
 
 
 class ScheduleDDIMScheduler(DDIMScheduler):
     """``DDIMScheduler`` whose step ends at the next timestep of its schedule (module docstring)."""
 
-    def step(self, model_output, timestep, sample, *args, **kwargs):
+    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, *args, **kwargs):
         if self.num_inference_steps is None:
             return super().step(model_output, timestep, sample, *args, **kwargs)  # its error
         t = int(timestep)
@@ -50,7 +51,7 @@ class ScheduleDDIMScheduler(DDIMScheduler):
             self.alphas_cumprod, self.final_alpha_cumprod = table, final
 
 
-def for_sampling(scheduler):
+def for_sampling(scheduler: SchedulerMixin) -> SchedulerMixin:
     """A copy of ``scheduler`` for one sampling run (a scheduler keeps the state of its
     steps): a plain ``DDIMScheduler`` becomes a ``ScheduleDDIMScheduler`` of its config."""
     if type(scheduler) is DDIMScheduler:

@@ -626,8 +626,10 @@ class _Sampling:
 
     @property
     def step_kwargs(self) -> dict:
-        """The generator, for a scheduler whose ``step`` takes one (PNDM's does not)."""
-        takes = "generator" in inspect.signature(self.scheduler.step).parameters
+        """The generator, for a scheduler whose ``step`` takes one (PNDM's does not; one
+        that passes ``**kwargs`` on, as ``ScheduleDDIMScheduler``'s, does)."""
+        params = inspect.signature(self.scheduler.step).parameters.values()
+        takes = any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in params)
         return {"generator": self.generator} if takes else {}
 
 

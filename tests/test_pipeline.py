@@ -662,7 +662,13 @@ def test_schedulers_without_a_generator_or_with_dynamic_shifting():
     scheduler with dynamic shifting needs a mu ACE does not define: refused in step 1."""
     from diffusers import PNDMScheduler
 
+    from ace.ddim import for_sampling
+    from ace.pipeline import _Sampling
+
     pipe = tiny_pipeline()
+    g = torch.Generator()
+    ddim = _Sampling([], [], [], None, None, for_sampling(pipe.scheduler), g)
+    assert ddim.step_kwargs == {"generator": g}  # its step passes **kwargs on to DDIM's
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     out = pipe("a red square", height=32, width=32, num_inference_steps=3, output_type="latent")
     assert out.images.shape == (1, 4, 4, 4) and torch.isfinite(out.images).all()

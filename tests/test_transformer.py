@@ -48,6 +48,12 @@ def batch(*samples):
 CASES = {
     "one_frame": [make_sample([(8, 6)], [5])],
     "two_frames_masked": [make_sample([(6, 8), (4, 10)], [3, 7], masked=(0, 1))],
+    # equal lengths: the modulation broadcasts per sample (packing.per_sample_rows), and
+    # the two timesteps differ, so a row read for the wrong sample shows
+    "two_equal_samples": [
+        make_sample([(6, 8), (4, 4)], [3, 5]),
+        make_sample([(6, 8), (4, 4)], [2, 7], masked=(1,)),
+    ],
     "three_frames_mixed": [
         make_sample([(4, 4), (8, 8), (6, 4)], [2, 9, 1], masked=(1,)),
         make_sample([(10, 6)], [4]),

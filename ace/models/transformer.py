@@ -245,10 +245,11 @@ class ACETransformer(ModelMixin, ConfigMixin):
                 f"indicator table shape {tuple(indicators.shape)}, the model expects "
                 f"({cfg.num_indicators}, {cfg.text_dim})"
             )
-        where = {str(v.device) for v in (x, text, timesteps, proj.weight)}
-        if len(where) > 1:
+        given = (x, text, timesteps, proj.weight, *([] if indicators is None else [indicators]))
+        if len({str(v.device) for v in given}) > 1:
+            on = "" if indicators is None else f", indicators on {indicators.device}"
             raise ValueError(
-                f"x on {x.device}, text on {text.device}, timesteps on {timesteps.device}: "
+                f"x on {x.device}, text on {text.device}, timesteps on {timesteps.device}{on}: "
                 f"put them where the model is ({proj.weight.device})"
             )
         dtype = self.dtype

@@ -66,10 +66,11 @@ from ace.train.lock import run_lock
 
 CACHE_FILE = "cache.json"
 BUILDING_FILE = "building.json"  # the fingerprint and shard size of a build in progress
-FORMAT = 9  # 6: 0/1 PIL masks read as 0/1; 7: history images filled by their own turn's
+FORMAT = 10  # 6: 0/1 PIL masks read as 0/1; 7: history images filled by their own turn's
 # task (prepare_lcu); 8: the tokenizer digest leaves out padding and truncation, the module
 # digest transformers_version; 9: the VAE digest covers only what encodes (no decoder, no
-# scaling factor). Bump when what a shard holds, or the fingerprint means, changes
+# scaling factor); 10: the unmasked images of a partly masked inpainting turn are left
+# whole. Bump when what a shard holds, or the fingerprint means, changes
 CHUNK = 32  # LCUs per encoder call while building
 
 
