@@ -181,11 +181,13 @@ def test_overfits_a_tiny_fixed_dataset(tmp_path):
 
 
 def test_two_process_ddp_on_cpu(data, tmp_path):
-    """torchrun starts two real processes; accelerate picks them up (gloo on CPU)."""
-    out = tmp_path / "ddp"
+    """torchrun starts two real processes; accelerate picks them up (gloo on CPU). Both
+    build their shards of the embedding cache, on the main process's decision."""
+    out, cache = tmp_path / "ddp", tmp_path / "cache"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        str(ROOT / "scripts" / "train.py"), "--config", str(TOY), *args(data, out, 4, "data.batch_size=2", *TINY_TOY),
+        str(ROOT / "scripts" / "train.py"), "--config", str(TOY),
+        *args(data, out, 4, "data.batch_size=2", *TINY_TOY, f"data.cache={cache}", "data.cache_shard_size=4"),
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_only())
     assert result.returncode == 0, result.stderr[-3000:]
@@ -198,6 +200,8 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     ranks = json.loads((out / "ranks.json").read_text())
     assert len(ranks["checksums"]) == 2 and ranks["in_sync"]
     ACEPipeline.from_pretrained(out / "pipeline")
+    assert json.loads((cache / "cache.json").read_text())["num_shards"] == 4
+    assert sorted(p.name for p in cache.glob("shard-*")) == [f"shard-{i:05d}.safetensors" for i in range(4)]  # fmt: skip
 
 
 def test_token_costs_are_the_first_ranks(data, monkeypatch):

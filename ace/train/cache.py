@@ -333,8 +333,6 @@ def build_cache(
     if not parent.is_dir():
         raise ValueError(f"embedding cache {root}: {parent} is a file, not a directory")
     fingerprint = cache_fingerprint(dataset, conditioner, max_seq_len)
-    if (root / CACHE_FILE).is_file():
-        return EmbeddingCache(root, fingerprint)
     rank = 0 if accelerator is None else accelerator.process_index
     world = 1 if accelerator is None else accelerator.num_processes
     is_main = rank == 0
@@ -344,29 +342,52 @@ def build_cache(
             accelerator.wait_for_everyone()
 
     # one build at a time per directory: another run's build (a sweep sharing data.cache)
-    # would delete this one's shards in progress, or mix its own into them
-    with run_lock(root, "data.cache") if is_main else contextlib.nullcontext():
-        built = (root / CACHE_FILE).is_file()  # by the run that held the lock before
-        if is_main and not built:  # shards are reused only by a build of the same
-            _start_build(root, fingerprint, shard_size)  # fingerprint and shard size
-        barrier()
-        if not built:
+    # would delete this one's shards in progress, or mix its own into them. The main
+    # process takes the lock and decides (built, to build, or refused); every rank acts on
+    # its decision, so none skips a barrier the others wait at
+    with contextlib.ExitStack() as held:
+        decision = "built"
+        if is_main and not (root / CACHE_FILE).is_file():
+            try:
+                held.enter_context(run_lock(root, "data.cache"))
+                built = (root / CACHE_FILE).is_file()  # by the run that held it before
+                decision = "built" if built else "build"
+            except ValueError as e:
+                decision = f"refused:{e}"
+        decision = _from_main(decision, world)
+        if decision.startswith("refused:"):
+            raise ValueError(decision.removeprefix("refused:"))
+        if decision == "build":
+            if is_main:  # shards are reused only by a build of the same fingerprint and
+                _start_build(root, fingerprint, shard_size)  # shard size
+            barrier()
             skipped = build_shards(
                 dataset, conditioner, root, max_seq_len, shard_size, rank, world,
                 progress and is_main,
             )  # fmt: skip
-        barrier()
-        if is_main and not built:
-            info = {
-                "fingerprint": fingerprint,
-                "shard_size": shard_size,
-                "num_shards": num_shards(len(dataset), shard_size),
-                "skipped_by_rank0": skipped,
-            }
-            _write_json(root / CACHE_FILE, info)
-            (root / BUILDING_FILE).unlink(missing_ok=True)
-        barrier()
+            barrier()
+            if is_main:
+                info = {
+                    "fingerprint": fingerprint,
+                    "shard_size": shard_size,
+                    "num_shards": num_shards(len(dataset), shard_size),
+                    "skipped_by_rank0": skipped,
+                }
+                _write_json(root / CACHE_FILE, info)
+                (root / BUILDING_FILE).unlink(missing_ok=True)
+            barrier()
     return EmbeddingCache(root, fingerprint)
+
+
+def _from_main(value: str, world: int) -> str:
+    """The main process's ``value`` on every process (the value itself with one)."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def _write_json(path: Path, value) -> None:
