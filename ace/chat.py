@@ -28,9 +28,10 @@ class ChatSession:
     joins the history, so later instructions are read in the context of earlier turns, as
     the released chat does. The model reads a history turn's instruction only beside its
     images, so a turn without images (text-to-image) is left out of later LCUs, as the
-    released chat leaves it out of its history. The target's size and mask are those of the
-    first image of the combined list (history first), as released: after an inpainting
-    turn its region stays the target's mask until that turn leaves the history.
+    released chat leaves it out of its history. The target's mask (and its size, unless the
+    session sets ``height`` and ``width``) is that of the first image of the combined list
+    (history first), as released: after an inpainting turn its region stays the target's
+    mask until that turn leaves the history.
 
     An LCU holds at most ``MAX_INPUT_IMAGES`` (9) images over all its turns, so a turn
     reads the most recent history turns that fit beside its own images, and at most

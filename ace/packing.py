@@ -1,8 +1,9 @@
 """PackedBatch: a batch of LCU frames as one token stream, built once, reused every step.
 
 Shapes: B samples; NF frames in the batch (all samples); per frame a latent grid
-(h, w) and, after patching, (h/p, w/p) tokens; T image tokens in the batch; Tt text
-tokens; T0 tokens of the target frames; C latent channels; p patch size; E text dim.
+(h, w) and, after patching, (h/p, w/p) tokens; T image tokens in the batch (n = T / B a
+sample when all samples have as many); Tt text tokens; T0 tokens of the target frames;
+C latent channels; p patch size; E text dim.
 
 The model never loops over samples. Everything that depends only on the *shapes* of
 a batch lives here and is computed once: the (frame, y, x) positions and their RoPE

@@ -280,8 +280,13 @@ def test_train_toy_vae_trains_and_scores_at_the_size_asked(tmp_path, monkeypatch
 
 
 def test_toy_vae_mismatch_reads_steps_and_size_from_training_json(tmp_path):
-    train_toy_vae(tmp_path / "vae", steps=1, n_images=4, eval_images=2, batch_size=4, progress=False, size=32)  # fmt: skip
+    train_toy_vae(tmp_path / "vae", steps=1, n_images=8, eval_images=2, progress=False, size=32)
     assert toy_vae_mismatch(tmp_path / "vae", steps=1, size=32) is None
+    assert toy_vae_mismatch(tmp_path / "vae", steps=1, size=32, seed=3) == "seed 0, not 3"
+    info = json.loads((tmp_path / "vae" / "training.json").read_text())
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "training.json").write_text(json.dumps({**info, "batch_size": 4, "data": "mine"}))  # fmt: skip
+    assert toy_vae_mismatch(tmp_path / "odd", 1, 32) == "batch_size 4, not 8; trained on mine, not the toy world"  # fmt: skip
     assert toy_vae_mismatch(tmp_path / "vae", steps=4000, size=32) == "1 steps, not 4000 steps"
     assert toy_vae_mismatch(tmp_path / "vae", 1, 64) == "32 px, not 64 px"
     assert toy_vae_mismatch(tmp_path / "vae", 2, 64) == "1 steps, not 2 steps; 32 px, not 64 px"
@@ -493,15 +498,12 @@ def test_script_out_under_a_file_is_refused_before_training(tmp_path, capsys, mo
     assert code == 2 and "afile is not a directory" in err and err.count("\n") == 1
 
 
-def test_save_vae_replaces_an_empty_directory_and_clears_a_killed_saves_leftovers(tmp_path):
-    """A directory made ahead is filled; the temporary and set-aside directories a save
-    killed midway left beside it are removed by the next save."""
+def test_save_vae_fills_an_empty_directory(tmp_path):
+    """A directory made ahead is replaced by the saved VAE, nothing left beside it."""
     from ace.testing import tiny_vae
     from ace.train.vae import save_vae
 
     (tmp_path / "vae").mkdir()
-    (tmp_path / ".vae.tmp-0badc0de").mkdir()
-    (tmp_path / ".vae.old-0badc0de").mkdir()
     save_vae(tiny_vae(), tmp_path / "vae", {"steps": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
     names = sorted(p.name for p in (tmp_path / "vae").iterdir())

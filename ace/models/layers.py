@@ -1,8 +1,11 @@
 """The building blocks of the ACE DiT (ACE_REFERENCE section 3).
 
-Shapes: B samples, T image tokens, Tt text tokens, d hidden size, H heads, D = d / H.
+Shapes: B samples, T image tokens, Tt text tokens, d hidden size, H heads, D = d / H;
+n = T / B image tokens a sample when every sample has as many.
 Every layer works on a packed stream: image tokens (T, d), text tokens (Tt, d).
-Per-sample quantities (B, ...) reach tokens through ``PackedBatch.token_sample``.
+Per-sample quantities (B, ...) reach tokens through ``PackedBatch.per_sample_rows``: as
+(B, 1, ...) rows broadcast over the tokens viewed (B, n, d) when the samples are of one
+length, else expanded to (T, ...) rows.
 """
 
 from __future__ import annotations

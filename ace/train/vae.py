@@ -26,6 +26,7 @@ Shapes: B batch, H x W pixels, C latent channels, h x w = H / f x W / f (f the f
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -576,9 +577,6 @@ def save_vae(vae: AutoencoderKL, out: str | Path, info: dict | None = None) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
-    for kind in ("tmp", "old"):  # what a save killed midway left
-        for stale in out.parent.glob(f".{out.name}.{kind}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
         if info is not None:
@@ -606,10 +604,12 @@ def toy_vae_mismatch(path: str | Path, steps: int, size: int, seed: int = 0) -> 
         return None
     if not isinstance(info, dict):
         return None
+    default = {k: v.default for k, v in inspect.signature(train_toy_vae).parameters.items()}
     want = {
         "steps": (steps, " steps"), "size": (size, " px"), "seed": (seed, ""),
-        "batch_size": (8, ""), "lr": (2e-3, ""), "weights": (dict(TOY_VAE_WEIGHTS), ""),
-        "swatch_fraction": (TOY_VAE_SWATCHES, ""),
+        "batch_size": (default["batch_size"], ""), "lr": (default["lr"], ""),
+        "weights": (dict(default["weights"] or {}), ""),
+        "swatch_fraction": (default["swatch_fraction"], ""),
     }  # fmt: skip
     differ = [
         f"{info[key]}{unit}, not {value}{unit}" if unit else f"{key} {info[key]}, not {value}"
