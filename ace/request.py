@@ -60,7 +60,8 @@ def lcu_request(lcu: LCU) -> dict:
 def check_inpainting_masks(lcu: LCU) -> None:
     """ValueError for a turn with an inpainting task, images and no masks: the released
     fill blanks an unmasked image wholly, so the request would ignore its input. For
-    requests; training data keeps the released behaviour (``prepare_lcu``)."""
+    requests; training data keeps that whole fill (``prepare_lcu``). A turn where some
+    images have masks passes: the others are references, left whole."""
     for i, cu in enumerate(lcu.turns):
         tag = lcu.task if cu is lcu.current else cu.task
         if tag in INPAINTING_TASKS and cu.images and all(m is None for m in cu.masks):
