@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from ace.atomic import atomic_write, fsync_dir, fsync_tree, nearest_existing
 from ace.conditioning import downsample_mask
 from ace.train.batch import prepare_training_lcu
+from ace.train.dist import from_main
 from ace.train.lock import run_lock
 
 CACHE_FILE = "cache.json"
@@ -346,15 +347,18 @@ def build_cache(
     # process takes the lock and decides (built, to build, or refused); every rank acts on
     # its decision, so none skips a barrier the others wait at
     with contextlib.ExitStack() as held:
-        decision = "built"
-        if is_main and not (root / CACHE_FILE).is_file():
+
+        def decide() -> str:
+            if not is_main or (root / CACHE_FILE).is_file():
+                return "built"
             try:
                 held.enter_context(run_lock(root, "data.cache"))
-                built = (root / CACHE_FILE).is_file()  # by the run that held it before
-                decision = "built" if built else "build"
             except ValueError as e:
-                decision = f"refused:{e}"
-        decision = _from_main(decision, world)
+                return f"refused:{e}"
+            built = (root / CACHE_FILE).is_file()  # by the run that held the lock before
+            return "built" if built else "build"
+
+        decision = from_main(decide, rank, world)
         if decision.startswith("refused:"):
             raise ValueError(decision.removeprefix("refused:"))
         if decision == "build":
@@ -377,17 +381,6 @@ def build_cache(
                 (root / BUILDING_FILE).unlink(missing_ok=True)
             barrier()
     return EmbeddingCache(root, fingerprint)
-
-
-def _from_main(value: str, world: int) -> str:
-    """The main process's ``value`` on every process (the value itself with one)."""
-    import torch.distributed as dist
-
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def _write_json(path: Path, value) -> None:

@@ -149,15 +149,12 @@ def shared_costs(dataset, max_seq_len: int, patch_pixels: int, rank: int, world:
     first process and sent to the others: every rank packs the epochs from them, and a
     header one rank alone failed to read (a network file system's hiccup) gave that rank
     other batches for the whole run, some samples twice and others never."""
-    import torch.distributed as dist
-
     from ace.data.batching import dataset_costs
+    from ace.train.dist import from_main
 
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return dataset_costs(dataset, max_seq_len, patch_pixels, progress=True)
-    holder = [dataset_costs(dataset, max_seq_len, patch_pixels, progress=True) if rank == 0 else None]  # fmt: skip
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    return from_main(
+        lambda: dataset_costs(dataset, max_seq_len, patch_pixels, progress=True), rank, world
+    )
 
 
 class ManifestBatches:
