@@ -42,11 +42,8 @@ class ChatSession:
     """
 
     def __init__(self, pipe: ACEPipeline, max_history: int | None = None, **defaults):
-        if defaults.get("output_type", "pil") != "pil":
-            raise ValueError(
-                "a chat session returns PIL images: each output is the next turn's input"
-            )
-        per_turn = sorted({"history", "images", "masks", "instruction"} & set(defaults))
+        _check_settings(pipe, defaults, "the session")
+        per_turn = sorted(set(PER_TURN) & set(defaults))
         if per_turn:
             raise ValueError(
                 f"{', '.join(per_turn)} belong to a turn, not to the session's defaults: "
@@ -57,13 +54,6 @@ class ChatSession:
         ):
             raise ValueError(f"max_history must be None or an int >= 0, got {max_history!r}")
         params = inspect.signature(type(pipe).__call__).parameters
-        known = set(params) - {"self"}
-        unknown = sorted(set(defaults) - known)
-        if unknown:  # a TypeError at the first turn otherwise
-            raise ValueError(
-                f"unknown setting(s) {unknown} for the session; the pipeline takes "
-                f"{sorted(known - {'history', 'images', 'masks', 'instruction'})}"
-            )
         self.pipe = pipe
         self.max_history = max_history
         self.defaults = {"num_inference_steps": pipe.config.default_steps, **defaults}
@@ -100,19 +90,9 @@ class ChatSession:
         return list(history)
 
     def __call__(self, instruction: str, images=None, masks=None, **kwargs):
-        if kwargs.get("output_type", "pil") != "pil":
-            raise ValueError(
-                "a chat session returns PIL images: each output is the next turn's input"
-            )
+        _check_settings(self.pipe, kwargs, "a turn")
         if "history" in kwargs:
             raise ValueError("a chat session keeps its own history: use the pipeline for one")
-        known = set(inspect.signature(type(self.pipe).__call__).parameters) - {"self"}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:  # a TypeError from the pipeline otherwise
-            raise ValueError(
-                f"unknown setting(s) {unknown} for a turn; the pipeline takes "
-                f"{sorted(known - {'history', 'images', 'masks', 'instruction'})}"
-            )
         lcu = self.lcu(instruction, images, masks, kwargs.get("task"))
         out = self.pipe(
             instruction,
@@ -140,6 +120,24 @@ class ChatSession:
         """Forget every turn; the defaults stay."""
         self.history.clear()
         self.outputs.clear()
+
+
+PER_TURN = ("history", "images", "masks", "instruction")
+"""Pipeline arguments that belong to a turn, not to the session's defaults."""
+
+
+def _check_settings(pipe: ACEPipeline, settings: dict, where: str) -> None:
+    """ValueError for an output other than PIL (each output is the next turn's input) and
+    for a setting the pipeline does not take (a TypeError at the call otherwise)."""
+    if settings.get("output_type", "pil") != "pil":
+        raise ValueError("a chat session returns PIL images: each output is the next turn's input")
+    known = set(inspect.signature(type(pipe).__call__).parameters) - {"self"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {unknown} for {where}; the pipeline takes "
+            f"{sorted(known - set(PER_TURN))}"
+        )
 
 
 def _copy(x):
