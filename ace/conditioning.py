@@ -348,24 +348,19 @@ class ConditionTokenizer:
         if not isinstance(images, (list, tuple)) or len(images) == 0:
             raise _expected("images", "a non-empty list of tensors (3, H, W)", images)
         f = self.vae_factor
-        groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(images):
             if not _is_tensor(x, 3, 3):
                 raise _expected(f"images[{i}]", "a float tensor (3, H, W)", x)
             if x.shape[1] % f or x.shape[2] % f:
                 raise ValueError(f"images[{i}]: size {tuple(x.shape[1:])} is not divisible by {f}")
-            groups.setdefault(tuple(x.shape[1:]), []).append(i)
         out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(
             images
         )
-        for (h, w), group in groups.items():
-            per_call = max(1, VAE_MAX_PIXELS // (h * w))
-            for start in range(0, len(group), per_call):
-                idx = group[start : start + per_call]
-                x = torch.stack([images[i] for i in idx])  # (B, 3, H, W)
-                dist = self.vae.encode(x.to(self._device(self.vae), self.vae.dtype)).latent_dist
-                for i, mean, std in zip(idx, dist.mean, dist.std):  # (C, h, w) each
-                    out[i] = (mean, std)
+        for idx in _vae_calls([tuple(x.shape[1:]) for x in images]):
+            x = torch.stack([images[i] for i in idx])  # (B, 3, H, W)
+            dist = self.vae.encode(x.to(self._device(self.vae), self.vae.dtype)).latent_dist
+            for i, mean, std in zip(idx, dist.mean, dist.std):  # (C, h, w) each
+                out[i] = (mean, std)
         return out
 
     def sample_latents(
@@ -417,6 +412,32 @@ class ConditionTokenizer:
             raise ValueError(f"latents: the VAE takes {c} channels, got {tuple(latents.shape)}")
         z = latents.to(self._device(self.vae), self.vae.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(z).sample  # (B, 3, 8h, 8w)
+
+    @torch.no_grad()
+    def decode_each(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Scaled latents (1, C, h, w) of any sizes -> per latent its image (1, 3, f*h, f*w),
+        as ``decode``; equal sizes share VAE calls (``VAE_MAX_PIXELS``, as encoding)."""
+        f = self.vae_factor
+        out: list[torch.Tensor] = [torch.empty(0)] * len(latents)
+        for idx in _vae_calls([(z.shape[-2] * f, z.shape[-1] * f) for z in latents]):
+            pixels = self.decode(torch.cat([latents[i] for i in idx]))  # (n, 3, H, W)
+            for i, x in zip(idx, pixels.split(1)):
+                out[i] = x
+        return out
+
+
+def _vae_calls(sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices of images of pixel ``sizes`` (H, W) grouped for VAE calls: equal sizes
+    together, in order of first appearance, at most ``VAE_MAX_PIXELS`` pixels a call (at
+    least one image): the VAE's activations grow with the batch."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, hw in enumerate(sizes):
+        groups.setdefault(hw, []).append(i)
+    calls = []
+    for (h, w), group in groups.items():
+        per_call = max(1, VAE_MAX_PIXELS // (h * w))
+        calls += [group[start : start + per_call] for start in range(0, len(group), per_call)]
+    return calls
 
 
 # ---------------------------------------------------------------------------

@@ -40,7 +40,6 @@ from torch import Tensor
 
 from ace.conditioning import (
     MAX_TEXT_TOKENS,
-    VAE_MAX_PIXELS,
     ConditionTokenizer,
     clean_text,
     downsample_mask,
@@ -592,20 +591,9 @@ class ACEPipeline(DiffusionPipeline):
             if single:
                 return ImagePipelineOutput(images=states[0].latents)
             return ImagePipelineOutput(images=[s.latents for s in states])
-        # equal-size latents share VAE calls (of at most VAE_MAX_PIXELS pixels, as encoding)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, s in enumerate(states):
-            groups.setdefault(tuple(s.latents.shape), []).append(i)
-        images: list = [None] * len(states)
-        f = conditioner.vae_factor
-        for shape, idx in groups.items():
-            per_call = max(1, VAE_MAX_PIXELS // (shape[-2] * shape[-1] * f * f))
-            for start in range(0, len(idx), per_call):
-                part = idx[start : start + per_call]
-                z = torch.cat([states[i].latents for i in part]).to(self.vae.dtype)  # (n, C, h, w)
-                pixels = conditioner.decode(z)  # (n, 3, H, W)
-                for i, x in zip(part, pixels.split(1)):
-                    images[i] = postprocess(x) if output_type == "pil" else to_numpy(x)
+        # equal-size latents share VAE calls
+        pixels = conditioner.decode_each([s.latents.to(self.vae.dtype) for s in states])
+        images = [postprocess(x) if output_type == "pil" else to_numpy(x) for x in pixels]
         self.maybe_free_model_hooks()  # after the decode: the VAE goes back to the CPU too
         if single:
             return ImagePipelineOutput(images=images[0])
