@@ -23,6 +23,7 @@ latents, 5. pack once, 6. denoise (both CFG halves in one transformer call per s
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -612,10 +613,11 @@ class _Sampling:
     scheduler: object  # its own: a scheduler keeps the index of its step
     generator: torch.Generator | None
 
-    @property
+    @functools.cached_property
     def step_kwargs(self) -> dict:
         """The generator, for a scheduler whose ``step`` takes one (PNDM's does not; one
-        that passes ``**kwargs`` on, as ``ScheduleDDIMScheduler``'s, does)."""
+        that passes ``**kwargs`` on, as ``ScheduleDDIMScheduler``'s, does); read once, not
+        at every step."""
         params = inspect.signature(self.scheduler.step).parameters.values()
         takes = any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in params)
         return {"generator": self.generator} if takes else {}

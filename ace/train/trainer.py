@@ -78,8 +78,9 @@ def ensure_vae(cfg: Config, accelerator) -> None:
     m = cfg.model
     if m.vae == "tiny" or m.pretrained or m.vae_toy_steps <= 0:
         return
-    there = Path(m.vae).exists() and not (Path(m.vae).is_dir() and not any(Path(m.vae).iterdir()))
-    if there and not (Path(m.vae) / "config.json").is_file():
+    vae = Path(m.vae)
+    there = vae.is_file() or (vae.is_dir() and any(vae.iterdir()))  # an empty one is trained into
+    if there and not (vae / "config.json").is_file():
         raise ValueError(
             f"model.vae={m.vae} is there but holds no VAE (no config.json); delete it to "
             f"train the toy VAE into it (model.vae_toy_steps={m.vae_toy_steps})"
